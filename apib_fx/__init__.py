@@ -1,0 +1,16 @@
+"""apib_fx: prune a PyTorch model to a FLOPs budget by structured channel pruning on torch.fx.
+
+Three passes over one graph: :func:`trace` (channel groups), scoring (:func:`prune`, APIB by
+default) and :func:`apply` (a smaller dense model). :func:`count_flops` counts MACs.
+"""
+from .flops import count_flops
+from .graph import ChannelGraph, ChannelGroup, Member
+from .rewrite import apply
+from .rules import RULES, Rule, register_rule
+from .trace import TraceError, trace
+
+__all__ = [
+    "ChannelGraph", "ChannelGroup", "Member", "RULES", "Rule", "TraceError", "apply",
+    "count_flops", "register_rule", "trace",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,262 @@
+"""ChannelGraph: the result of the trace pass.
+
+A :class:`ChannelGroup` is a set of channels that is pruned as one unit of choice: ``keep`` picks
+which of its ``channels`` survive, and every :class:`Member` (a parameter or buffer slice) loses
+the matching positions. Channels are grouped when they are tied (a residual add makes the stream's
+producers share channels) *and* appear in exactly the same parameter slices with the same
+multiplicity, so every member sees every channel of its group the same way: that is what makes
+:meth:`ChannelGraph.flops` exact from channel counts alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, fx
+
+from .labels import NONE, LabelSpace
+
+
+@dataclass(frozen=True)
+class Member:
+    """A parameter/buffer slice that loses positions when its group loses channels.
+
+    ``param``: qualified name as in ``model.named_parameters()`` / ``named_buffers()``.
+    ``dim``: the dimension that shrinks. ``role``: ``"out"`` (a producer's output channels),
+    ``"in"`` (a consumer's input channels) or ``"pass"`` (per-channel state: BatchNorm, biases,
+    depthwise filters, layer scales).
+    """
+
+    param: str
+    dim: int
+    role: str
+    positions: Tensor = field(repr=False)  # positions along ``dim`` that belong to the group
+    classes: Tensor = field(repr=False)  # the group channel carried by each of those positions
+
+    def index(self, keep: Tensor) -> Tensor:
+        """Indices along ``dim`` of the kept group channels ``keep`` (sorted)."""
+        return self.positions[torch.isin(self.classes, torch.as_tensor(keep, dtype=torch.long))]
+
+    @property
+    def multiplicity(self) -> int:
+        """Positions per group channel (H*W for a Linear after flatten, g for a grouped conv)."""
+        return int(self.positions.numel() // max(1, int(self.classes.max()) + 1)) if self.classes.numel() else 0
+
+
+@dataclass
+class ChannelGroup:
+    """Channels removed together. ``channels``: how many; ``keep`` indices run over 0..channels-1."""
+
+    index: int
+    channels: int
+    members: list[Member]
+    prunable: bool = True
+    reason: Optional[str] = None  # why not, when not prunable
+    exact: bool = True  # False when a normalisation mixes these channels with the others
+    note: Optional[str] = None  # why not exact
+
+    @property
+    def name(self) -> str:
+        """A readable handle: the first producer's parameter, else the first member's."""
+        for role in ("out", "pass", "in"):
+            for m in self.members:
+                if m.role == role:
+                    return f"{m.param}[{m.dim}]"
+        return f"group{self.index}"
+
+    def __repr__(self) -> str:
+        state = "prunable" if self.prunable else f"fixed ({self.reason})"
+        return f"ChannelGroup({self.index}, {self.name}, channels={self.channels}, {state})"
+
+
+def connected_components(n: int, edges: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Representative (smallest) id of each of ``n`` ids' component, vectorised hook-and-jump."""
+    parent = torch.arange(n, dtype=torch.long)
+    if not edges or n == 0:
+        return parent
+    a = torch.cat([e[0] for e in edges])
+    b = torch.cat([e[1] for e in edges])
+    while True:
+        pa, pb = parent[a], parent[b]
+        low = torch.minimum(pa, pb)
+        new = parent.clone()
+        new.scatter_reduce_(0, pa, low, "amin")
+        new.scatter_reduce_(0, pb, low, "amin")
+        while True:  # pointer jumping until every id points at its root
+            jumped = new[new]
+            if torch.equal(jumped, new):
+                break
+            new = jumped
+        if torch.equal(new, parent):
+            return parent
+        parent = new
+
+
+class ChannelGraph:
+    """Channel groups of a traced model, plus what :func:`apib_fx.apply` and the FLOPs model need.
+
+    ``module`` is the traced ``GraphModule`` (it shares parameters with the user's model and is
+    never modified); ``groups`` the channel groups.
+    """
+
+    def __init__(
+        self,
+        module: fx.GraphModule,
+        space: LabelSpace,
+        node_labels: dict[str, Any],
+        example_inputs: tuple[Tensor, ...],
+    ):
+        self.module = module
+        self.example_inputs = example_inputs
+        self.node_labels = node_labels
+        self._bindings = {k: b for k, b in space.bindings.items()}
+        self._build_groups(space)
+        self._build_flops(space)
+
+    # -- grouping ---------------------------------------------------------------------------
+    def _build_groups(self, space: LabelSpace) -> None:
+        n = space.size
+        rep = connected_components(n, space.edges)
+        # Signature of a class: which bound dims it appears in, and how many times. Classes with
+        # equal signatures form one group. Hash (dim key, count) pairs into a 63-bit sum.
+        gen = torch.Generator().manual_seed(0)
+        sig = torch.zeros(n, dtype=torch.long)
+        for k, (key, binding) in enumerate(self._bindings.items()):
+            labels = binding.labels
+            ids = labels[labels != NONE]
+            if ids.numel() == 0:
+                continue
+            classes, counts = torch.unique(rep[ids], return_counts=True)
+            r1, r2 = torch.randint(1, 2**62, (2,), generator=gen).tolist()
+            sig.index_add_(0, classes, (counts * r1) ^ r2)
+        is_rep = rep == torch.arange(n)
+        reps = torch.nonzero(is_rep).flatten()
+        # Group classes by signature; groups ordered by their first class (creation order).
+        groups_of_sig: dict[int, list[int]] = {}
+        for r, s in zip(reps.tolist(), sig[reps].tolist()):
+            groups_of_sig.setdefault(s, []).append(r)
+        class_lists = sorted(groups_of_sig.values(), key=lambda c: c[0])
+
+        self.id_group = torch.full((n,), NONE, dtype=torch.long)
+        self.id_class = torch.full((n,), NONE, dtype=torch.long)
+        rep_group = torch.full((n,), NONE, dtype=torch.long)
+        rep_class = torch.full((n,), NONE, dtype=torch.long)
+        for gi, classes in enumerate(class_lists):
+            idx = torch.tensor(classes, dtype=torch.long)
+            rep_group[idx] = gi
+            rep_class[idx] = torch.arange(len(classes))
+        self.id_group = rep_group[rep]
+        self.id_class = rep_class[rep]
+
+        blocked: dict[int, str] = {}
+        for ids, reason in space.blocked:
+            for g in self.id_group[ids].unique().tolist():
+                blocked.setdefault(g, reason)
+        mixed: dict[int, str] = {}
+        for ids, reason in space.mixed:
+            for g in self.id_group[ids].unique().tolist():
+                mixed.setdefault(g, reason)
+
+        members: list[list[Member]] = [[] for _ in class_lists]
+        for (param, dim), binding in self._bindings.items():
+            if binding.role == "axis":
+                continue
+            labels = binding.labels
+            pos = torch.nonzero(labels != NONE).flatten()
+            if pos.numel() == 0:
+                continue
+            groups = self.id_group[labels[pos]]
+            for g in groups.unique().tolist():
+                sel = pos[groups == g]
+                members[g].append(Member(param, dim, binding.role, sel, self.id_class[labels[sel]]))
+
+        self.groups = [
+            ChannelGroup(
+                index=gi,
+                channels=len(classes),
+                members=members[gi],
+                prunable=gi not in blocked,
+                reason=blocked.get(gi),
+                exact=gi not in mixed,
+                note=mixed.get(gi),
+            )
+            for gi, classes in enumerate(class_lists)
+        ]
+
+    # -- keep -> per-id mask ----------------------------------------------------------------
+    def keep_ids(self, keep: Mapping[int, Any]) -> Tensor:
+        """Bool mask over global channel ids: False for ids of removed group channels."""
+        kept = torch.ones(self.id_group.numel(), dtype=torch.bool)
+        for g, idx in keep.items():
+            group = self.groups[g]
+            cls_kept = torch.zeros(group.channels, dtype=torch.bool)
+            cls_kept[torch.as_tensor(idx, dtype=torch.long)] = True
+            sel = self.id_group == g
+            kept[sel] = cls_kept[self.id_class[sel]]
+        return kept
+
+    def positions_kept(self, param: str, dim: int, keep_ids: Tensor) -> Optional[Tensor]:
+        """Kept indices along ``dim`` of ``param``, or None when it keeps all of them."""
+        binding = self._bindings.get((param, dim))
+        if binding is None:
+            return None
+        labels = binding.labels
+        on = labels != NONE
+        kept = torch.ones(labels.numel(), dtype=torch.bool)
+        kept[on] = keep_ids[labels[on]]
+        return None if bool(kept.all()) else torch.nonzero(kept).flatten()
+
+    def sliced_params(self) -> list[tuple[str, int]]:
+        return [k for k, b in self._bindings.items() if b.role != "axis"]
+
+    # -- FLOPs model --------------------------------------------------------------------------
+    def _build_flops(self, space: LabelSpace) -> None:
+        """Each MACs term is coef x prod of dim sizes; each dim size is affine in the groups'
+        channel counts: size = const + sum_g multiplicity_g * channels_g."""
+        G = len(self.groups)
+        terms = space.flops_terms
+        width = max((len(t.dims) for t in terms), default=1)
+        self._coef = np.array([t.coef for t in terms], dtype=np.float64)
+        self._A = np.zeros((width, len(terms), G), dtype=np.float64)
+        self._b = np.ones((width, len(terms)), dtype=np.float64)
+        channels = np.array([g.channels for g in self.groups], dtype=np.float64)
+        for ti, term in enumerate(terms):
+            for k, key in enumerate(term.dims):
+                labels = self._bindings[key].labels
+                on = labels != NONE
+                self._b[k, ti] = float((~on).sum())
+                if bool(on.any()):
+                    groups, counts = torch.unique(self.id_group[labels[on]], return_counts=True)
+                    for g, c in zip(groups.tolist(), counts.tolist()):
+                        self._A[k, ti, g] = c / channels[g]
+        self._full = channels
+
+    def channel_vector(self, channels: Optional[Mapping[int, int]] = None) -> np.ndarray:
+        c = self._full.copy()
+        for g, n in (channels or {}).items():
+            c[g] = n
+        return c
+
+    def flops(self, channels: Optional[Mapping[int, int]] = None) -> int:
+        """MACs of the model at the traced example inputs if group ``i`` had ``channels[i]``
+        channels (groups not listed keep all of theirs). No model is built."""
+        c = self.channel_vector(channels)
+        sizes = self._A @ c + self._b  # (width, terms)
+        return int(round(float((self._coef * sizes.prod(axis=0)).sum())))
+
+    def flops_batch(self, channel_matrix: np.ndarray) -> np.ndarray:
+        """MACs for many channel vectors at once: ``channel_matrix`` is (n, groups)."""
+        sizes = np.einsum("wtg,ng->nwt", self._A, channel_matrix) + self._b[None]
+        return (self._coef[None] * sizes.prod(axis=1)).sum(axis=1)
+
+    @property
+    def prunable_groups(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def __repr__(self) -> str:
+        return (
+            f"ChannelGraph({len(self.groups)} groups, {len(self.prunable_groups)} prunable, "
+            f"{self.flops():,} MACs)"
+        )

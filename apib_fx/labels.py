@@ -1,0 +1,169 @@
+"""Channel labels: the currency of the trace pass.
+
+Every tensor in the traced graph gets a *label tensor* of the same shape whose entries are global
+channel ids (int64), or ``NONE`` (-1) where the value does not belong to a prunable channel. A
+producer (a conv's output channels, a linear's outputs) creates fresh ids; ops move labels exactly as
+they move values, and where two ids must be removed together (a residual add, an SE multiply) they
+are *unified*. Shape ops (view, permute, cat, split, getitem, ...) are handled by running the op
+itself on the label tensor, which is why channel shuffle, flatten-into-Linear and concat offsets need
+no special code.
+
+Label tensors are kept as broadcast views (stride 0 along axes where the label does not vary), so
+a (1, 2048, 7, 7) activation costs 2048 ids, not 100k.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+NONE = -1
+
+
+def unlabeled(shape: Iterable[int]) -> Tensor:
+    """A label tensor of ``shape`` carrying no channel."""
+    shape = tuple(shape)
+    return torch.full((1,) * len(shape), NONE, dtype=torch.long).expand(shape)
+
+
+def along(ids: Tensor, axis: int, shape: Iterable[int]) -> Tensor:
+    """Label tensor of ``shape`` whose labels are ``ids`` along ``axis`` and constant elsewhere."""
+    shape = tuple(shape)
+    axis = axis % len(shape)
+    view = [1] * len(shape)
+    view[axis] = ids.numel()
+    return ids.reshape(view).expand(shape)
+
+
+def compress(labels: Tensor) -> Tensor:
+    """Drop the broadcast axes (stride 0) to size 1; the result broadcasts back to the original."""
+    index = tuple(
+        slice(0, 1) if (st == 0 or n == 1) else slice(None)
+        for st, n in zip(labels.stride(), labels.shape)
+    )
+    return labels[index]
+
+
+def canonical(labels: Tensor) -> Tensor:
+    """Re-detect axes along which labels are constant (after a copying reshape) and make them
+    broadcast views again, so later rules see where channels actually vary."""
+    small = compress(labels)
+    for axis in range(small.dim()):
+        if small.shape[axis] > 1 and bool((small == small.narrow(axis, 0, 1)).all()):
+            small = small.narrow(axis, 0, 1)
+    return small.expand(labels.shape)
+
+
+def varying_axes(labels: Tensor) -> list[int]:
+    """Axes along which the labels change (call on a canonical label tensor)."""
+    small = compress(labels)
+    return [a for a, n in enumerate(small.shape) if n > 1]
+
+
+def axis_ids(labels: Tensor, axis: int) -> Tensor:
+    """The 1-D labels along ``axis``, assuming they vary along no other axis."""
+    axis = axis % labels.dim()
+    index = tuple(slice(None) if a == axis else 0 for a in range(labels.dim()))
+    return labels[index].contiguous()
+
+
+def has_labels(labels: Tensor) -> bool:
+    return bool((compress(labels) != NONE).any())
+
+
+def is_labels(value: object) -> bool:
+    return isinstance(value, Tensor) and value.dtype == torch.long
+
+
+def flatten_values(value: object) -> list:
+    """All leaves of nested tuples/lists/dicts."""
+    if isinstance(value, (tuple, list)):
+        return [leaf for v in value for leaf in flatten_values(v)]
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in flatten_values(v)]
+    return [value]
+
+
+@dataclass
+class ParamBinding:
+    """The channel ids carried by the positions of one parameter/buffer dimension."""
+
+    labels: Tensor
+    role: str  # "out", "in", "pass", or "axis" (an activation axis that only enters FLOPs)
+
+
+@dataclass
+class FlopsTerm:
+    """MACs of one op = coef x the product of the sizes of the listed bound dimensions."""
+
+    coef: int
+    dims: list[tuple[str, int]]
+
+
+@dataclass
+class LabelSpace:
+    """Global channel ids and everything learned about them while propagating."""
+
+    size: int = 0
+    edges: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    blocked: list[tuple[Tensor, str]] = field(default_factory=list)
+    mixed: list[tuple[Tensor, str]] = field(default_factory=list)
+    bindings: dict[tuple[str, int], ParamBinding] = field(default_factory=dict)
+    flops_terms: list[FlopsTerm] = field(default_factory=list)
+
+    def fresh(self, n: int) -> Tensor:
+        ids = torch.arange(self.size, self.size + n, dtype=torch.long)
+        self.size += n
+        return ids
+
+    def link(self, a: Tensor, b: Tensor) -> None:
+        """Channels at the same positions of ``a`` and ``b`` go together (where both are channels)."""
+        a, b = torch.broadcast_tensors(compress(a), compress(b))
+        both = (a != NONE) & (b != NONE) & (a != b)
+        if bool(both.any()):
+            self.edges.append((a[both].reshape(-1), b[both].reshape(-1)))
+
+    def unify(self, a: Tensor, b: Tensor) -> None:
+        """Channels at the same positions of ``a`` and ``b`` must be removed together."""
+        self.link(a, b)
+        a, b = torch.broadcast_tensors(compress(a), compress(b))
+        # A channel aligned with a value that is not a channel cannot be removed on one side only.
+        one = (a != NONE) ^ (b != NONE)
+        if bool(one.any()):
+            self.block(torch.where(a != NONE, a, b)[one], "aligned with values that carry no prunable channel")
+
+    def block(self, labels: Tensor, reason: str) -> None:
+        ids = compress(labels).reshape(-1)
+        ids = ids[ids != NONE]
+        if ids.numel():
+            self.blocked.append((ids.unique(), reason))
+
+    def mark_mixed(self, labels: Tensor, reason: str) -> None:
+        """These channels are prunable but removing them changes the values of the others."""
+        ids = compress(labels).reshape(-1)
+        ids = ids[ids != NONE]
+        if ids.numel():
+            self.mixed.append((ids.unique(), reason))
+
+    def param_ids(self, name: str, dim: int, size: int, role: str = "out") -> Tensor:
+        """Ids of the positions of ``name`` along ``dim``; the same ids on every call, so a module
+        called twice produces the same channels."""
+        key = (name, dim)
+        if key not in self.bindings:
+            self.bindings[key] = ParamBinding(self.fresh(size), role)
+        return self.bindings[key].labels
+
+    def bind(self, name: str, dim: int, labels: Tensor, role: str) -> None:
+        """Positions of ``name`` along ``dim`` carry ``labels``. Binding twice (a shared module)
+        unifies the two call sites position by position."""
+        labels = labels.reshape(-1).contiguous()
+        key = (name, dim)
+        if key in self.bindings:
+            self.unify(self.bindings[key].labels, labels)
+        else:
+            self.bindings[key] = ParamBinding(labels, role)
+
+    def add_flops(self, coef: int, dims: list[tuple[str, int]]) -> None:
+        self.flops_terms.append(FlopsTerm(int(coef), list(dims)))

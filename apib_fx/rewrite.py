@@ -1,0 +1,74 @@
+"""The rewrite pass: physically remove channels and fix every shape the graph hard-codes."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, fx, nn
+
+from .graph import ChannelGraph
+from .rules import KeepView, rule_for
+
+
+def _validated(graph: ChannelGraph, keep: Mapping[int, Any]) -> dict[int, Tensor]:
+    out = {}
+    for g, idx in keep.items():
+        if not isinstance(g, int) or not 0 <= g < len(graph.groups):
+            raise KeyError(f"keep names group {g!r}, but the graph has groups 0..{len(graph.groups) - 1}")
+        group = graph.groups[g]
+        idx = torch.as_tensor(idx, dtype=torch.long).flatten()
+        if idx.numel() == group.channels and bool((idx.sort().values == torch.arange(group.channels)).all()):
+            continue  # keeps everything
+        if not group.prunable:
+            raise ValueError(f"group {g} ({group.name}) is not prunable: {group.reason}")
+        if idx.numel() == 0:
+            raise ValueError(f"keep[{g}] is empty: every group must keep at least one channel")
+        if int(idx.min()) < 0 or int(idx.max()) >= group.channels:
+            raise IndexError(f"keep[{g}] has indices outside 0..{group.channels - 1}")
+        if idx.unique().numel() != idx.numel():
+            raise ValueError(f"keep[{g}] has repeated indices")
+        out[g] = idx.sort().values
+    return out
+
+
+def _slice_tensor(owner: nn.Module, attr: str, dim: int, index: Tensor) -> None:
+    old = getattr(owner, attr)
+    new = old.detach().index_select(dim, index).clone()
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+    else:
+        owner._buffers[attr] = new
+
+
+def apply(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Any]) -> fx.GraphModule:
+    """Return a new, smaller dense model keeping channels ``keep[i]`` of ``graph.groups[i]``.
+
+    Groups not in ``keep`` stay whole. Parameter names are those of ``model``; ``model`` itself is
+    never modified. The result is a ``torch.fx.GraphModule`` in ``model``'s training mode.
+    """
+    keep = _validated(graph, keep)
+    gm = copy.deepcopy(graph.module)
+    keep_ids = graph.keep_ids(keep)
+    for param, dim in graph.sliced_params():
+        index = graph.positions_kept(param, dim, keep_ids)
+        if index is None:
+            continue
+        owner_name, _, attr = param.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        _slice_tensor(owner, attr, dim, index)
+    view = KeepView(graph.node_labels, keep_ids)
+    for node in gm.graph.nodes:
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        rule = rule_for(node, module)
+        if rule is not None and rule.rewrite is not None:
+            rule.rewrite(node, module, view)
+    gm.recompile()
+    # Same per-module training flags as the user's model.
+    flags = dict(model.named_modules())
+    for name, m in gm.named_modules():
+        src = flags.get(name)
+        m.training = src.training if src is not None else model.training
+    return gm

@@ -1,0 +1,720 @@
+"""The channel rules: one table entry per op, saying how it maps channels.
+
+A :class:`Rule` has two halves:
+
+* ``propagate(ctx, *args, **kwargs)`` runs during :func:`apib_fx.trace` on label tensors (see
+  :mod:`apib_fx.labels`) instead of values: it returns the labels of the op's output and tells the
+  :class:`~apib_fx.labels.LabelSpace` which parameter slices carry which channels, which channels
+  must go together, and which cannot be removed.
+* ``rewrite(node, module, keep)`` runs during :func:`apib_fx.apply`, after parameters were sliced:
+  it fixes what the graph or a module hard-codes about channel counts (``view`` shapes, ``split``
+  sizes, ``in_channels``, ``normalized_shape``...).
+
+Supporting a new op is one entry in :data:`RULES` (or :func:`register_rule` from user code); an op
+without an entry is *opaque*: its channels are kept whole, with the reason recorded.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from .labels import (
+    NONE,
+    LabelSpace,
+    along,
+    axis_ids,
+    canonical,
+    compress,
+    flatten_values,
+    has_labels,
+    is_labels,
+    unlabeled,
+    varying_axes,
+)
+
+try:  # torchvision is a dependency, but keep the engine importable without it
+    from torchvision.ops import StochasticDepth
+except ImportError:  # pragma: no cover
+    StochasticDepth = None
+
+
+@dataclass
+class RuleContext:
+    """What a rule may look at besides its arguments."""
+
+    space: LabelSpace
+    node: fx.Node
+    module: Optional[nn.Module] = None
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        meta = self.node.meta.get("tensor_meta")
+        return tuple(meta.shape)
+
+    @property
+    def op_name(self) -> str:
+        t = self.node.target
+        if self.node.op == "call_module":
+            return f"{type(self.module).__name__} '{t}'"
+        if self.node.op == "call_method":
+            return f"Tensor.{t}"
+        return getattr(t, "__name__", str(t))
+
+    def param(self, attr: str) -> str:
+        """Qualified name of a parameter of the called module, as in ``named_parameters()``."""
+        return f"{self.node.target}.{attr}" if self.node.target else attr
+
+    def arg_node(self, index: int, kwarg: Optional[str] = None) -> Any:
+        if kwarg is not None and kwarg in self.node.kwargs:
+            return self.node.kwargs[kwarg]
+        return self.node.args[index] if index < len(self.node.args) else None
+
+    def unlabeled_output(self) -> Any:
+        """Unlabeled values shaped like this node's output (tensor, or nested tuples)."""
+
+        def build(meta: Any) -> Any:
+            if meta is None:
+                return None
+            if hasattr(meta, "shape"):
+                return unlabeled(meta.shape)
+            if isinstance(meta, (tuple, list)):
+                return type(meta)(build(m) for m in meta)
+            if isinstance(meta, dict):
+                return {k: build(v) for k, v in meta.items()}
+            return None
+
+        return build(self.node.meta.get("tensor_meta"))
+
+
+class KeepView:
+    """Answers the rewrite pass' questions about kept positions of a traced node's labels."""
+
+    def __init__(self, node_labels: dict[str, Any], keep_ids: Tensor):
+        self.node_labels = node_labels
+        self.keep_ids = keep_ids
+
+    def mask(self, labels: Tensor) -> Tensor:
+        small = compress(labels)
+        kept = torch.ones(small.shape, dtype=torch.bool)
+        on = small != NONE
+        kept[on] = self.keep_ids[small[on]]
+        return kept
+
+    def kept_along(self, labels: Tensor, axis: int) -> Tensor:
+        """Bool vector over ``axis``: which positions survive (pruning is rectangular)."""
+        axis = axis % labels.dim()
+        kept = self.mask(labels)
+        other = [a for a in range(kept.dim()) if a != axis]
+        vec = kept.all(dim=other) if other else kept
+        vec = vec.reshape(-1)
+        if vec.numel() == 1:
+            vec = vec.expand(labels.shape[axis])
+        return vec
+
+    def size_along(self, labels: Tensor, axis: int) -> int:
+        return int(self.kept_along(labels, axis).sum())
+
+    def labels(self, node: Any) -> Any:
+        return self.node_labels.get(node.name) if isinstance(node, fx.Node) else None
+
+
+Propagate = Callable[..., Any]
+Rewrite = Callable[[fx.Node, Optional[nn.Module], KeepView], None]
+
+
+@dataclass(frozen=True)
+class Rule:
+    propagate: Propagate
+    rewrite: Optional[Rewrite] = None
+
+
+# --------------------------------------------------------------------------------------------
+# Propagation helpers
+
+
+def _first_labels(args: tuple, kwargs: dict) -> Optional[Tensor]:
+    for v in list(args) + list(kwargs.values()):
+        if is_labels(v):
+            return v
+    return None
+
+
+def _channel_ids(ctx: RuleContext, x: Tensor, axis: int) -> Tensor:
+    """1-D labels of ``x`` along ``axis``; channels that also vary along another axis cannot be
+    consumed per position by a layer, so they are blocked and read as unlabeled."""
+    axis = axis % x.dim()
+    extra = [a for a in varying_axes(x) if a != axis]
+    if extra:
+        ctx.space.block(x, f"{ctx.op_name} reads them along axis {axis} but they also vary along axes {extra}")
+        return torch.full((x.shape[axis],), NONE, dtype=torch.long)
+    return axis_ids(x, axis)
+
+
+def tie_outer(space: LabelSpace, labels: Tensor) -> Tensor:
+    """When a reshape spreads channels over several axes (channel shuffle's (b, g, c/g, h, w), heads),
+    only the innermost may be pruned freely: the same inner position is removed in every slice of the
+    outer axes, so every later reshape stays rectangular."""
+    axes = varying_axes(labels)
+    if len(axes) >= 2:
+        small = compress(labels)
+        for a in axes[:-1]:
+            space.link(small, small.narrow(a, 0, 1).expand_as(small))
+    return labels
+
+
+def _relabeled(space: LabelSpace, value: Any) -> Any:
+    if is_labels(value):
+        return tie_outer(space, canonical(value))
+    if isinstance(value, Tensor):  # a fresh tensor created from non-label inputs
+        return unlabeled(value.shape)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_relabeled(space, v) for v in value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Propagation rules
+
+
+def opaque(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
+    """An op with no channel rule: whatever channels it reads cannot be removed."""
+    for v in flatten_values((args, kwargs)):
+        if is_labels(v) and has_labels(v):
+            ctx.space.block(v, f"consumed by {ctx.op_name}, which has no channel rule")
+    return ctx.unlabeled_output()
+
+
+def passthrough(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
+    """Elementwise on one tensor: channels stay where they are."""
+    x = _first_labels(args, kwargs)
+    return x if x is not None else ctx.unlabeled_output()
+
+
+def relabel(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
+    """Shape ops move labels exactly as they move values: run the op itself on the labels."""
+    target = ctx.node.target
+    if ctx.node.op == "call_method":
+        name = "reshape" if target == "view" else target  # a broadcast label view may not be viewable
+        out = getattr(args[0], name)(*args[1:], **kwargs)
+    else:
+        out = target(*args, **kwargs)
+    return _relabeled(ctx.space, out)
+
+
+def run_plain(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
+    """Python-level ops (size arithmetic, ``getattr(x, 'shape')``): evaluate; tensors become labels."""
+    if not any(is_labels(v) for v in flatten_values((args, kwargs))):
+        return _relabeled(ctx.space, ctx.node.target(*args, **kwargs))
+    return relabel(ctx, *args, **kwargs)
+
+
+def _index_axes(index: Any, ndim: int) -> list[tuple[int, Any]]:
+    """(position in the index tuple, input axis) for each item of ``x[index]`` that consumes an axis."""
+    items = index if isinstance(index, tuple) else (index,)
+    consuming = [i for i, it in enumerate(items) if it is not None and it is not Ellipsis]
+    out, axis = [], 0
+    for i, item in enumerate(items):
+        if item is Ellipsis:
+            axis = ndim - sum(1 for j in consuming if j > i)
+        elif item is not None:
+            out.append((i, axis))
+            axis += 1
+    return out
+
+
+def getitem(ctx: RuleContext, x: Any, index: Any) -> Any:
+    if not is_labels(x):
+        return x[index] if not isinstance(x, Tensor) else unlabeled(ctx.out_shape)
+    # Integer, strided or tensor indexing along a channel axis picks channels the graph hard-codes.
+    items = index if isinstance(index, tuple) else (index,)
+    varying = set(varying_axes(x))
+    for i, axis in _index_axes(index, x.dim()):
+        item = items[i]
+        if axis in varying:
+            ok = isinstance(item, slice) and item.step in (None, 1) and all(
+                b is None or isinstance(b, int) for b in (item.start, item.stop)
+            )
+            if not ok:
+                ctx.space.block(x, f"indexed along their axis by {item!r}")
+                return unlabeled(ctx.out_shape)
+    return _relabeled(ctx.space, x[index])
+
+
+def broadcast(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
+    """Elementwise ops of several tensors (add, mul, where...): channels that meet at the same
+    position must be removed together (a residual add, an SE block's ``x * scale``)."""
+    out_shape = ctx.out_shape
+    nd = len(out_shape)
+    space = ctx.space
+    operands = []  # (compressed labels at out rank, real shape at out rank, fx arg)
+    fx_args = list(ctx.node.args) + list(ctx.node.kwargs.values())
+    for value, fx_arg in zip(list(args) + list(kwargs.values()), fx_args):
+        if not is_labels(value):
+            continue
+        real = (1,) * (nd - value.dim()) + tuple(value.shape)
+        small = compress(value.reshape(real))
+        operands.append((small, real, fx_arg, value.dim()))
+    if not operands:
+        return ctx.unlabeled_output()
+    common = torch.broadcast_shapes(*(op[0].shape for op in operands))
+    out = torch.full(common, NONE, dtype=torch.long)
+    for small, *_ in operands:
+        s = small.expand(common)
+        out = torch.where(out == NONE, s, out)
+    for p_small, *_ in operands:
+        p = p_small.expand(common)
+        if not bool((p != NONE).any()):
+            continue
+        p_axes = [a for a, n in enumerate(p_small.shape) if n > 1]
+        for q_small, q_real, q_arg, q_dim in operands:
+            if q_small is p_small:
+                continue
+            q = q_small.expand(common)
+            both = (p != NONE) & (q != NONE)
+            if bool(both.any()):
+                space.link(p[both], q[both])
+            missing = (p != NONE) & (q == NONE)
+            # q broadcasts along p's channel axes (a scalar, a per-sample scale): no conflict.
+            if not bool(missing.any()) or not all(q_real[a] > 1 for a in p_axes):
+                continue
+            if (
+                isinstance(q_arg, fx.Node)
+                and q_arg.op == "get_attr"
+                and len(p_axes) == 1
+                and not bool((q != NONE).any())
+            ):
+                # A parameter used elementwise (ConvNeXt's layer_scale): it is per-channel state.
+                dim = p_axes[0] - (nd - q_dim)
+                space.bind(q_arg.target, dim, axis_ids(p, p_axes[0]), "pass")
+            else:
+                space.block(p[missing], f"meet values without a prunable channel in {ctx.op_name}")
+    return out.expand(out_shape) if tuple(common) != tuple(out_shape) else out
+
+
+def _dims_arg(args: tuple, kwargs: dict, nd: int) -> Optional[list[int]]:
+    dim = kwargs.get("dim", args[0] if args else None)
+    if dim is None:
+        return None
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    return [d % nd for d in dims]
+
+
+def reduction(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+    """mean/sum/amax over some dims: fine over spatial dims, fatal over the channel axis."""
+    dims = _dims_arg(args, kwargs, x.dim())
+    dims = list(range(x.dim())) if dims is None else dims
+    keepdim = kwargs.get("keepdim", args[1] if len(args) > 1 and isinstance(args[1], bool) else False)
+    if set(dims) & set(varying_axes(x)):
+        ctx.space.block(x, f"reduced over their axis by {ctx.op_name}")
+        return ctx.unlabeled_output()
+    return compress(x).amax(dim=dims, keepdim=keepdim).expand(ctx.out_shape)
+
+
+def softmax(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+    dim = ctx.module.dim if ctx.module is not None else kwargs.get("dim", args[0] if args else None)
+    if dim is None or dim % x.dim() in varying_axes(x):
+        ctx.space.block(x, f"normalised across channels by {ctx.op_name}")
+        return ctx.unlabeled_output()
+    return x
+
+
+def spatial(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+    """Pooling, upsampling, padding: act on axes 2.. of an (N, C, ...) tensor; channels untouched."""
+    if any(a >= 2 for a in varying_axes(x)):
+        return opaque(ctx, x)
+    return compress(x).expand(ctx.out_shape)
+
+
+def linear(ctx: RuleContext, x: Tensor) -> Tensor:
+    m: nn.Linear = ctx.module
+    w = ctx.param("weight")
+    ctx.space.bind(w, 1, _channel_ids(ctx, x, -1), "in")
+    out = ctx.space.param_ids(w, 0, m.out_features)
+    if m.bias is not None:
+        ctx.space.bind(ctx.param("bias"), 0, out, "pass")
+    out_shape = ctx.out_shape
+    ctx.space.add_flops(math.prod(out_shape) // m.out_features, [(w, 0), (w, 1)])
+    return along(out, -1, out_shape)
+
+
+def conv(ctx: RuleContext, x: Tensor) -> Tensor:
+    m: nn.modules.conv._ConvNd = ctx.module
+    w = ctx.param("weight")
+    space = ctx.space
+    g, cin, cout = m.groups, m.in_channels, m.out_channels
+    ipg, opg = cin // g, cout // g
+    xin = _channel_ids(ctx, x, 1)
+    if g == 1:
+        space.bind(w, 1, xin, "in")
+        out = space.param_ids(w, 0, cout)
+    elif ipg == 1:
+        # Depthwise (with channel multiplier opg): input channel c owns filters c*opg..c*opg+opg-1,
+        # so a channel is removed with its whole group and the conv stays depthwise.
+        out = xin.repeat_interleave(opg)
+        space.bind(w, 0, out, "pass")
+        space.bind(w, 1, torch.full((1,), NONE, dtype=torch.long), "in")
+    else:
+        # Grouped conv: every group must keep the same width, so position j of each group goes
+        # together (inputs and outputs alike) and `groups` stays unchanged.
+        space.link(xin.view(g, ipg), xin[:ipg].expand(g, ipg))
+        space.bind(w, 1, xin[:ipg], "in")
+        out = space.param_ids(w, 0, cout)
+        space.link(out.view(g, opg), out[:opg].expand(g, opg))
+    if m.bias is not None:
+        space.bind(ctx.param("bias"), 0, out, "pass")
+    out_shape = ctx.out_shape
+    spatial_out = math.prod(out_shape[2:]) * out_shape[0]
+    space.add_flops(spatial_out * math.prod(m.kernel_size), [(w, 0), (w, 1)])
+    return along(out, 1, out_shape)
+
+
+def channel_affine(*params: str, axis: int = 1) -> Propagate:
+    """Per-channel state along ``axis`` (BatchNorm, affine InstanceNorm, PReLU): exact to prune."""
+
+    def rule(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        ids = _channel_ids(ctx, x, axis) if x.dim() > 1 else axis_ids(x, 0)
+        for p in params:
+            t = getattr(ctx.module, p, None)
+            if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == ids.numel():
+                ctx.space.bind(ctx.param(p), 0, ids, "pass")
+        return x
+
+    return rule
+
+
+def _normalized(ctx: RuleContext, x: Tensor, k: int, weights: list[Optional[str]]) -> Tensor:
+    """LayerNorm over the last ``k`` axes: per-channel weights are exact to slice, but the
+    statistics mix channels, so pruning changes the other channels' values."""
+    axes = [a for a in varying_axes(x) if a >= x.dim() - k]
+    if not axes:
+        return x
+    if len(axes) > 1:
+        ctx.space.block(x, f"normalised over several channel axes by {ctx.op_name}")
+        return x
+    ctx.space.mark_mixed(x, f"{ctx.op_name} normalises across them")
+    dim = axes[0] - (x.dim() - k)
+    for name in weights:
+        if name is not None:
+            ctx.space.bind(name, dim, axis_ids(x, axes[0]), "pass")
+    return x
+
+
+def layer_norm(ctx: RuleContext, x: Tensor) -> Tensor:
+    m: nn.LayerNorm = ctx.module
+    names = [ctx.param(p) for p in ("weight", "bias") if getattr(m, p, None) is not None]
+    return _normalized(ctx, x, len(m.normalized_shape), names)
+
+
+def layer_norm_fn(ctx: RuleContext, x: Tensor, normalized_shape: Any, *args: Any, **kwargs: Any) -> Tensor:
+    names = []
+    for i, key in ((2, "weight"), (3, "bias")):
+        n = ctx.arg_node(i, key)
+        if isinstance(n, fx.Node):
+            if n.op != "get_attr":
+                return opaque(ctx, x)
+            names.append(n.target)
+    return _normalized(ctx, x, len(tuple(normalized_shape)), names)
+
+
+def group_norm(ctx: RuleContext, x: Tensor) -> Tensor:
+    m: nn.GroupNorm = ctx.module
+    ids = _channel_ids(ctx, x, 1)
+    per = ids.numel() // m.num_groups
+    # Every group must keep the same number of channels: position j of each group goes together.
+    ctx.space.link(ids.view(m.num_groups, per), ids[:per].expand(m.num_groups, per))
+    ctx.space.mark_mixed(x, f"{ctx.op_name} normalises across them")
+    if m.affine:
+        for p in ("weight", "bias"):
+            ctx.space.bind(ctx.param(p), 0, ids, "pass")
+    return x
+
+
+def matmul(ctx: RuleContext, a: Any, b: Any) -> Any:
+    """(..., M, K) @ (..., K, N): the contraction channels of both sides go together; M comes from
+    ``a`` and N from ``b``. The sizes enter FLOPs as activation axes."""
+    if not (is_labels(a) and is_labels(b)) or a.dim() < 2 or b.dim() < 2:
+        return opaque(ctx, a, b)
+    space = ctx.space
+    out_shape = ctx.out_shape
+    ka, kb = compress(a).select(-2, 0), compress(b).select(-1, 0)
+    space.link(*torch.broadcast_tensors(ka, kb))
+    rows = compress(a).narrow(-1, 0, 1).expand(*a.shape[:-1], 1)
+    cols = compress(b).narrow(-2, 0, 1).expand(*b.shape[:-2], 1, b.shape[-1])
+    rows, cols = torch.broadcast_tensors(rows, cols)
+    both = (compress(rows) != NONE) & (compress(cols) != NONE)
+    if bool(both.any()):
+        space.block(cols, f"would span two channel axes of the output of {ctx.op_name}")
+    out = torch.where(rows != NONE, rows, cols)
+    name = ctx.node.name
+    dims, coef = [], 1
+    for axis, ids in (("M", axis_ids(a, -2)), ("K", axis_ids(a, -1)), ("N", axis_ids(b, -1))):
+        key = (f"{name}#{axis}", 0)
+        space.bind(key[0], 0, ids, "axis")
+        dims.append(key)
+    batch = out_shape[:-2]
+    for i, n in enumerate(batch):
+        axis_labels = axis_ids(out, i) if n > 1 else None
+        if axis_labels is not None and bool((axis_labels != NONE).any()):
+            key = (f"{name}#B{i}", 0)
+            space.bind(key[0], 0, axis_labels, "axis")
+            dims.append(key)
+        else:
+            coef *= n
+    space.add_flops(coef, dims)
+    return tie_outer(space, canonical(out.expand(out_shape)))
+
+
+def placeholder_output(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
+    return ctx.unlabeled_output()
+
+
+def flatten_module(ctx: RuleContext, x: Tensor) -> Tensor:
+    return _relabeled(ctx.space, torch.flatten(x, ctx.module.start_dim, ctx.module.end_dim))
+
+
+# --------------------------------------------------------------------------------------------
+# Rewrite rules (run on the copied GraphModule after parameters were sliced)
+
+
+def _new_sizes(node: fx.Node, keep: KeepView) -> Optional[list[int]]:
+    labels = keep.labels(node)
+    if not is_labels(labels):
+        return None
+    return [keep.size_along(labels, a) for a in range(labels.dim())]
+
+
+def rewrite_shape_args(node: fx.Node, module: Any, keep: KeepView) -> None:
+    """``view``/``reshape``/``expand`` with literal sizes: replace the literals of resized axes."""
+    sizes = _new_sizes(node, keep)
+    old = list(node.meta["tensor_meta"].shape) if "tensor_meta" in node.meta else None
+    if sizes is None or old is None or sizes == old:
+        return
+    args = list(node.args)
+    packed = len(args) == 2 and isinstance(args[1], (tuple, list))
+    shape = list(args[1] if packed else args[1:])
+    if len(shape) != len(sizes):
+        return
+    for i, (s, new, was) in enumerate(zip(shape, sizes, old)):
+        if isinstance(s, int) and s != -1 and new != was:
+            shape[i] = new
+    node.args = (args[0], type(args[1])(shape)) if packed else (args[0], *shape)
+
+
+def rewrite_split(node: fx.Node, module: Any, keep: KeepView) -> None:
+    """``split``/``chunk`` along a channel axis: give the new piece sizes explicitly."""
+    pieces = keep.labels(node)
+    if not isinstance(pieces, (tuple, list)) or not pieces:
+        return
+    args = list(node.args)
+    kwargs = dict(node.kwargs)
+    dim = kwargs.pop("dim", args[2] if len(args) > 2 else 0)
+    dim = dim % pieces[0].dim()
+    new = [keep.size_along(p, dim) for p in pieces]
+    old = [p.shape[dim] for p in pieces]
+    if new == old:
+        return
+    if node.op == "call_method":
+        node.target = "split"
+    else:
+        node.target = torch.split
+    node.args = (args[0], new)
+    node.kwargs = {"dim": dim}
+
+
+def rewrite_getitem(node: fx.Node, module: Any, keep: KeepView) -> None:
+    """Literal slices along a channel axis (``x[:, :32]``): count only the kept positions."""
+    src = node.args[0]
+    labels = keep.labels(src)
+    if not is_labels(labels):
+        return
+    index = node.args[1]
+    items = index if isinstance(index, tuple) else (index,)
+    varying = set(varying_axes(labels))
+    new_items = list(items)
+    for i, axis in _index_axes(index, labels.dim()):
+        item = items[i]
+        if axis in varying and isinstance(item, slice):
+            kept = keep.kept_along(labels, axis)
+            n = kept.numel()
+            prefix = torch.cat([torch.zeros(1, dtype=torch.long), kept.long().cumsum(0)])
+
+            def moved(b: Optional[int]) -> Optional[int]:
+                if b is None:
+                    return None
+                b = max(0, min(n, b + n if b < 0 else b))
+                return int(prefix[b])
+
+            new_items[i] = slice(moved(item.start), moved(item.stop), item.step)
+    node.args = (src, tuple(new_items) if isinstance(index, tuple) else new_items[0])
+
+
+def rewrite_layer_norm_fn(node: fx.Node, module: Any, keep: KeepView) -> None:
+    sizes = _new_sizes(node, keep)
+    if sizes is None:
+        return
+    args = list(node.args)
+    k = len(tuple(args[1]))
+    args[1] = type(args[1])(sizes[len(sizes) - k:]) if isinstance(args[1], (tuple, list)) else sizes[-1]
+    node.args = tuple(args)
+
+
+def resize_conv(node: fx.Node, m: nn.Module, keep: KeepView) -> None:
+    w = m.weight
+    opg = m.out_channels // m.groups
+    if m.in_channels // m.groups == 1 and m.groups > 1:  # depthwise stays depthwise
+        m.groups = w.shape[0] // opg
+    m.out_channels = w.shape[0]
+    m.in_channels = m.groups * w.shape[1]
+
+
+def resize_linear(node: fx.Node, m: nn.Module, keep: KeepView) -> None:
+    m.out_features, m.in_features = m.weight.shape
+
+
+def resize_channels(attr: str, params: tuple[str, ...] = ("weight", "running_mean")) -> Rewrite:
+    def rewrite(node: fx.Node, m: nn.Module, keep: KeepView) -> None:
+        for p in params:
+            t = getattr(m, p, None)
+            if isinstance(t, Tensor) and t.dim() >= 1:
+                setattr(m, attr, t.shape[0])
+                return
+        sizes = _new_sizes(node, keep)
+        if sizes is not None and len(sizes) > 1:
+            setattr(m, attr, sizes[1])
+
+    return rewrite
+
+
+def resize_layer_norm(node: fx.Node, m: nn.Module, keep: KeepView) -> None:
+    sizes = _new_sizes(node, keep)
+    if sizes is not None:
+        m.normalized_shape = tuple(sizes[len(sizes) - len(m.normalized_shape):])
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+
+PASS = Rule(passthrough)
+SHAPE = Rule(relabel)
+RESHAPE = Rule(relabel, rewrite_shape_args)
+SPLIT = Rule(relabel, rewrite_split)
+BROADCAST = Rule(broadcast)
+REDUCE = Rule(reduction)
+SPATIAL = Rule(spatial)
+SOFTMAX = Rule(softmax)
+MATMUL = Rule(matmul)
+
+_ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Tanh,
+    nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Tanhshrink,
+    nn.Softsign, nn.LogSigmoid, nn.Threshold, nn.Hardshrink, nn.Softshrink, nn.RReLU, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+)
+_POOLS = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
+    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad2d,
+    nn.ReflectionPad2d, nn.ReplicationPad2d,
+)
+_UNARY_FUNCTIONS = (
+    torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.mish, F.hardswish,
+    F.hardsigmoid, F.sigmoid, torch.sigmoid, F.tanh, torch.tanh, F.leaky_relu, F.elu, F.selu,
+    F.softplus, F.hardtanh, torch.clamp, torch.clip, F.dropout, F.dropout1d, F.dropout2d,
+    F.dropout3d, F.alpha_dropout, torch.exp, torch.neg, operator.neg, operator.pos, torch.abs,
+    torch.sqrt, torch.rsqrt, torch.square, torch.erf, torch.nn.functional.hardtanh_, torch.clone,
+    torch.detach,
+)
+_UNARY_METHODS = (
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "contiguous",
+    "clone", "detach", "float", "half", "double", "bfloat16", "to", "type_as", "exp", "neg", "abs",
+    "sqrt", "rsqrt", "square", "hardtanh_", "requires_grad_", "cpu", "cuda",
+)
+_BINARY = (
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
+    torch.minimum, torch.where, operator.gt, operator.lt, operator.ge, operator.le,
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum",
+)
+
+RULES: dict[Any, Rule] = {
+    # producers
+    nn.Conv1d: Rule(conv, resize_conv),
+    nn.Conv2d: Rule(conv, resize_conv),
+    nn.Conv3d: Rule(conv, resize_conv),
+    nn.Linear: Rule(linear, resize_linear),
+    # per-channel state
+    nn.BatchNorm1d: Rule(channel_affine("weight", "bias", "running_mean", "running_var"),
+                         resize_channels("num_features")),
+    nn.BatchNorm2d: Rule(channel_affine("weight", "bias", "running_mean", "running_var"),
+                         resize_channels("num_features")),
+    nn.BatchNorm3d: Rule(channel_affine("weight", "bias", "running_mean", "running_var"),
+                         resize_channels("num_features")),
+    nn.InstanceNorm2d: Rule(channel_affine("weight", "bias", "running_mean", "running_var"),
+                            resize_channels("num_features")),
+    nn.PReLU: Rule(channel_affine("weight"), resize_channels("num_parameters", ("weight",))),
+    # normalisations that mix channels
+    nn.LayerNorm: Rule(layer_norm, resize_layer_norm),
+    F.layer_norm: Rule(layer_norm_fn, rewrite_layer_norm_fn),
+    nn.GroupNorm: Rule(group_norm, resize_channels("num_channels", ("weight",))),
+    # shape ops
+    nn.Flatten: Rule(flatten_module),
+    torch.flatten: SHAPE, "flatten": SHAPE,
+    torch.cat: SHAPE, torch.concat: SHAPE, torch.stack: SHAPE,
+    torch.split: SPLIT, "split": SPLIT, torch.chunk: SPLIT, "chunk": SPLIT,
+    torch.tensor_split: SPLIT, "tensor_split": SPLIT,
+    torch.reshape: RESHAPE, "reshape": RESHAPE, "view": RESHAPE, "expand": RESHAPE,
+    "expand_as": SHAPE, "view_as": SHAPE, "reshape_as": SHAPE,
+    torch.permute: SHAPE, "permute": SHAPE, torch.transpose: SHAPE, "transpose": SHAPE,
+    torch.swapaxes: SHAPE, "swapaxes": SHAPE, torch.movedim: SHAPE, "movedim": SHAPE,
+    torch.t: SHAPE, "t": SHAPE, torch.squeeze: SHAPE, "squeeze": SHAPE,
+    torch.unsqueeze: SHAPE, "unsqueeze": SHAPE, torch.narrow: SHAPE, "narrow": SHAPE,
+    operator.getitem: Rule(getitem, rewrite_getitem),
+    "size": Rule(run_plain), "dim": Rule(run_plain), getattr: Rule(run_plain),
+    operator.floordiv: Rule(run_plain), operator.mod: Rule(run_plain),
+    # reductions, softmax
+    torch.mean: REDUCE, "mean": REDUCE, torch.sum: REDUCE, "sum": REDUCE, torch.amax: REDUCE,
+    "amax": REDUCE, torch.amin: REDUCE, "amin": REDUCE,
+    nn.Softmax: SOFTMAX, nn.LogSoftmax: SOFTMAX, F.softmax: SOFTMAX, torch.softmax: SOFTMAX,
+    "softmax": SOFTMAX, F.log_softmax: SOFTMAX, "log_softmax": SOFTMAX,
+    # spatial ops
+    F.max_pool1d: SPATIAL, F.max_pool2d: SPATIAL, F.avg_pool1d: SPATIAL, F.avg_pool2d: SPATIAL,
+    F.adaptive_avg_pool1d: SPATIAL, F.adaptive_avg_pool2d: SPATIAL, F.adaptive_max_pool2d: SPATIAL,
+    F.interpolate: SPATIAL,
+    # matrix products
+    torch.matmul: MATMUL, operator.matmul: MATMUL, "matmul": MATMUL, torch.bmm: MATMUL, "bmm": MATMUL,
+}
+RULES.update({m: PASS for m in _ACTIVATIONS})
+RULES.update({m: SPATIAL for m in _POOLS})
+RULES.update({f: PASS for f in _UNARY_FUNCTIONS})
+RULES.update({f: PASS for f in _UNARY_METHODS})
+RULES.update({f: BROADCAST for f in _BINARY})
+if StochasticDepth is not None:
+    RULES[StochasticDepth] = PASS
+
+# Modules the tracer keeps whole by default: their forward is not traceable or not worth tracing.
+DEFAULT_LEAF_MODULES: tuple[type, ...] = tuple(t for t in (StochasticDepth,) if t is not None)
+
+
+def register_rule(op: Any, rule: Rule) -> None:
+    """Teach the engine a new op: a module class, a function, or a Tensor method name."""
+    RULES[op] = rule
+
+
+def rule_for(node: fx.Node, module: Optional[nn.Module] = None) -> Optional[Rule]:
+    if node.op == "call_module":
+        # A subclass shares its base's rule only if it did not replace forward.
+        for cls in type(module).__mro__:
+            if cls in RULES:
+                return RULES[cls] if type(module).forward is cls.forward else None
+        return None
+    try:
+        return RULES.get(node.target)
+    except TypeError:  # unhashable target
+        return None

@@ -1,0 +1,108 @@
+"""Exactness checking, reusable in tests and by users adding rules for their own ops.
+
+The reference for a pruned model is the *original* model with every removed input slice of every
+consumer (``"in"`` members) set to zero: removing a channel must be the same as no consumer
+reading it. In eval mode both must give the same outputs.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .graph import ChannelGraph
+from .labels import flatten_values
+from .rewrite import apply
+from .trace import Inputs, as_inputs, trace
+
+
+def random_keep(graph: ChannelGraph, fraction: float = 0.3, seed: int = 0) -> dict[int, Tensor]:
+    """Remove a random ``fraction`` of every prunable group's channels (at least one kept)."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = {}
+    for g in graph.prunable_groups:
+        n_keep = max(1, g.channels - int(round(fraction * g.channels)))
+        keep[g.index] = torch.randperm(g.channels, generator=gen)[:n_keep].sort().values
+    return keep
+
+
+def zeroed_reference(model: nn.Module, graph: ChannelGraph, keep: dict[int, Tensor]) -> nn.Module:
+    """A copy of ``model`` whose consumers ignore the removed channels (their input slices are 0)."""
+    ref = copy.deepcopy(model)
+    params = dict(ref.named_parameters())
+    with torch.no_grad():
+        for gi, idx in keep.items():
+            group = graph.groups[gi]
+            removed = torch.ones(group.channels, dtype=torch.bool)
+            removed[idx] = False
+            removed = torch.nonzero(removed).flatten()
+            for m in group.members:
+                if m.role == "in" and m.param in params:
+                    params[m.param].index_fill_(m.dim, m.index(removed), 0.0)
+    return ref
+
+
+def _tensors(out: Any) -> list[Tensor]:
+    if hasattr(out, "_asdict"):
+        out = tuple(out)
+    return [t for t in flatten_values(out) if isinstance(t, Tensor)]
+
+
+@dataclass
+class ExactReport:
+    exact_expected: bool  # False when some pruned group passes a channel-mixing normalisation
+    max_diff: float  # max |pruned - reference| / output scale
+    shapes_ok: bool
+    finite: bool
+    flops_before: int
+    flops_after: int
+    flops_model: int  # graph.flops(channel counts) for the same keep
+    note: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        good = self.shapes_ok and self.finite and self.flops_model == self.flops_after
+        return good and (self.max_diff <= 1e-5 or not self.exact_expected)
+
+
+def check_exact(
+    model: nn.Module,
+    example_inputs: Inputs,
+    fraction: float = 0.3,
+    seed: int = 0,
+    graph: Optional[ChannelGraph] = None,
+) -> ExactReport:
+    """Prune a random ``fraction`` of every prunable group and compare with the zeroed reference."""
+    from .flops import count_flops
+
+    inputs = as_inputs(example_inputs)
+    graph = graph or trace(model, inputs)
+    keep = random_keep(graph, fraction, seed)
+    pruned = apply(model, graph, keep)
+    ref = zeroed_reference(model, graph, keep)
+    ref.eval()
+    pruned.eval()
+    with torch.no_grad():
+        want = _tensors(ref(*inputs))
+        got = _tensors(pruned(*inputs))
+    shapes_ok = len(want) == len(got) and all(a.shape == b.shape for a, b in zip(want, got))
+    finite = all(bool(torch.isfinite(t).all()) for t in got)
+    max_diff = float("inf")
+    if shapes_ok:
+        max_diff = max(
+            float((a - b).abs().max() / max(1.0, float(a.abs().max()))) for a, b in zip(want, got)
+        )
+    inexact = [g for g in graph.groups if g.index in keep and not g.exact]
+    return ExactReport(
+        exact_expected=not inexact,
+        max_diff=max_diff,
+        shapes_ok=shapes_ok,
+        finite=finite,
+        flops_before=count_flops(model, inputs),
+        flops_after=count_flops(pruned, inputs),
+        flops_model=graph.flops({g: len(k) for g, k in keep.items()}),
+        note=inexact[0].note if inexact else None,
+    )

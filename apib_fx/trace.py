@@ -1,0 +1,157 @@
+"""The trace pass: model -> torch.fx graph -> shapes -> channel labels -> :class:`ChannelGraph`."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence, Union
+
+import torch
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .graph import ChannelGraph
+from .labels import LabelSpace, compress, flatten_values, is_labels, unlabeled
+from .rules import DEFAULT_LEAF_MODULES, RuleContext, opaque, rule_for
+
+Inputs = Union[Tensor, Sequence[Tensor]]
+
+
+class TraceError(RuntimeError):
+    """torch.fx could not trace the model."""
+
+
+def as_inputs(example_inputs: Inputs) -> tuple[Tensor, ...]:
+    """The API's convention: a tensor or a tuple/list of tensors."""
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise TypeError(
+        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
+    )
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode (no BatchNorm statistics updates) and restore every module's own
+    ``training`` flag afterwards, so the user's model comes back exactly as it was."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+class _Tracer(fx.Tracer):
+    """fx.Tracer that keeps ``leaf_types`` opaque and remembers which module was being traced
+    when tracing fails, to name it in the error."""
+
+    def __init__(self, leaf_types: tuple[type, ...]):
+        super().__init__()
+        self.leaf_types = leaf_types
+        self.failed_in: list[tuple[str, str]] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if not self.failed_in:  # innermost first
+                self.failed_in.append((self.path_of_module(m), type(m).__name__))
+            raise
+
+
+def symbolic_trace(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
+    """torch.fx symbolic trace with a clear error naming the module that failed."""
+    tracer = _Tracer(tuple(DEFAULT_LEAF_MODULES) + tuple(leaf_modules))
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:
+        if tracer.failed_in:
+            path, cls = tracer.failed_in[0]
+            where = f"module '{path}' ({cls})"
+        else:
+            cls = type(model).__name__
+            where = f"the forward of {cls} itself"
+        raise TraceError(
+            f"torch.fx could not trace {where}: {type(e).__name__}: {e}\n"
+            f"Keep it opaque with apib_fx.trace(model, example_inputs, leaf_modules=({cls},)): "
+            "its channels are then left whole."
+        ) from e
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+class ChannelPropagation(fx.Interpreter):
+    """Runs the graph on label tensors: every op's rule from :data:`apib_fx.rules.RULES` says
+    where channels go; the findings accumulate in a :class:`LabelSpace`."""
+
+    def __init__(self, module: fx.GraphModule, space: LabelSpace):
+        super().__init__(module, garbage_collect_values=True)
+        self.space = space
+        self.node_labels: dict[str, Any] = {}
+        self._node: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self._node = n
+        out = super().run_node(n)
+        self.node_labels[n.name] = _stored(out)
+        return out
+
+    def placeholder(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return super().placeholder(target, args, kwargs)
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        value = super().get_attr(target, args, kwargs)
+        return unlabeled(value.shape) if isinstance(value, Tensor) else value
+
+    def _apply(self, module: nn.Module | None, args: Any, kwargs: Any) -> Any:
+        ctx = RuleContext(self.space, self._node, module)
+        rule = rule_for(self._node, module)
+        return (rule.propagate if rule else opaque)(ctx, *args, **kwargs)
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return self._apply(None, args, kwargs)
+
+    def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return self._apply(None, args, kwargs)
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return self._apply(self.fetch_attr(target), args, kwargs)
+
+    def output(self, target: Any, args: Any, kwargs: Any) -> Any:
+        for v in flatten_values(args[0]):
+            if is_labels(v):
+                self.space.block(v, "they reach a model output")
+        return args[0]
+
+
+def _stored(value: Any) -> Any:
+    if is_labels(value):
+        return compress(value).expand(value.shape)
+    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+        return tuple(_stored(v) for v in value)
+    return None
+
+
+def trace(model: nn.Module, example_inputs: Inputs, *, leaf_modules: Sequence[type] = ()) -> ChannelGraph:
+    """Build the channel-dependency graph of ``model``.
+
+    Traces with torch.fx (in eval mode: branches taken only in training, such as auxiliary
+    classifiers, are not part of the graph), propagates shapes on ``example_inputs`` and then
+    channel labels through every op. ``leaf_modules``: module classes to keep opaque. The model is
+    not modified.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs = as_inputs(example_inputs)
+    with eval_mode(model), torch.no_grad():
+        gm = symbolic_trace(model, leaf_modules)
+        ShapeProp(gm).propagate(*inputs)
+    space = LabelSpace()
+    prop = ChannelPropagation(gm, space)
+    prop.run(*(unlabeled(t.shape) for t in inputs))
+    return ChannelGraph(gm, space, prop.node_labels, inputs)
