@@ -71,29 +71,6 @@ class ChannelGroup:
         return f"ChannelGroup({self.index}, {self.name}, channels={self.channels}, {state})"
 
 
-def connected_components(n: int, edges: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """Representative (smallest) id of each of ``n`` ids' component, vectorised hook-and-jump."""
-    parent = torch.arange(n, dtype=torch.long)
-    if not edges or n == 0:
-        return parent
-    a = torch.cat([e[0] for e in edges])
-    b = torch.cat([e[1] for e in edges])
-    while True:
-        pa, pb = parent[a], parent[b]
-        low = torch.minimum(pa, pb)
-        new = parent.clone()
-        new.scatter_reduce_(0, pa, low, "amin")
-        new.scatter_reduce_(0, pb, low, "amin")
-        while True:  # pointer jumping until every id points at its root
-            jumped = new[new]
-            if torch.equal(jumped, new):
-                break
-            new = jumped
-        if torch.equal(new, parent):
-            return parent
-        parent = new
-
-
 class ChannelGraph:
     """Channel groups of a traced model, plus what :func:`apib_fx.apply` and the FLOPs model need.
 
@@ -118,7 +95,7 @@ class ChannelGraph:
     # -- grouping ---------------------------------------------------------------------------
     def _build_groups(self, space: LabelSpace) -> None:
         n = space.size
-        rep = connected_components(n, space.edges)
+        rep = space.parent
         # Signature of a class: which bound dims it appears in, and how many times. Classes with
         # equal signatures form one group. Hash (dim key, count) pairs into a 63-bit sum.
         gen = torch.Generator().manual_seed(0)

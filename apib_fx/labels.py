@@ -102,12 +102,34 @@ class FlopsTerm:
     dims: list[tuple[str, int]]
 
 
+def union(parent: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Union-find over ids, vectorised: merge the components of ``a[i]`` and ``b[i]``. ``parent``
+    maps every id to its component's smallest id (a fixed point of ``parent[parent]``); so does
+    the result."""
+    if a.numel() == 0:
+        return parent
+    while True:
+        pa, pb = parent[a], parent[b]
+        if torch.equal(pa, pb):
+            return parent
+        low = torch.minimum(pa, pb)
+        new = parent.clone()
+        new.scatter_reduce_(0, pa, low, "amin")
+        new.scatter_reduce_(0, pb, low, "amin")
+        while True:  # pointer jumping until every id points at its root
+            jumped = new[new]
+            if torch.equal(jumped, new):
+                break
+            new = jumped
+        parent = new
+
+
 @dataclass
 class LabelSpace:
     """Global channel ids and everything learned about them while propagating."""
 
     size: int = 0
-    edges: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    parent: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     blocked: list[tuple[Tensor, str]] = field(default_factory=list)
     mixed: list[tuple[Tensor, str]] = field(default_factory=list)
     bindings: dict[tuple[str, int], ParamBinding] = field(default_factory=dict)
@@ -115,18 +137,34 @@ class LabelSpace:
 
     def fresh(self, n: int) -> Tensor:
         ids = torch.arange(self.size, self.size + n, dtype=torch.long)
+        self.parent = torch.cat([self.parent, ids])
         self.size += n
         return ids
+
+    def classes(self, labels: Tensor) -> Tensor:
+        """Labels mapped to their equivalence class (the smallest id tied to them)."""
+        out = labels.clone()
+        on = labels != NONE
+        out[on] = self.parent[labels[on]]
+        return out
+
+    def class_varying_axes(self, labels: Tensor) -> list[int]:
+        """Axes along which the *classes* change: tied ids along an axis do not count."""
+        small = self.classes(compress(labels))
+        return [
+            a for a in range(small.dim())
+            if small.shape[a] > 1 and not bool((small == small.narrow(a, 0, 1)).all())
+        ]
 
     def link(self, a: Tensor, b: Tensor) -> None:
         """Channels at the same positions of ``a`` and ``b`` go together (where both are channels)."""
         a, b = torch.broadcast_tensors(compress(a), compress(b))
         both = (a != NONE) & (b != NONE) & (a != b)
         if bool(both.any()):
-            self.edges.append((a[both].reshape(-1), b[both].reshape(-1)))
+            self.parent = union(self.parent, a[both].reshape(-1), b[both].reshape(-1))
 
     def unify(self, a: Tensor, b: Tensor) -> None:
-        """Channels at the same positions of ``a`` and ``b`` must be removed together."""
+        """Like :meth:`link`, and a channel facing a non-channel on the other side is blocked."""
         self.link(a, b)
         a, b = torch.broadcast_tensors(compress(a), compress(b))
         # A channel aligned with a value that is not a channel cannot be removed on one side only.

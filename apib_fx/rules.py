@@ -111,7 +111,7 @@ class KeepView:
         axis = axis % labels.dim()
         kept = self.mask(labels)
         other = [a for a in range(kept.dim()) if a != axis]
-        vec = kept.all(dim=other) if other else kept
+        vec = kept.any(dim=other) if other else kept
         vec = vec.reshape(-1)
         if vec.numel() == 1:
             vec = vec.expand(labels.shape[axis])
@@ -160,7 +160,7 @@ def tie_outer(space: LabelSpace, labels: Tensor) -> Tensor:
     """When a reshape spreads channels over several axes (channel shuffle's (b, g, c/g, h, w), heads),
     only the innermost may be pruned freely: the same inner position is removed in every slice of the
     outer axes, so every later reshape stays rectangular."""
-    axes = varying_axes(labels)
+    axes = space.class_varying_axes(labels)
     if len(axes) >= 2:
         small = compress(labels)
         for a in axes[:-1]:
@@ -310,7 +310,8 @@ def reduction(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
     dims = _dims_arg(args, kwargs, x.dim())
     dims = list(range(x.dim())) if dims is None else dims
     keepdim = kwargs.get("keepdim", args[1] if len(args) > 1 and isinstance(args[1], bool) else False)
-    if set(dims) & set(varying_axes(x)):
+    # Reducing over an axis of tied channels is fine: they are removed together.
+    if set(dims) & set(ctx.space.class_varying_axes(x)):
         ctx.space.block(x, f"reduced over their axis by {ctx.op_name}")
         return ctx.unlabeled_output()
     return compress(x).amax(dim=dims, keepdim=keepdim).expand(ctx.out_shape)

@@ -106,3 +106,46 @@ def check_exact(
         flops_model=graph.flops({g: len(k) for g, k in keep.items()}),
         note=inexact[0].note if inexact else None,
     )
+
+
+# The torchvision classification CNNs (weights=None). regnet_y_128gf (645M parameters) is left out:
+# three copies of it do not fit the memory of a small CI machine.
+CNN_ZOO: tuple[str, ...] = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+    "alexnet", "squeezenet1_0", "squeezenet1_1",
+    "densenet121", "densenet161", "densenet169", "densenet201",
+    "googlenet", "inception_v3",
+    "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+    "mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3",
+    "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "efficientnet_b4",
+    "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
+    "efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l",
+    "regnet_x_400mf", "regnet_x_800mf", "regnet_x_1_6gf", "regnet_x_3_2gf", "regnet_x_8gf",
+    "regnet_x_16gf", "regnet_x_32gf",
+    "regnet_y_400mf", "regnet_y_800mf", "regnet_y_1_6gf", "regnet_y_3_2gf", "regnet_y_8gf",
+    "regnet_y_16gf", "regnet_y_32gf",
+    "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0",
+    "convnext_tiny", "convnext_small", "convnext_base", "convnext_large",
+)
+
+
+def zoo_model(name: str, num_classes: int = 1000, seed: int = 0) -> nn.Module:
+    """A torchvision classification model with random weights (nothing is downloaded)."""
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"unknown torchvision model {name!r}; e.g. one of {', '.join(CNN_ZOO[:6])}, ...")
+    kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
+    if name in ("googlenet", "inception_v3"):
+        kwargs.update(aux_logits=False, init_weights=False)
+    torch.manual_seed(seed)
+    return torchvision.models.get_model(name, **kwargs).eval()
+
+
+def zoo_input_size(name: str, small: bool = True) -> int:
+    """Smallest comfortable square input: 64 px, inception_v3 needs 75."""
+    if not small:
+        return 299 if name == "inception_v3" else 224
+    return 75 if name == "inception_v3" else 64

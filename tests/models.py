@@ -1,0 +1,219 @@
+"""Small hand-written models, each exercising one channel-mapping situation."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LeNet(nn.Module):
+    """Hard-coded ``view(-1, 16*5*5)`` into a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = x.view(-1, 16 * 5 * 5)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class ResidualChain(nn.Module):
+    """Three residual adds on one stream, one through a projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(16, 8, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1))
+                                     for _ in range(3)])
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.bn(self.stem(x))
+        for b in self.blocks:
+            x = x + b(x)
+        return self.head(x.mean((2, 3)))
+
+
+class Branches(nn.Module):
+    """Concat of three branches, then a conv reading all of them; a slice of the concat."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(3, 12, 3, padding=1)
+        self.c = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(24)
+        self.mix = nn.Conv2d(24, 10, 1)
+        self.side = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x), self.c(x)], dim=1)
+        y = F.relu(self.bn(y))
+        s = self.side(y[:, :8])  # the first branch's channels, by a hard-coded slice
+        z = torch.cat([self.mix(y), s], 1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(z, 1), 1))
+
+
+class SEBlock(nn.Module):
+    """Squeeze-and-excitation: ``x * sigmoid(fc(pool(x)))``."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.fc1 = nn.Conv2d(c, 4, 1)
+        self.fc2 = nn.Conv2d(4, c, 1)
+        self.out = nn.Conv2d(c, 8, 1)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return self.out(x * s)
+
+
+class GroupedDepthwise(nn.Module):
+    """Grouped conv (4 groups) and depthwise conv with channel multiplier 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 1)
+        self.grouped = nn.Conv2d(16, 24, 3, padding=1, groups=4)
+        self.dw = nn.Conv2d(24, 48, 3, padding=1, groups=24)
+        self.bn = nn.BatchNorm2d(48)
+        self.pw = nn.Conv2d(48, 8, 1)
+
+    def forward(self, x):
+        return self.pw(F.relu(self.bn(self.dw(F.relu(self.grouped(self.conv1(x)))))))
+
+
+class SplitChunk(nn.Module):
+    """``torch.split`` with explicit sizes and ``chunk``: each piece feeds its own consumer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 20, 1)
+        self.p = nn.Conv2d(8, 4, 1)
+        self.q = nn.Conv2d(12, 4, 1)
+        self.conv2 = nn.Conv2d(8, 16, 1)
+        self.r = nn.Conv2d(8, 4, 1)
+        self.s = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        a, b = torch.split(self.conv(x), [8, 12], dim=1)
+        c, d = self.conv2(a).chunk(2, dim=1)
+        return self.p(a) + self.q(b) + self.r(c) + self.s(d)
+
+
+class SharedModule(nn.Module):
+    """One conv called twice (shared weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        a = self.shared(F.relu(self.conv1(x)))
+        b = self.shared(F.relu(self.conv2(x)))
+        return self.head(a + b)
+
+
+class ChannelsLast(nn.Module):
+    """ConvNeXt-style: permute to channels-last, Linear over channels, permute back, layer scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+        self.fc1 = nn.Linear(12, 24)
+        self.fc2 = nn.Linear(24, 12)
+        self.scale = nn.Parameter(torch.rand(12, 1, 1) + 0.5)
+        self.head = nn.Conv2d(12, 5, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        y = x.permute(0, 2, 3, 1)
+        y = self.fc2(F.gelu(self.fc1(y)))
+        y = y.permute(0, 3, 1, 2)
+        return self.head(x + self.scale * y)
+
+
+class Shuffle(nn.Module):
+    """Channel shuffle with literal group sizes: view -> transpose -> view."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        n, _, h, w = y.shape
+        y = y.view(n, 2, 8, h, w).transpose(1, 2).contiguous().view(n, 16, h, w)
+        return self.head(y)
+
+
+class ReshapeHardcoded(nn.Module):
+    """``reshape(b, 32, 4, 4)`` and LayerNorm/GroupNorm on channels (prunable, not exact)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 32, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 32)
+        self.fc = nn.Linear(32 * 4 * 4, 6)
+
+    def forward(self, x):
+        x = F.adaptive_avg_pool2d(self.gn(self.conv(x)), 4)
+        return self.fc(x.reshape(x.shape[0], 32 * 16))
+
+
+class SoftmaxOverChannels(nn.Module):
+    """Softmax across channels mixes them: not prunable."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.softmax(self.conv(x), dim=1))
+
+
+class ChannelReduction(nn.Module):
+    """A mean over the channel axis: not prunable; a second branch stays prunable."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.other = nn.Conv2d(3, 6, 1)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        attention = self.conv(x).mean(dim=1, keepdim=True)
+        return self.head(F.relu(self.other(x)) * attention)
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow inside a submodule."""
+
+    class Gate(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:
+                return x
+            return -x
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.gate = Untraceable.Gate()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.gate(self.conv(x)))

@@ -1,0 +1,217 @@
+"""The trace and rewrite passes on hand-written models: exact, or non-prunable with a reason."""
+import pytest
+import torch
+
+import apib_fx
+from apib_fx.testing import check_exact, random_keep
+
+from . import models as M
+
+CASES = [
+    (M.LeNet, (2, 3, 32, 32)),
+    (M.ResidualChain, (2, 3, 16, 16)),
+    (M.Branches, (2, 3, 16, 16)),
+    (M.SEBlock, (2, 3, 16, 16)),
+    (M.GroupedDepthwise, (2, 3, 16, 16)),
+    (M.SplitChunk, (2, 3, 8, 8)),
+    (M.SharedModule, (2, 3, 8, 8)),
+    (M.ChannelsLast, (2, 3, 8, 8)),
+    (M.Shuffle, (2, 3, 8, 8)),
+]
+
+
+def _model(cls):
+    torch.manual_seed(0)
+    m = cls()
+    for mod in m.modules():  # non-trivial BatchNorm state, so slicing mistakes show
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-1, 1)
+            mod.running_var.uniform_(0.5, 2)
+            mod.weight.data.uniform_(0.5, 1.5)
+    return m
+
+
+@pytest.mark.parametrize("cls,shape", CASES, ids=[c[0].__name__ for c in CASES])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exact(cls, shape, seed):
+    model = _model(cls)
+    x = torch.randn(shape)
+    graph = apib_fx.trace(model, x)
+    assert graph.prunable_groups, "nothing prunable"
+    report = check_exact(model, x, seed=seed, graph=graph)
+    assert report.shapes_ok and report.finite
+    assert report.max_diff <= 1e-5, report
+    assert report.flops_after < report.flops_before
+    assert report.flops_model == report.flops_after
+
+
+def test_lenet_view_is_rewritten():
+    model = _model(M.LeNet)
+    x = torch.randn(2, 3, 32, 32)
+    g = apib_fx.trace(model, x)
+    (conv2,) = [gr for gr in g.groups if any(m.param == "conv2.weight" and m.role == "out" for m in gr.members)]
+    fc1_in = [m for m in conv2.members if m.param == "fc1.weight"][0]
+    assert fc1_in.dim == 1 and fc1_in.role == "in" and fc1_in.multiplicity == 25
+    assert fc1_in.index(torch.tensor([1])).tolist() == list(range(25, 50))
+    pruned = apib_fx.apply(model, g, {conv2.index: torch.arange(10)})
+    assert pruned.fc1.in_features == 250 and pruned.fc1.weight.shape == (120, 250)
+    assert "250" in pruned.code and pruned(x).shape == (2, 10)
+
+
+def test_residual_stream_is_one_group():
+    model = _model(M.ResidualChain)
+    g = apib_fx.trace(model, torch.randn(1, 3, 8, 8))
+    stream = [gr for gr in g.groups if any(m.param == "stem.weight" for m in gr.members)][0]
+    outs = sorted(m.param for m in stream.members if m.role == "out")
+    assert outs == ["blocks.0.2.weight", "blocks.1.2.weight", "blocks.2.2.weight", "stem.weight"]
+    assert stream.prunable
+    assert {m.param for m in stream.members if m.role == "in"} >= {"head.weight", "blocks.0.0.weight"}
+
+
+def test_concat_offsets_and_slice():
+    model = _model(M.Branches)
+    g = apib_fx.trace(model, torch.randn(1, 3, 8, 8))
+    by_out = {m.param: gr for gr in g.groups for m in gr.members if m.role == "out"}
+    b = by_out["b.weight"]
+    mix = [m for m in b.members if m.param == "mix.weight"][0]
+    assert mix.index(torch.arange(12)).tolist() == list(range(8, 20))  # concat offset 8
+    a = by_out["a.weight"]
+    assert {m.param for m in a.members if m.role == "in"} == {"mix.weight", "side.weight"}
+    pruned = apib_fx.apply(model, g, {a.index: torch.tensor([0, 3, 5])})
+    assert pruned.side.in_channels == 3 and pruned.mix.in_channels == 19
+    assert "slice(None, 3" in pruned.code
+
+
+def test_grouped_conv_keeps_group_count():
+    model = _model(M.GroupedDepthwise)
+    x = torch.randn(1, 3, 8, 8)
+    g = apib_fx.trace(model, x)
+    keep = random_keep(g, 0.5)
+    pruned = apib_fx.apply(model, g, keep)
+    assert pruned.grouped.groups == 4
+    assert pruned.grouped.in_channels % 4 == 0 and pruned.grouped.out_channels % 4 == 0
+    assert pruned.dw.groups == pruned.dw.in_channels and pruned.dw.out_channels == 2 * pruned.dw.in_channels
+    dw = [gr for gr in g.groups if any(m.param == "dw.weight" for m in gr.members)][0]
+    assert [m.role for m in dw.members if m.param == "dw.weight"] == ["pass"]
+    assert pruned(x).shape == (1, 8, 8, 8)
+
+
+def test_split_sizes_rewritten():
+    model = _model(M.SplitChunk)
+    x = torch.randn(1, 3, 8, 8)
+    g = apib_fx.trace(model, x)
+    conv = [gr for gr in g.groups if any(m.param == "conv.weight" for m in gr.members)]
+    assert len(conv) == 2  # the split pieces are chosen independently
+    pruned = apib_fx.apply(model, g, random_keep(g, 0.4))
+    assert pruned.p.in_channels + pruned.q.in_channels == pruned.conv.out_channels
+    assert pruned.r.in_channels != 8 or pruned.s.in_channels != 8
+
+
+def test_shared_module_ties_both_call_sites():
+    model = _model(M.SharedModule)
+    g = apib_fx.trace(model, torch.randn(1, 3, 8, 8))
+    group = [gr for gr in g.groups if any(m.param == "conv1.weight" and m.role == "out" for m in gr.members)][0]
+    outs = {m.param for m in group.members if m.role == "out"}
+    assert outs == {"conv1.weight", "conv2.weight"}
+
+
+def test_layer_scale_parameter_is_pass_member():
+    model = _model(M.ChannelsLast)
+    g = apib_fx.trace(model, torch.randn(1, 3, 8, 8))
+    group = [gr for gr in g.groups if any(m.param == "conv.weight" for m in gr.members)][0]
+    assert ("scale", 0, "pass") in {(m.param, m.dim, m.role) for m in group.members}
+    assert ("fc2.weight", 0, "out") in {(m.param, m.dim, m.role) for m in group.members}
+
+
+def test_normalisation_prunable_but_not_exact():
+    model = _model(M.ReshapeHardcoded)
+    x = torch.randn(2, 3, 8, 8)
+    g = apib_fx.trace(model, x)
+    group = [gr for gr in g.groups if any(m.param == "conv.weight" for m in gr.members)][0]
+    assert group.prunable and not group.exact and "GroupNorm" in group.note
+    report = check_exact(model, x, graph=g, fraction=0.5)
+    assert not report.exact_expected and report.shapes_ok and report.finite
+    assert report.flops_model == report.flops_after < report.flops_before
+    pruned = apib_fx.apply(model, g, random_keep(g, 0.5))
+    assert pruned.gn.num_channels % 4 == 0 and pruned.gn.num_groups == 4
+
+
+@pytest.mark.parametrize(
+    "cls,param,words",
+    [
+        (M.SoftmaxOverChannels, "conv.weight", "softmax"),
+        (M.ChannelReduction, "conv.weight", "reduced"),
+    ],
+)
+def test_non_prunable_with_reason(cls, param, words):
+    model = _model(cls)
+    g = apib_fx.trace(model, torch.randn(1, 3, 8, 8))
+    group = [gr for gr in g.groups if any(m.param == param and m.role == "out" for m in gr.members)][0]
+    assert not group.prunable and words in group.reason.lower()
+    with pytest.raises(ValueError, match="not prunable"):
+        apib_fx.apply(model, g, {group.index: torch.tensor([0])})
+
+
+def test_channel_reduction_leaves_other_branch_prunable():
+    model = _model(M.ChannelReduction)
+    x = torch.randn(2, 3, 8, 8)
+    g = apib_fx.trace(model, x)
+    other = [gr for gr in g.groups if any(m.param == "other.weight" for m in gr.members)][0]
+    assert other.prunable
+    assert check_exact(model, x, graph=g).max_diff <= 1e-5
+
+
+def test_model_outputs_are_never_pruned():
+    model = _model(M.LeNet)
+    g = apib_fx.trace(model, torch.randn(1, 3, 32, 32))
+    fc2 = [gr for gr in g.groups if any(m.param == "fc2.weight" and m.role == "out" for m in gr.members)][0]
+    assert not fc2.prunable and "output" in fc2.reason
+
+
+def test_untraceable_names_module_and_leaf_modules_work():
+    model = _model(M.Untraceable)
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(apib_fx.TraceError, match=r"(?s)'gate' \(Gate\).*leaf_modules"):
+        apib_fx.trace(model, x)
+    g = apib_fx.trace(model, x, leaf_modules=(M.Untraceable.Gate,))
+    conv = [gr for gr in g.groups if any(m.param == "conv.weight" for m in gr.members)][0]
+    assert not conv.prunable and "Gate" in conv.reason
+
+
+def test_originals_untouched_bit_for_bit():
+    model = _model(M.Branches)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    x = torch.randn(2, 3, 8, 8)
+    g = apib_fx.trace(model, x)
+    pruned = apib_fx.apply(model, g, random_keep(g, 0.5))
+    pruned(x).sum().backward()  # training the result must not touch the original either
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert flags == [m.training for m in model.modules()]
+    assert pruned.training
+
+
+def test_parameter_names_kept():
+    model = _model(M.SEBlock)
+    g = apib_fx.trace(model, torch.randn(1, 3, 8, 8))
+    pruned = apib_fx.apply(model, g, random_keep(g, 0.5))
+    assert {k for k, _ in pruned.named_parameters()} == {k for k, _ in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "keep,error",
+    [({99: [0]}, KeyError), ({0: []}, ValueError), ({0: [0, 0]}, ValueError), ({0: [1000]}, IndexError)],
+)
+def test_apply_rejects_bad_keep(keep, error):
+    model = _model(M.ResidualChain)
+    g = apib_fx.trace(model, torch.randn(1, 3, 8, 8))
+    with pytest.raises(error):
+        apib_fx.apply(model, g, keep)
+
+
+def test_bad_example_inputs():
+    with pytest.raises(TypeError, match="example_inputs"):
+        apib_fx.trace(M.LeNet(), [1, 2, 3])
