@@ -108,24 +108,26 @@ class ChannelGraph:
             classes, counts = torch.unique(rep[ids], return_counts=True)
             r1, r2 = torch.randint(1, 2**62, (2,), generator=gen).tolist()
             sig.index_add_(0, classes, (counts * r1) ^ r2)
-        is_rep = rep == torch.arange(n)
-        reps = torch.nonzero(is_rep).flatten()
+        reps = torch.nonzero(rep == torch.arange(n)).flatten()  # ascending
         # Group classes by signature; groups ordered by their first class (creation order).
-        groups_of_sig: dict[int, list[int]] = {}
-        for r, s in zip(reps.tolist(), sig[reps].tolist()):
-            groups_of_sig.setdefault(s, []).append(r)
-        class_lists = sorted(groups_of_sig.values(), key=lambda c: c[0])
-
-        self.id_group = torch.full((n,), NONE, dtype=torch.long)
-        self.id_class = torch.full((n,), NONE, dtype=torch.long)
+        _, inv = torch.unique(sig[reps], return_inverse=True)
+        n_groups = int(inv.max()) + 1 if reps.numel() else 0
+        first = torch.full((n_groups,), n, dtype=torch.long).scatter_reduce(0, inv, reps, "amin")
+        rank = torch.empty(n_groups, dtype=torch.long)
+        rank[torch.argsort(first)] = torch.arange(n_groups)
+        group_of_rep = rank[inv]
+        order = torch.argsort(group_of_rep * (n + 1) + reps)
+        sizes = torch.bincount(group_of_rep, minlength=n_groups)
+        starts = torch.cumsum(sizes, 0) - sizes
+        class_of_rep = torch.empty_like(reps)
+        class_of_rep[order] = torch.arange(reps.numel()) - starts[group_of_rep[order]]
         rep_group = torch.full((n,), NONE, dtype=torch.long)
         rep_class = torch.full((n,), NONE, dtype=torch.long)
-        for gi, classes in enumerate(class_lists):
-            idx = torch.tensor(classes, dtype=torch.long)
-            rep_group[idx] = gi
-            rep_class[idx] = torch.arange(len(classes))
+        rep_group[reps] = group_of_rep
+        rep_class[reps] = class_of_rep
         self.id_group = rep_group[rep]
         self.id_class = rep_class[rep]
+        class_lists = sizes.tolist()
 
         blocked: dict[int, str] = {}
         for ids, reason in space.blocked:
@@ -145,21 +147,22 @@ class ChannelGraph:
             if pos.numel() == 0:
                 continue
             groups = self.id_group[labels[pos]]
-            for g in groups.unique().tolist():
-                sel = pos[groups == g]
+            lo, hi = int(groups.min()), int(groups.max())
+            for g in ([lo] if lo == hi else groups.unique().tolist()):
+                sel = pos if lo == hi else pos[groups == g]
                 members[g].append(Member(param, dim, binding.role, sel, self.id_class[labels[sel]]))
 
         self.groups = [
             ChannelGroup(
                 index=gi,
-                channels=len(classes),
+                channels=size,
                 members=members[gi],
                 prunable=gi not in blocked,
                 reason=blocked.get(gi),
                 exact=gi not in mixed,
                 note=mixed.get(gi),
             )
-            for gi, classes in enumerate(class_lists)
+            for gi, size in enumerate(class_lists)
         ]
 
     # -- keep -> per-id mask ----------------------------------------------------------------

@@ -132,6 +132,9 @@ Rewrite = Callable[[fx.Node, Optional[nn.Module], KeepView], None]
 class Rule:
     propagate: Propagate
     rewrite: Optional[Rewrite] = None
+    # For layers that consume channels through weights (conv, linear): the axis of their input
+    # that holds the channels. Data-driven scoring reads activations there.
+    input_axis: Optional[int] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -646,10 +649,10 @@ _BINARY = (
 
 RULES: dict[Any, Rule] = {
     # producers
-    nn.Conv1d: Rule(conv, resize_conv),
-    nn.Conv2d: Rule(conv, resize_conv),
-    nn.Conv3d: Rule(conv, resize_conv),
-    nn.Linear: Rule(linear, resize_linear),
+    nn.Conv1d: Rule(conv, resize_conv, input_axis=1),
+    nn.Conv2d: Rule(conv, resize_conv, input_axis=1),
+    nn.Conv3d: Rule(conv, resize_conv, input_axis=1),
+    nn.Linear: Rule(linear, resize_linear, input_axis=-1),
     # per-channel state
     nn.BatchNorm1d: Rule(channel_affine("weight", "bias", "running_mean", "running_var"),
                          resize_channels("num_features")),

@@ -1,0 +1,74 @@
+"""Time to build the channel-dependency graph: apib_fx.trace vs Torch-Pruning's
+DependencyGraph().build_dependency, same models, same inputs, same run.
+
+    python benchmarks/trace_speed.py [--size 224] [--repeat 3]
+
+Both are warmed up once per model; the median of ``--repeat`` runs is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import apib_fx
+from apib_fx.testing import zoo_model
+
+MODELS = ["resnet18", "resnet50", "resnext50_32x4d", "vgg16_bn", "densenet121", "googlenet",
+          "inception_v3", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf",
+          "shufflenet_v2_x1_0", "convnext_tiny"]
+
+
+def timed(fn, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--out", default="benchmarks/results/trace_speed.md")
+    args = ap.parse_args()
+    import torch_pruning as tp
+
+    rows = ["| model | apib_fx.trace (s) | Torch-Pruning build_dependency (s) | speedup | apib_fx groups | TP groups |",
+            "|---|---:|---:|---:|---:|---:|"]
+    print(f"torch threads: {torch.get_num_threads()}, input 1x3x{args.size}x{args.size}, torch-pruning {tp.__version__}")
+    print(rows[0]); print(rows[1])
+    for name in args.models.split(","):
+        model = zoo_model(name)
+        size = 299 if name == "inception_v3" and args.size < 299 else args.size
+        x = torch.randn(1, 3, size, size)
+        ours = timed(lambda: apib_fx.trace(model, x), args.repeat)
+        n_ours = len(apib_fx.trace(model, x).prunable_groups)
+        try:
+            def build():
+                return tp.DependencyGraph().build_dependency(model, example_inputs=x)
+            theirs = timed(build, args.repeat)
+            ignored = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1000]
+            n_theirs = len(list(build().get_all_groups(ignored_layers=ignored)))
+            cell, speed = f"{theirs:.3f}", f"{theirs / ours:.1f}x"
+        except Exception as e:  # report, never hide
+            cell, speed, n_theirs = f"error: {type(e).__name__}", "-", "-"
+        row = f"| {name} | {ours:.3f} | {cell} | {speed} | {n_ours} | {n_theirs} |"
+        print(row, flush=True)
+        rows.append(row)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"Input 1x3x{args.size}x{args.size} (inception_v3 299), median of {args.repeat}, "
+                   f"{torch.get_num_threads()} threads, CPU.\n\n" + "\n".join(rows) + "\n")
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
