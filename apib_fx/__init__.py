@@ -4,13 +4,16 @@ Three passes over one graph: :func:`trace` (channel groups), scoring (:func:`pru
 default) and :func:`apply` (a smaller dense model). :func:`count_flops` counts MACs.
 """
 from .flops import count_flops
+from .calib import CalibrationError
 from .graph import ChannelGraph, ChannelGroup, Member
+from .prune import PruneReport, prune
 from .rewrite import apply
 from .rules import RULES, Rule, register_rule
+from .search import UnreachableTarget
 from .trace import TraceError, trace
 
 __all__ = [
-    "ChannelGraph", "ChannelGroup", "Member", "RULES", "Rule", "TraceError", "apply",
-    "count_flops", "register_rule", "trace",
+    "CalibrationError", "ChannelGraph", "ChannelGroup", "Member", "PruneReport", "RULES", "Rule",
+    "TraceError", "UnreachableTarget", "apply", "count_flops", "prune", "register_rule", "trace",
 ]
 __version__ = "0.1.0"

@@ -19,6 +19,10 @@ class TraceError(RuntimeError):
     """torch.fx could not trace the model."""
 
 
+class InputShapeError(ValueError):
+    """The model does not run on the example inputs."""
+
+
 def as_inputs(example_inputs: Inputs) -> tuple[Tensor, ...]:
     """The API's convention: a tensor or a tuple/list of tensors."""
     if isinstance(example_inputs, Tensor):
@@ -150,7 +154,15 @@ def trace(model: nn.Module, example_inputs: Inputs, *, leaf_modules: Sequence[ty
     inputs = as_inputs(example_inputs)
     with eval_mode(model), torch.no_grad():
         gm = symbolic_trace(model, leaf_modules)
-        ShapeProp(gm).propagate(*inputs)
+        try:
+            ShapeProp(gm).propagate(*inputs)
+        except Exception as e:
+            cause = e.__cause__ or e
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+            raise InputShapeError(
+                f"the model does not run on example inputs of shape {shapes}: {first}"
+            ) from e
     space = LabelSpace()
     prop = ChannelPropagation(gm, space)
     prop.run(*(unlabeled(t.shape) for t in inputs))

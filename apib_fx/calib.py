@@ -1,0 +1,114 @@
+"""Calibration inputs: turn what the user passes into a list of input batches, or say what is wrong."""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+
+CalibData = Union[Tensor, Iterable[Any], None]
+
+
+class CalibrationError(ValueError):
+    """Calibration data that cannot be used, with what was expected."""
+
+
+def _input_of(batch: Any, i: int) -> Tensor:
+    """A batch is a tensor, or a tuple/list/dict whose first element is the input."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch:
+        first = batch[0]
+    elif isinstance(batch, dict) and batch:
+        first = next(iter(batch.values()))
+    else:
+        raise CalibrationError(
+            f"calibration batch {i} is a {type(batch).__name__}; expected a tensor or a "
+            "tuple/list/dict whose first element is the input tensor"
+        )
+    if not isinstance(first, Tensor):
+        raise CalibrationError(
+            f"the first element of calibration batch {i} is a {type(first).__name__}, not a tensor"
+        )
+    return first
+
+
+def calibration_batches(
+    calib_data: CalibData,
+    num_calib: int,
+    batch_size: int,
+    example_inputs: Optional[Tensor] = None,
+    seed: int = 0,
+) -> list[Tensor]:
+    """Up to ``num_calib`` samples from ``calib_data`` re-cut into batches of ``batch_size``.
+
+    ``calib_data``: a DataLoader or any iterable of batches, or one tensor of samples; ``None``
+    draws Gaussian inputs shaped like ``example_inputs`` (scores are then only indicative).
+    """
+    if num_calib < 2:
+        raise CalibrationError(f"num_calib must be at least 2 (kernels compare samples), got {num_calib}")
+    if calib_data is None:
+        if example_inputs is None:
+            raise CalibrationError(
+                "no calibration data and no example_inputs: pass calib_data (a DataLoader, an "
+                "iterable of batches or a tensor of inputs) or example_inputs=torch.randn(1, C, H, W) "
+                "so synthetic inputs of the right shape can be drawn"
+            )
+        warnings.warn(
+            "apib_fx.prune: no calib_data given, scoring on synthetic Gaussian inputs; data-driven "
+            "scores (APIB) are only meaningful on real data",
+            stacklevel=3,
+        )
+        gen = torch.Generator().manual_seed(seed)
+        sample = example_inputs[0]
+        data = torch.randn((num_calib, *sample.shape), generator=gen, dtype=sample.dtype)
+        return _cut(data, batch_size)
+    if isinstance(calib_data, Tensor):
+        source: Iterable[Any] = [calib_data]
+    else:
+        try:
+            source = iter(calib_data)
+        except TypeError:
+            raise CalibrationError(
+                f"calib_data is a {type(calib_data).__name__}; expected a DataLoader, an iterable of "
+                "batches, or a tensor of inputs"
+            ) from None
+    taken: list[Tensor] = []
+    count = 0
+    expected = tuple(example_inputs.shape[1:]) if example_inputs is not None else None
+    for i, batch in enumerate(source):
+        x = _input_of(batch, i)
+        if not torch.is_floating_point(x):
+            raise CalibrationError(
+                f"calibration batch {i} has dtype {x.dtype}; expected floating point model inputs "
+                "(did you pass labels first?)"
+            )
+        if x.dim() < 2:
+            raise CalibrationError(
+                f"calibration batch {i} has shape {tuple(x.shape)}; expected (batch, ...) model inputs"
+            )
+        if expected is None:
+            expected = tuple(x.shape[1:])
+        elif tuple(x.shape[1:]) != expected:
+            raise CalibrationError(
+                f"calibration batch {i} has samples of shape {tuple(x.shape[1:])}; expected {expected} "
+                "(as in example_inputs / the first batch)"
+            )
+        x = x[: num_calib - count].detach()
+        taken.append(x)
+        count += x.shape[0]
+        if count >= num_calib:
+            break
+    if count == 0:
+        raise CalibrationError("calib_data yielded no samples; expected at least 2 input samples")
+    if count < 2:
+        raise CalibrationError(f"calib_data yielded {count} sample; kernels need at least 2")
+    return _cut(torch.cat(taken), batch_size)
+
+
+def _cut(data: Tensor, batch_size: int) -> list[Tensor]:
+    batches = list(data.split(batch_size))
+    if len(batches) > 1 and batches[-1].shape[0] < 2:  # a 1-sample kernel carries nothing
+        batches.pop()
+    return batches

@@ -1,0 +1,128 @@
+"""Datasets that need no download: scikit-learn's digits, and loaders for data a user already has
+(CIFAR in its python format, ImageNet-style folders)."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+class DataError(ValueError):
+    """A data source that cannot be read, with what was expected."""
+
+
+def digits(split: str = "train", size: int = 16, seed: int = 0, test_fraction: float = 0.25) -> TensorDataset:
+    """scikit-learn's handwritten digits (1,797 8x8 images, 10 classes, ships with the package),
+    upsampled to ``size``x``size``, one channel, standardised; a fixed stratified-enough split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x - 0.3) / 0.35
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_test = int(len(y) * test_fraction)
+    idx = perm[n_test:] if split == "train" else perm[:n_test]
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return TensorDataset(x[idx], y[idx])
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def cifar(path: str | Path, train: bool = True, num_classes: int = 10, limit: Optional[int] = None) -> TensorDataset:
+    """CIFAR-10/100 from the standard python-format directory (``cifar-10-batches-py`` with
+    ``data_batch_1..5``/``test_batch``, or ``cifar-100-python`` with ``train``/``test``).
+    Nothing is downloaded. Returns normalised (N, 3, 32, 32) float images and labels."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"CIFAR directory {str(root)!r} does not exist; expected the extracted python-format folder")
+    if num_classes == 10:
+        files = [root / f"data_batch_{i}" for i in range(1, 6)] if train else [root / "test_batch"]
+        key = b"labels"
+    elif num_classes == 100:
+        files = [root / ("train" if train else "test")]
+        key = b"fine_labels"
+    else:
+        raise ValueError(f"num_classes must be 10 or 100, got {num_classes}")
+    present = [f for f in files if f.exists()]
+    if not present:
+        raise DataError(
+            f"no CIFAR-{num_classes} {'training' if train else 'test'} files in {str(root)!r}; expected "
+            + ", ".join(f.name for f in files)
+        )
+    xs, ys = [], []
+    for f in present:
+        d = _unpickle(f)
+        if b"data" not in d or key not in d:
+            raise DataError(f"{f} is not a CIFAR-{num_classes} python batch (missing b'data' or {key!r})")
+        xs.append(np.asarray(d[b"data"], dtype=np.uint8))
+        ys.append(np.asarray(d[key], dtype=np.int64))
+    x = torch.from_numpy(np.concatenate(xs)).reshape(-1, 3, 32, 32).float() / 255.0
+    y = torch.from_numpy(np.concatenate(ys))
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+    return TensorDataset((x - mean) / std, y)
+
+
+def image_folder(path: str | Path, size: int = 224, train: bool = False):
+    """An ImageNet-style folder (one sub-folder per class) with the usual transforms."""
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"image folder {str(root)!r} does not exist; expected one sub-folder of images per class")
+    norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    if train:
+        tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    else:
+        tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm])
+    try:
+        return ImageFolder(str(root), transform=tf)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"cannot read image folder {str(root)!r}: {e}") from None
+
+
+def calibration_tensor(spec: str, num: int, input_shape: tuple[int, ...], seed: int = 0) -> Optional[Tensor]:
+    """Inputs for ``--calib``: ``synthetic`` (None: prune draws them), ``digits``,
+    ``imagefolder:PATH``, ``cifar10:PATH``, ``cifar100:PATH``."""
+    kind, _, path = spec.partition(":")
+    if kind == "synthetic":
+        return None
+    if kind == "digits":
+        x = digits("train", size=16, seed=seed).tensors[0][:num]
+        if len(input_shape) == 3:  # fit the model's input: channels and resolution
+            x = F.interpolate(x, size=tuple(input_shape[1:]), mode="bilinear", align_corners=False)
+            x = x.expand(-1, input_shape[0], -1, -1).contiguous()
+        return x
+    if kind in ("cifar10", "cifar100"):
+        if not path:
+            raise DataError(f"--calib {kind} needs a path: {kind}:PATH")
+        return cifar(path, train=True, num_classes=int(kind[5:]), limit=num).tensors[0]
+    if kind == "imagefolder":
+        if not path:
+            raise DataError("--calib imagefolder needs a path: imagefolder:PATH")
+        ds = image_folder(path, size=input_shape[-1] if len(input_shape) == 3 else 224)
+        n = min(num, len(ds))
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+        return torch.stack([ds[int(i)][0] for i in idx])
+    raise DataError(
+        f"unknown --calib {spec!r}; expected synthetic, digits, imagefolder:PATH, cifar10:PATH or cifar100:PATH"
+    )

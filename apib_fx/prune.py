@@ -1,0 +1,212 @@
+"""``apib_fx.prune``: trace, score, search the FLOPs target, rewrite."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .calib import CalibData, CalibrationError, calibration_batches
+from .flops import count_flops
+from .graph import ChannelGraph
+from .rewrite import apply
+from .scoring import METHODS, score_apib, score_data_free
+from .search import UnreachableTarget, search_threshold
+from .trace import InputShapeError, as_inputs, eval_mode, trace
+
+KERNELS = ("laplace", "gaussian", "linear")
+
+
+@dataclass
+class GroupRow:
+    index: int
+    name: str
+    channels_before: int
+    channels_after: int
+    prunable: bool
+    reason: Optional[str] = None
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune` did. FLOPs are MACs at one sample of the example input shape."""
+
+    method: str
+    flops_target: float  # asked: fraction of MACs removed
+    flops_reduction: float  # achieved, counted on the returned model
+    flops_before: int
+    flops_after: int
+    params_before: int
+    params_after: int
+    alpha: float  # the global threshold on scores (APIB: the HSIC Lasso penalty)
+    num_calib: int
+    input_shape: tuple[int, ...]
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    groups: list[GroupRow] = field(default_factory=list)
+
+    def table(self, only_pruned: bool = False) -> str:
+        """Per-group channels kept, as a Markdown table."""
+        rows = ["| group | layer | channels | kept | note |", "|---:|---|---:|---:|---|"]
+        for g in self.groups:
+            if only_pruned and g.channels_after == g.channels_before:
+                continue
+            note = "" if g.prunable else f"fixed: {g.reason}"
+            rows.append(f"| {g.index} | {g.name} | {g.channels_before} | {g.channels_after} | {note} |")
+        return "\n".join(rows)
+
+    def summary(self) -> str:
+        t = ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())
+        return (
+            f"{self.method}: MACs {self.flops_before:,} -> {self.flops_after:,} "
+            f"({self.flops_reduction:.1%} removed, target {self.flops_target:.1%}); params "
+            f"{self.params_before:,} -> {self.params_after:,}; alpha={self.alpha:.4g}; {t}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def prune(
+    model: nn.Module,
+    flops_target: float = 0.48,
+    calib_data: CalibData = None,
+    *,
+    example_inputs: Optional[Tensor] = None,
+    method: str = "apib",
+    kernel: str = "laplace",
+    min_channels: int = 1,
+    tolerance: float = 0.005,
+    num_calib: int = 128,
+    batch_size: int = 64,
+    round_to: Optional[int] = None,
+    device: Union[str, torch.device, None] = None,
+    leaf_modules: Sequence[type] = (),
+    progress: bool = True,
+    seed: int = 0,
+) -> nn.Module:
+    """Remove ``flops_target`` of the model's FLOPs (MACs) by structured channel pruning.
+
+    ``flops_target``: fraction of FLOPs removed (the papers' "FLOPs ↓"): 0.48 leaves 52%.
+    ``calib_data``: DataLoader / iterable of batches / tensor; ``num_calib`` samples are used, in
+    kernel batches of ``batch_size``. None: synthetic inputs shaped like ``example_inputs``.
+    ``method``: "apib" (default), "l1", "fpgm", "random". ``kernel``: "laplace", "gaussian",
+    "linear". ``min_channels``: fewest channels any group keeps (ω). ``round_to``: kept widths are
+    multiples of it (or whole). ``device``: where calibration runs (default: the model's device).
+
+    Returns a new ``torch.fx.GraphModule``; ``model`` is untouched. ``result.apib_report`` is a
+    :class:`PruneReport`.
+    """
+    t_start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(flops_target, (int, float)) or not 0.0 < float(flops_target) < 1.0:
+        raise ValueError(
+            f"flops_target is the fraction of FLOPs to remove and must lie in (0, 1), got {flops_target!r}"
+            " (e.g. 0.48 removes 48%)"
+        )
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
+    if not isinstance(min_channels, int) or min_channels < 1:
+        raise ValueError(f"min_channels must be a positive integer, got {min_channels!r}")
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
+    if not 0 < tolerance < 1:
+        raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
+
+    model_device = _model_device(model)
+    run_device = torch.device(device) if device is not None else model_device
+    if example_inputs is not None:
+        example_inputs = as_inputs(example_inputs)[0]
+    needs_data = method == "apib"
+    batches = calibration_batches(
+        calib_data if needs_data or calib_data is not None else None,
+        num_calib if needs_data else 2,
+        batch_size,
+        example_inputs,
+        seed,
+    ) if (needs_data or calib_data is not None or example_inputs is not None) else None
+    if batches is None:
+        raise CalibrationError(
+            "the model's input shape is unknown: pass example_inputs (e.g. torch.randn(1, 3, 224, 224)) "
+            "or calib_data"
+        )
+    sample = batches[0][:1].to(model_device)
+    if example_inputs is not None and tuple(example_inputs.shape[1:]) != tuple(sample.shape[1:]):
+        raise CalibrationError(
+            f"calibration samples have shape {tuple(sample.shape[1:])} but example_inputs has "
+            f"{tuple(example_inputs.shape[1:])}"
+        )
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    try:
+        graph = trace(model, sample, leaf_modules=leaf_modules)
+    except InputShapeError as e:
+        raise CalibrationError(f"calibration samples of shape {tuple(sample.shape[1:])} do not fit the model: {e}") from e
+    timings["trace"] = time.perf_counter() - t
+
+    if method == "apib":
+        module = graph.module
+        if run_device != model_device:
+            module = copy.deepcopy(module).to(run_device)
+        with eval_mode(module):
+            scores = score_apib(graph, module, [b.to(run_device) for b in batches], kernel, progress)
+    else:
+        scores = score_data_free(graph, model, method, seed)
+    timings.update(scores.timings)
+
+    t = time.perf_counter()
+    result = search_threshold(
+        graph, scores.primary, scores.secondary, float(flops_target),
+        min_channels=min_channels, tolerance=tolerance, round_to=round_to, progress=progress,
+    )
+    timings["search"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    pruned = apply(model, graph, result.keep)
+    timings["rewrite"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+
+    before = result.flops_before
+    after = count_flops(pruned, sample)
+    report = PruneReport(
+        method=method,
+        flops_target=float(flops_target),
+        flops_reduction=1.0 - after / before,
+        flops_before=before,
+        flops_after=after,
+        params_before=_n_params(model),
+        params_after=_n_params(pruned),
+        alpha=result.threshold,
+        num_calib=sum(b.shape[0] for b in batches) if method == "apib" else 0,
+        input_shape=tuple(sample.shape[1:]),
+        timings=timings,
+        groups=[
+            GroupRow(g.index, g.name, g.channels, result.channels.get(g.index, g.channels), g.prunable, g.reason)
+            for g in graph.groups
+        ],
+    )
+    pruned.apib_report = report
+    return pruned
+
+
+__all__ = ["prune", "PruneReport", "UnreachableTarget", "CalibrationError"]

@@ -1,0 +1,205 @@
+"""The score pass: an importance per channel of every prunable group (higher = keep).
+
+``apib`` (data-driven): for each group, the calibration activations at each of its consumers
+(a conv or linear that reads the channels through its weights) give one centred, unit-Frobenius
+kernel per channel and one for the consumer's output; the HSIC Lasso over them is solved along its
+whole regularisation path, and a channel's score is its *survival* α: the largest global penalty at
+which it is still selected. Pruning every channel whose survival is below α is exactly APIB with
+one global α, so the search can move α continuously until the FLOPs target is met. Ties (channels
+that never enter) are broken by relevance HSIC(K_c, L).
+
+``l1``, ``fpgm``, ``random`` (data-free baselines): filter L1 norm, distance to the other filters
+(geometric-median criterion), uniform noise. Each group's scores are divided by their mean so one
+global threshold compares groups of different sizes and scales.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, fx, nn
+from tqdm.auto import tqdm
+
+from .graph import ChannelGraph
+from .labels import NONE, axis_ids
+from .rules import rule_for
+
+METHODS = ("apib", "l1", "fpgm", "random")
+
+
+@dataclass
+class Scores:
+    """Per prunable group: ``primary`` (C,) and a ``secondary`` tie-break (C,), both higher = keep."""
+
+    primary: dict[int, Tensor]
+    secondary: dict[int, Tensor]
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A layer that reads a group's channels through its weights: where APIB looks."""
+
+    node: str
+    group: int
+    slot: int  # which consumer of the group (their statistics are summed)
+    axis: int  # channel axis of the layer's input
+    positions: Tensor  # input positions of the group, ordered by channel then position
+    per_channel: int
+
+
+def find_consumers(graph: ChannelGraph) -> dict[str, list[Consumer]]:
+    """Consumers of each prunable group, keyed by fx node name."""
+    in_params = {
+        (m.param, g.index) for g in graph.prunable_groups for m in g.members if m.role == "in"
+    }
+    by_node: dict[str, list[Consumer]] = {}
+    slots: dict[int, int] = {}
+    for node in graph.module.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = graph.module.get_submodule(node.target)
+        rule = rule_for(node, module)
+        if rule is None or rule.input_axis is None or not isinstance(node.args[0], fx.Node):
+            continue
+        labels = graph.node_labels.get(node.args[0].name)
+        if labels is None:
+            continue
+        ids = axis_ids(labels, rule.input_axis)
+        on = ids != NONE
+        groups = torch.full_like(ids, NONE)
+        groups[on] = graph.id_group[ids[on]]
+        for g in groups[on].unique().tolist():
+            if (f"{node.target}.weight", g) not in in_params:
+                continue  # e.g. a depthwise conv: it carries channels, it does not mix them
+            pos = torch.nonzero(groups == g).flatten()
+            cls = graph.id_class[ids[pos]]
+            order = torch.argsort(cls * (ids.numel() + 1) + pos)
+            slot = slots.get(g, 0)
+            slots[g] = slot + 1
+            by_node.setdefault(node.name, []).append(
+                Consumer(node.name, g, slot, rule.input_axis, pos[order],
+                         pos.numel() // graph.groups[g].channels)
+            )
+    return by_node
+
+
+class ConsumerCapture(fx.Interpreter):
+    """Runs calibration batches and feeds each consumer's (input channels, output) to the group's
+    HSIC statistics. Feature maps are dropped as soon as the graph no longer needs them."""
+
+    def __init__(self, module: fx.GraphModule, consumers: dict[str, list[Consumer]],
+                 stats: dict[int, HSICStats]):
+        super().__init__(module, garbage_collect_values=True)
+        self.consumers = consumers
+        self.stats = stats
+        self.kernel_seconds = 0.0
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        todo = self.consumers.get(n.name)
+        if todo:
+            start = time.perf_counter()
+            x = self.env[n.args[0]]
+            b = x.shape[0]
+            y = out.reshape(b, -1).float()
+            for c in todo:
+                feats = x.movedim(c.axis, 1).index_select(1, c.positions.to(x.device))
+                channels = c.positions.numel() // c.per_channel
+                feats = feats.reshape(b, channels, -1).float()
+                self.stats[c.group].add(feats, y, consumer=c.slot)
+            self.kernel_seconds += time.perf_counter() - start
+        return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def score_apib(
+    graph: ChannelGraph,
+    module: fx.GraphModule,
+    batches: list[Tensor],
+    kernel: str = "laplace",
+    progress: bool = True,
+) -> Scores:
+    """APIB survival-α scores from calibration ``batches`` run through ``module`` (the traced
+    graph, on the device the batches are on)."""
+    from .hsic import HSICStats, nonneg_lasso_path
+
+    consumers = find_consumers(graph)
+    stats = {g.index: HSICStats(g.channels, kernel=kernel) for g in graph.prunable_groups}
+    capture = ConsumerCapture(module, consumers, stats)
+    device = batches[0].device
+    start = time.perf_counter()
+    with torch.no_grad():
+        for x in tqdm(batches, desc="apib: calibration", unit="batch", disable=not progress):
+            capture.run(x)
+    _sync(device)
+    total = time.perf_counter() - start
+    timings = {"forward": total - capture.kernel_seconds, "kernels": capture.kernel_seconds}
+
+    start = time.perf_counter()
+    primary, secondary, notes = {}, {}, {}
+    scored = {c.group for cs in consumers.values() for c in cs}
+    groups = graph.prunable_groups
+    for g in tqdm(groups, desc="apib: lasso paths", unit="group", disable=not progress):
+        if g.index not in scored:
+            # Nothing reads these channels through weights (rare): keep them unless forced.
+            primary[g.index] = torch.full((g.channels,), float("inf"), dtype=torch.float64)
+            secondary[g.index] = torch.zeros(g.channels, dtype=torch.float64)
+            notes[g.index] = "no consumer layer to score against; kept whole"
+            continue
+        G, b = stats[g.index].gram()
+        path = nonneg_lasso_path(G, b)
+        primary[g.index] = path.survival.double().cpu()
+        secondary[g.index] = b.double().cpu()
+    timings["lasso"] = time.perf_counter() - start
+    return Scores(primary, secondary, timings, notes)
+
+
+def _out_slices(graph: ChannelGraph, group_index: int, params: dict[str, Tensor]) -> Tensor:
+    """(channels, features): each channel's producer weights (``out`` members; else all members)."""
+    group = graph.groups[group_index]
+    members = [m for m in group.members if m.role == "out"] or list(group.members)
+    rows = []
+    for m in members:
+        p = params.get(m.param)
+        if p is None:
+            continue
+        order = torch.argsort(m.classes * (m.positions.numel() + 1) + m.positions)
+        t = p.detach().movedim(m.dim, 0).index_select(0, m.positions[order].to(p.device))
+        rows.append(t.reshape(group.channels, -1).double().cpu())
+    return torch.cat(rows, dim=1)
+
+
+def _relative(x: Tensor) -> Tensor:
+    mean = x.mean()
+    return x / mean if float(mean) > 0 else torch.ones_like(x)
+
+
+def score_data_free(graph: ChannelGraph, model: nn.Module, method: str, seed: int = 0) -> Scores:
+    """``l1``, ``fpgm`` or ``random`` scores from the weights alone."""
+    start = time.perf_counter()
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(seed)
+    primary, secondary = {}, {}
+    for g in graph.prunable_groups:
+        if method == "random":
+            s = torch.rand(g.channels, generator=gen, dtype=torch.float64)
+        else:
+            w = _out_slices(graph, g.index, params)
+            if method == "l1":
+                s = w.abs().sum(dim=1)
+            elif method == "fpgm":
+                # Filters near the geometric median are replaceable by the others: small total distance.
+                s = torch.cdist(w, w).sum(dim=1)
+            else:
+                raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        primary[g.index] = _relative(s)
+        secondary[g.index] = torch.zeros(g.channels, dtype=torch.float64)
+    return Scores(primary, secondary, {"score": time.perf_counter() - start})

@@ -1,0 +1,164 @@
+"""The FLOPs-target search: one global threshold on channel scores, moved until the model's MACs
+(from :meth:`ChannelGraph.flops`, never a rebuilt model) meet the target.
+
+For APIB the threshold *is* the global penalty α: channels whose survival α is below it are the
+ones the HSIC Lasso drops at that α. Channels are removed in increasing score order (ties broken
+by the secondary score, then group and channel index, so results are reproducible); each group keeps
+at least ``min_channels`` (the paper's ω) and, with ``round_to``, a multiple of it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .graph import ChannelGraph
+
+
+class UnreachableTarget(ValueError):
+    """The FLOPs target cannot be met under the constraints."""
+
+
+@dataclass
+class SearchResult:
+    keep: dict[int, Tensor]
+    channels: dict[int, int]
+    threshold: float  # the global score cut (APIB: α)
+    reduction: float  # achieved fraction of MACs removed, by the FLOPs model
+    flops_before: int
+    flops_after: int
+    steps: int
+
+
+def _rounded(kept: np.ndarray, full: np.ndarray, floor: np.ndarray, round_to: Optional[int]) -> np.ndarray:
+    kept = np.maximum(kept, floor)
+    if round_to:
+        kept = np.minimum(full, np.ceil(kept / round_to) * round_to)
+    return kept
+
+
+def search_threshold(
+    graph: ChannelGraph,
+    primary: dict[int, Tensor],
+    secondary: dict[int, Tensor],
+    flops_target: float,
+    *,
+    min_channels: int = 1,
+    tolerance: float = 0.005,
+    round_to: Optional[int] = None,
+    progress: bool = True,
+) -> SearchResult:
+    """Remove the lowest-scored channels until ``flops_target`` (fraction of MACs removed) is met."""
+    groups = sorted(primary)
+    full = np.array([graph.groups[g].channels for g in groups], dtype=np.int64)
+    floor = np.minimum(full, max(1, int(min_channels)))
+    if round_to:
+        floor = np.minimum(full, np.ceil(floor / round_to) * round_to).astype(np.int64)
+
+    # Per group: channels in removal order (lowest first); the top `floor` are never candidates.
+    order_in_group: list[np.ndarray] = []
+    cand_group, cand_key1, cand_key2, cand_rank = [], [], [], []
+    for gi, g in enumerate(groups):
+        p = primary[g].double().numpy()
+        s = secondary[g].double().numpy()
+        idx = np.lexsort((np.arange(len(p)), s, p))  # ascending: p, then s, then index
+        order_in_group.append(idx)
+        n_cand = int(full[gi] - floor[gi])
+        cand = idx[:n_cand]
+        cand_group.append(np.full(n_cand, gi))
+        cand_key1.append(p[cand])
+        cand_key2.append(s[cand])
+        cand_rank.append(np.arange(n_cand))
+    if groups:
+        cg, k1, k2 = np.concatenate(cand_group), np.concatenate(cand_key1), np.concatenate(cand_key2)
+        rank_in_group = np.concatenate(cand_rank)
+        global_order = np.lexsort((rank_in_group, cg, k2, k1))
+        cg, k1 = cg[global_order], k1[global_order]
+    else:
+        cg = np.zeros(0, dtype=np.int64)
+        k1 = np.zeros(0)
+    total = len(cg)
+
+    def kept_of(removed: np.ndarray) -> np.ndarray:
+        return _rounded(full - removed, full, floor, round_to).astype(np.int64)
+
+    def removed_after(k: int) -> np.ndarray:
+        return np.bincount(cg[:k], minlength=len(groups)) if k else np.zeros(len(groups), np.int64)
+
+    def macs_of(removed: np.ndarray) -> int:
+        return graph.flops(dict(zip(groups, kept_of(removed).tolist())))
+
+    def macs(k: int) -> int:
+        return macs_of(removed_after(k))
+
+    base = graph.flops()
+    if not 0.0 < flops_target < 1.0:
+        raise ValueError(f"flops_target must be a fraction of FLOPs removed in (0, 1), got {flops_target}")
+    goal = (1.0 - flops_target) * base
+    most = 1.0 - macs(total) / base if base else 0.0
+    if most < flops_target - tolerance:
+        raise UnreachableTarget(
+            f"flops_target={flops_target:.3f} cannot be reached: with min_channels={min_channels}"
+            + (f", round_to={round_to}" if round_to else "")
+            + f" and {len(graph.groups) - len(groups)} non-prunable groups, the largest reachable "
+            f"reduction is {most:.3f}. Lower flops_target or min_channels."
+        )
+    lo, hi, steps = 0, total, 0  # macs(lo) > goal >= macs(hi) (or hi = total)
+    bar = tqdm(total=max(1, int(math.log2(total + 1)) + 1), desc="search", unit="step", disable=not progress)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        steps += 1
+        bar.update(1)
+        if macs(mid) <= goal:
+            hi = mid
+        else:
+            lo = mid
+    bar.close()
+    k = hi if macs(lo) > goal else lo
+    removed = removed_after(k)
+    reduction = 1.0 - macs_of(removed) / base
+    last = k - 1
+    if reduction > flops_target + tolerance and k > 0:
+        # One more channel overshoots (a channel worth many MACs): from just below the goal, take
+        # the following candidates in order, skipping groups whose next channel overshoots.
+        removed = removed_after(k - 1)
+        exhausted = np.zeros(len(groups), dtype=bool)
+        for j in range(k - 1, total):
+            g = cg[j]
+            if exhausted[g]:
+                continue
+            trial = removed.copy()
+            trial[g] += 1
+            red = 1.0 - macs_of(trial) / base
+            if red > flops_target + tolerance:
+                exhausted[g] = True
+                continue
+            removed, last = trial, j
+            if red >= flops_target:
+                break
+    elif k > 0:
+        # Prefer the side of the goal that is closer when both are within tolerance of it.
+        below = 1.0 - macs(k - 1) / base
+        if abs(below - flops_target) < abs(reduction - flops_target) and abs(below - flops_target) <= tolerance:
+            removed, last = removed_after(k - 1), k - 2
+    kept = kept_of(removed)
+    keep = {}
+    for gi, g in enumerate(groups):
+        n_remove = int(full[gi] - kept[gi])
+        if n_remove:
+            keep[g] = torch.as_tensor(np.sort(order_in_group[gi][n_remove:]), dtype=torch.long)
+    after = macs_of(removed)
+    return SearchResult(
+        keep=keep,
+        channels={g: int(n) for g, n in zip(groups, kept)},
+        threshold=float(k1[last]) if last >= 0 else 0.0,
+        reduction=1.0 - after / base,
+        flops_before=base,
+        flops_after=after,
+        steps=steps,
+    )

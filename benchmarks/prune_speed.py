@@ -1,0 +1,106 @@
+"""Time to prune ResNet-50 (224x224, 64 calibration images) to a FLOPs target.
+
+    python benchmarks/prune_speed.py [--targets 0.48,0.76] [--num-calib 64] [--device cpu]
+
+Prints, in one run: APIB's total time and its split (trace, calibration forward, kernels + Gram,
+Lasso paths, search, rewrite), the time of one plain forward pass over the same images (the floor
+for any data-driven criterion), and l1, fpgm and Torch-Pruning's MagnitudeImportance pruner at
+the same FLOPs targets. Weights are random (nothing is downloaded), so only times are meaningful.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+import apib_fx
+from apib_fx.testing import zoo_model
+
+
+def tp_prune(model, x, target):
+    """Torch-Pruning's magnitude pruner, global, iterated until the same MACs are removed."""
+    import copy
+
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model)
+    base = apib_fx.count_flops(m, x)
+    ignored = [m.fc]
+    pruner = tp.pruner.MagnitudePruner(
+        m, x, importance=tp.importance.MagnitudeImportance(p=1), global_pruning=True,
+        pruning_ratio=0.9, iterative_steps=400, ignored_layers=ignored,
+    )
+    for _ in range(400):
+        pruner.step()
+        if 1 - apib_fx.count_flops(m, x) / base >= target:
+            break
+    return m, 1 - apib_fx.count_flops(m, x) / base
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--num-calib", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--targets", default="0.48,0.76")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--skip-tp", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results/prune_speed.md")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    model = zoo_model(args.model).to(dev)
+    data = torch.randn(args.num_calib, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)).to(dev)
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+    with torch.no_grad():  # warm-up, then one plain forward over the calibration images
+        model(data[:2])
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for b in data.split(args.batch_size):
+            model(b)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        forward = time.perf_counter() - t
+
+    lines = [f"{args.model} {args.size}x{args.size}, {args.num_calib} calibration images, batch "
+             f"{args.batch_size}, device {device_name}, torch {torch.__version__}",
+             f"plain forward over the calibration images: {forward:.2f} s", ""]
+    head = ("| target | method | achieved | total s | trace | forward | kernels+Gram | lasso | search | rewrite "
+            "| total / forward |")
+    lines += [head, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    print("\n".join(lines), flush=True)
+    for target in [float(t) for t in args.targets.split(",")]:
+        for method in ("apib", "l1", "fpgm"):
+            t = time.perf_counter()
+            pruned = apib_fx.prune(model, target, data, method=method, num_calib=args.num_calib,
+                                   batch_size=args.batch_size, progress=False)
+            total = time.perf_counter() - t
+            r = pruned.apib_report
+            tm = r.timings
+            cells = [f"{tm.get(k, 0.0):.2f}" if k in tm else "-" for k in ("trace", "forward", "kernels", "lasso", "search", "rewrite")]
+            row = (f"| {target:.2f} | {method} | {r.flops_reduction:.3f} | {total:.2f} | " + " | ".join(cells)
+                   + f" | {total / forward:.2f} |")
+            print(row, flush=True)
+            lines.append(row)
+        if not args.skip_tp:
+            t = time.perf_counter()
+            try:
+                _, achieved = tp_prune(model, data[:1], target)
+                total = time.perf_counter() - t
+                row = f"| {target:.2f} | Torch-Pruning magnitude | {achieved:.3f} | {total:.2f} | - | - | - | - | - | - | {total / forward:.2f} |"
+            except Exception as e:
+                row = f"| {target:.2f} | Torch-Pruning magnitude | error: {type(e).__name__}: {e} |"
+            print(row, flush=True)
+            lines.append(row)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""apib_fx.prune: FLOPs targets met exactly, APIB's choices, bad input, progress and reports."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import apib_fx
+from apib_fx.calib import CalibrationError
+from apib_fx.testing import zoo_model
+
+from . import models as M
+
+FAST_MODELS = ["resnet18", "mobilenet_v2", "shufflenet_v2_x0_5"]
+SLOW_MODELS = ["resnet50", "vgg16_bn", "densenet121", "efficientnet_b0"]
+TARGETS = [0.3, 0.48, 0.7]
+
+
+def _data(n=16, size=32, seed=0):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _check_target(name, method, target):
+    model = zoo_model(name, num_classes=10)
+    x = _data()
+    pruned = apib_fx.prune(model, target, x, method=method, num_calib=16, batch_size=8, progress=False)
+    macs0 = apib_fx.count_flops(model, x[:1])
+    macs1 = apib_fx.count_flops(pruned, x[:1])
+    achieved = 1 - macs1 / macs0
+    assert abs(achieved - target) <= 0.005, (name, method, target, achieved)
+    report = pruned.apib_report
+    assert report.flops_after == macs1 and report.flops_before == macs0
+    assert abs(report.flops_reduction - achieved) < 1e-12
+    assert pruned(x[:2]).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", FAST_MODELS)
+@pytest.mark.parametrize("method", ["apib", "l1", "fpgm", "random"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_targets_met(name, method, target):
+    _check_target(name, method, target)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SLOW_MODELS)
+@pytest.mark.parametrize("method", ["apib", "l1", "fpgm", "random"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_targets_met_slow(name, method, target):
+    _check_target(name, method, target)
+
+
+class DupDead(nn.Module):
+    """8 channels: 0-3 distinct, 4-5 exact copies of the strongest filters 0-1, 6-7 dead (large
+    weights, but a bias that keeps them at zero after ReLU)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 10)
+        with torch.no_grad():
+            w = self.conv1.weight
+            w[:2] *= 3.0  # the strongest unique filters
+            w[4:6] = w[0:2]
+            self.conv1.bias[4:6] = self.conv1.bias[0:2]
+            w[6:8] = w[0:2].abs() * 2
+            self.conv1.bias[6:8] = -1e4  # never active: no information at all
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def _digits(n=64):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return torch.tensor(d.images[:n], dtype=torch.float32).unsqueeze(1) / 16.0
+
+
+def _removed(pruned, model, name="conv1"):
+    return getattr(model, name).out_channels - getattr(pruned, name).out_channels
+
+
+def test_apib_removes_duplicates_and_dead_channels_first():
+    model = DupDead()
+    x = _digits()
+    graph = apib_fx.trace(model, x[:1])
+    from apib_fx.scoring import score_apib
+
+    group = [g for g in graph.groups if any(m.param == "conv1.weight" for m in g.members)][0]
+    scores = score_apib(graph, graph.module, list(x.split(32)), progress=False)
+    survival = scores.primary[group.index]
+    lowest4 = set(torch.argsort(survival)[:4].tolist())
+    # the dead channels and one copy of each duplicate pair are the four least useful
+    assert {6, 7} <= lowest4
+    assert len(lowest4 & {0, 4}) == 1 and len(lowest4 & {1, 5}) == 1
+    assert float(survival[6]) == 0.0 and float(survival[7]) == 0.0
+    # L1 ranks exactly these channels as the most important
+    from apib_fx.scoring import score_data_free
+
+    l1 = score_data_free(graph, model, "l1").primary[group.index]
+    assert set(torch.argsort(l1)[:2].tolist()) == {2, 3}  # L1 would drop the unique channels first
+
+
+def test_apib_end_to_end_drops_dead_channels():
+    model = DupDead()
+    x = _digits()
+    pruned = apib_fx.prune(model, 0.2, x, num_calib=64, batch_size=32, progress=False)
+    report = pruned.apib_report
+    row = [r for r in report.groups if r.name.startswith("conv1.weight")][0]
+    assert row.channels_after < row.channels_before
+    # the dead channels contribute nothing: outputs barely move when only they go
+    keep = torch.tensor([0, 1, 2, 3, 4, 5])
+    g = apib_fx.trace(model, x[:1])
+    grp = [gr for gr in g.groups if gr.name.startswith("conv1.weight")][0]
+    no_dead = apib_fx.apply(model, g, {grp.index: keep})
+    assert torch.allclose(no_dead(x), model(x), atol=1e-5)
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", [0, 1, 1.5, -0.1, "half"])
+def test_target_outside_unit_interval(target):
+    with pytest.raises(ValueError, match="flops_target"):
+        apib_fx.prune(M.LeNet(), target, torch.randn(4, 3, 32, 32), progress=False)
+
+
+def test_unreachable_target_states_largest_reduction():
+    model = M.LeNet()
+    with pytest.raises(apib_fx.UnreachableTarget, match=r"largest reachable reduction is 0\.\d+"):
+        apib_fx.prune(model, 0.99, torch.randn(8, 3, 32, 32), min_channels=4, progress=False)
+
+
+@pytest.mark.parametrize(
+    "data,words",
+    [
+        (torch.randn(8, 3, 16, 16), "shape"),  # LeNet needs 32x32: traced shape mismatch
+        (torch.randint(0, 9, (8, 3, 32, 32)), "dtype"),
+        ([], "no samples"),
+        ([(torch.randn(4, 3, 32, 32), 0), (torch.randn(4, 3, 28, 28), 0)], "expected"),
+        ([{"x": 3}], "not a tensor"),
+        (42, "expected a DataLoader"),
+    ],
+)
+def test_bad_calibration_data(data, words):
+    model = M.LeNet()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises((CalibrationError, RuntimeError), match=words):
+        apib_fx.prune(model, 0.3, data, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_unknown_input_shape_asks_for_example_inputs():
+    with pytest.raises(CalibrationError, match="example_inputs"):
+        apib_fx.prune(M.LeNet(), 0.3, progress=False)
+
+
+def test_synthetic_inputs_warn_and_work():
+    model = M.LeNet()
+    with pytest.warns(UserWarning, match="synthetic"):
+        pruned = apib_fx.prune(model, 0.3, example_inputs=torch.randn(1, 3, 32, 32), num_calib=16,
+                               progress=False)
+    assert abs(pruned.apib_report.flops_reduction - 0.3) <= 0.005 + 0.03  # LeNet's steps are coarse
+
+
+def test_accepts_dataloader_and_dict_batches():
+    ds = torch.utils.data.TensorDataset(torch.randn(20, 3, 32, 32), torch.zeros(20, dtype=torch.long))
+    loader = torch.utils.data.DataLoader(ds, batch_size=6)
+    model = zoo_model("resnet18", num_classes=10)
+    a = apib_fx.prune(model, 0.4, loader, num_calib=12, batch_size=6, progress=False)
+    b = apib_fx.prune(model, 0.4, [{"image": x} for x, _ in loader], num_calib=12, batch_size=6,
+                      progress=False)
+    assert a.apib_report.num_calib == 12
+    assert [r.channels_after for r in a.apib_report.groups] == [r.channels_after for r in b.apib_report.groups]
+
+
+def test_model_untouched_and_deterministic():
+    model = zoo_model("resnet18", num_classes=10)
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    x = _data()
+    p1 = apib_fx.prune(model, 0.48, x, num_calib=16, batch_size=8, progress=False)
+    p2 = apib_fx.prune(model, 0.48, x, num_calib=16, batch_size=8, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training and all(m.training for m in model.modules())
+    assert [r.channels_after for r in p1.apib_report.groups] == [r.channels_after for r in p2.apib_report.groups]
+    assert all(torch.equal(a, b) for a, b in zip(p1.state_dict().values(), p2.state_dict().values()))
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "linear"])
+def test_other_kernels(kernel):
+    model = zoo_model("resnet18", num_classes=10)
+    pruned = apib_fx.prune(model, 0.48, _data(), kernel=kernel, num_calib=16, batch_size=8, progress=False)
+    assert abs(pruned.apib_report.flops_reduction - 0.48) <= 0.005
+
+
+def test_min_channels_respected():
+    model = zoo_model("resnet18", num_classes=10)
+    pruned = apib_fx.prune(model, 0.7, _data(), min_channels=16, num_calib=16, batch_size=8, progress=False)
+    assert all(r.channels_after >= min(16, r.channels_before) for r in pruned.apib_report.groups)
+
+
+# ---- progress and report -----------------------------------------------------------------------
+
+def test_progress_bars_and_table(capsys):
+    model = zoo_model("resnet18", num_classes=10)
+    pruned = apib_fx.prune(model, 0.3, _data(), num_calib=16, batch_size=8, progress=True)
+    err = capsys.readouterr().err
+    assert "calibration" in err and "search" in err
+    apib_fx.prune(model, 0.3, _data(), num_calib=16, batch_size=8, progress=False)
+    assert capsys.readouterr().err == ""
+    table = pruned.apib_report.table()
+    assert table.count("\n") == len(pruned.apib_report.groups) + 1
+    assert "layer1.0.conv1.weight[0]" in table
+    summary = pruned.apib_report.summary()
+    assert "removed" in summary and "alpha" in summary
+    assert set(pruned.apib_report.timings) >= {"trace", "forward", "kernels", "lasso", "search", "rewrite", "total"}
