@@ -11,9 +11,14 @@ from .rewrite import apply
 from .rules import RULES, Rule, register_rule
 from .search import UnreachableTarget
 from .trace import TraceError, trace
+from .bench import benchmark
+from .export import export_onnx
+from .serialize import load, save
+from . import models
 
 __all__ = [
     "CalibrationError", "ChannelGraph", "ChannelGroup", "Member", "PruneReport", "RULES", "Rule",
-    "TraceError", "UnreachableTarget", "apply", "count_flops", "prune", "register_rule", "trace",
+    "TraceError", "UnreachableTarget", "apply", "benchmark", "count_flops", "export_onnx", "load",
+    "prune", "register_rule", "save", "trace",
 ]
 __version__ = "0.1.0"

@@ -1,21 +1,26 @@
-"""HSIC Lasso in Gram form: kernels, their statistics, and the non-negative Lasso and its path.
+"""HSIC Lasso in Gram form: kernels, their statistics, the non-negative Lasso and its exact path.
 
-APIB's objective for one layer (Guo et al., ICCV 2023) is
+APIB (Guo et al., ICCV 2023) scores the C input channels of a layer with
 
     min_{β ≥ 0}  ½ ‖L̄ − Σ_c β_c K̄_c‖²_F + α ‖β‖₁
 
-with K̄_c the centred kernel matrix of channel c over B samples and L̄ that of the consumer's
-output. Expanding the square gives ½ βᵀGβ − bᵀβ + α Σβ (+ const) with G_ij = ⟨K̄_i, K̄_j⟩ and
-b_i = ⟨K̄_i, L̄⟩, so once (G, b) are accumulated the solver's cost does not depend on B.
+where K̄_c is the centred kernel matrix (B × B, over B calibration samples) of channel c's features
+and L̄ that of the consumer layer's output. Expanding the square gives
 
-Every centred kernel is scaled to unit Frobenius norm (as in the HSIC Lasso literature). Then
-b_c = ⟨K̄_c, L̄⟩ ∈ [0, 1] is a normalised HSIC (both matrices are PSD) and G's diagonal is 1, so one
-global α means the same thing in every layer: that is what lets APIB share a single α.
+    ½ βᵀGβ − bᵀβ + α Σ_c β_c  (+ ½‖L̄‖², a constant),   G_ij = ⟨K̄_i, K̄_j⟩,  b_i = ⟨K̄_i, L̄⟩,
+
+so once (G, b) are accumulated the solvers never touch B again. Everything here is pure tensor
+math: the caller decides which activations are "channels" and which are "outputs".
+
+Units: kernels are dimensionless. Every centred kernel is scaled to unit Frobenius norm, so
+diag(G) = 1, b_c ∈ [0, 1] per consumer (a normalised HSIC) and α is on that same scale.
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Hashable
 
 import numpy as np
 import torch
@@ -23,227 +28,589 @@ from torch import Tensor
 
 KERNELS = ("laplace", "gaussian", "linear")
 
+# A channel whose Gram diagonal is below this fraction of the largest is treated as dead (its
+# kernel is numerically zero); it can never enter the Lasso.
+_DEAD_DIAG = 1e-12
+# Centred kernels whose Frobenius norm is below this many rounding units (relative to the raw
+# kernel's norm, times B) are pure rounding noise and are set to zero rather than blown up to norm 1.
+_NOISE_ULPS = 4.0
+# Coordinate descent stops when a sweep moves no coefficient by more than this fraction of the
+# largest one; the exact active-set finish takes it from there.
+_CD_RTOL = 1e-2
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KERNELS:
+        raise ValueError(f"unknown kernel {kind!r}; valid kinds: {', '.join(KERNELS)}")
+
+
+def _work_dtype(x: Tensor) -> torch.dtype:
+    # Half precision is far too coarse for distances; float64 input stays float64 (exact checks).
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
 
 def _sq_dists(x: Tensor) -> Tensor:
-    # Centre first: distances do not change, and the mm-based formula loses far less precision.
+    """(..., B, d) -> (..., B, B) squared Euclidean distances, symmetric with an exact zero diagonal."""
+    # Distances are translation invariant; removing the sample mean first shrinks the norms in
+    # ‖a‖² + ‖b‖² − 2a·b, which is where the matmul formula loses precision (ReLU features have a
+    # large common offset). An exact pairwise-difference cdist would cost B²·d without BLAS.
     x = x - x.mean(dim=-2, keepdim=True)
-    sq = (x * x).sum(-1)
-    d = sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * (x @ x.transpose(-1, -2))
-    d = d.clamp_min_(0.0)
-    d.diagonal(dim1=-2, dim2=-1).zero_()
-    return d
+    sq = (x * x).sum(dim=-1)
+    d2 = sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * (x @ x.transpose(-1, -2))
+    d2 = 0.5 * (d2 + d2.transpose(-1, -2))
+    d2.clamp_(min=0.0)
+    d2.diagonal(dim1=-2, dim2=-1).zero_()
+    return d2
 
 
 def kernel_matrices(x: Tensor, kind: str = "laplace") -> Tensor:
-    """(..., B, d) features of B samples -> (..., B, B) kernel matrices.
+    """Kernel matrices of B samples: (..., B, d) features -> (..., B, B).
 
-    laplace: exp(-γ‖xi−xj‖), γ = sqrt(0.5/d) (the authors' default); gaussian: exp(-‖xi−xj‖²/d);
-    linear: xi·xj.
+    ``laplace``: exp(−γ‖xi − xj‖₂), γ = sqrt(0.5/d) (the authors' default);
+    ``gaussian``: exp(−γ‖xi − xj‖²), γ = 1/d; ``linear``: xi·xj.
+    Computed in float32 (float64 if ``x`` is float64).
     """
+    _check_kind(kind)
+    if x.dim() < 2:
+        raise ValueError(f"x must be (..., B, d), got shape {tuple(x.shape)}")
     d = x.shape[-1]
-    if kind == "laplace":
-        return torch.exp(-(0.5 / d) ** 0.5 * _sq_dists(x).sqrt())
-    if kind == "gaussian":
-        return torch.exp(-_sq_dists(x) / d)
+    if d == 0:
+        raise ValueError("x has zero features per sample (d = 0)")
+    x = x.to(_work_dtype(x))
     if kind == "linear":
-        return x @ x.transpose(-1, -2)
-    raise ValueError(f"unknown kernel {kind!r}; expected one of {', '.join(KERNELS)}")
+        k = x @ x.transpose(-1, -2)
+        return 0.5 * (k + k.transpose(-1, -2))
+    d2 = _sq_dists(x)
+    if kind == "laplace":
+        return torch.exp(-math.sqrt(0.5 / d) * d2.sqrt())
+    return torch.exp(-d2 / d)
 
 
 def center(k: Tensor) -> Tensor:
-    """H K H with H = I − 11ᵀ/B, over the last two dims, without forming H."""
+    """H K H with H = I − 11ᵀ/B on the last two dims (rows and columns then sum to zero)."""
     k = k - k.mean(dim=-1, keepdim=True)
     return k - k.mean(dim=-2, keepdim=True)
 
 
-def normalize(k: Tensor) -> Tensor:
-    """Scale each (B, B) matrix to unit Frobenius norm; an all-zero one (a dead channel) stays zero."""
+def normalize(k: Tensor, eps: float | Tensor = 0.0) -> Tensor:
+    """Scale each (B, B) matrix to unit Frobenius norm; one with norm ≤ ``eps`` becomes all zero.
+
+    Why: with unit-norm centred PSD kernels, b_c = ⟨K̄_c, L̄⟩ ∈ [0, 1] and diag(G) = 1 in every
+    layer, whatever its width, resolution or activation scale, so one global α means the same thing
+    everywhere (that is what lets APIB share a single α). A dead channel's kernel is constant,
+    centres to exactly zero and must stay zero (not NaN): it then never enters the Lasso.
+    ``eps`` may be a tensor broadcastable to (..., 1, 1) for per-matrix thresholds.
+    """
     norm = torch.linalg.matrix_norm(k, ord="fro", keepdim=True)
-    return torch.where(norm > 0, k / norm.clamp_min(torch.finfo(k.dtype).tiny), torch.zeros_like(k))
+    alive = norm > eps
+    return torch.where(alive, k / torch.where(alive, norm, torch.ones_like(norm)), torch.zeros_like(k))
 
 
 def centred_kernels(x: Tensor, kind: str = "laplace") -> Tensor:
+    """normalize(center(kernel_matrices(x, kind))): (..., B, d) -> (..., B, B)."""
     return normalize(center(kernel_matrices(x, kind)))
 
 
+# ----------------------------------------------------------------------------------------------
+# Statistics
+
+
+def _sym_vectors(k: Tensor) -> Tensor:
+    """(N, B, B) symmetric -> (N, B(B+1)/2) with ⟨vec(A), vec(C)⟩ = ⟨A, C⟩_F: half the Gram work."""
+    B = k.shape[-1]
+    iu = torch.triu_indices(B, B, offset=1, device=k.device)
+    off = k[:, iu[0], iu[1]] * math.sqrt(2.0)
+    return torch.cat([k.diagonal(dim1=-2, dim2=-1), off], dim=1)
+
+
 class HSICStats:
-    """Gram-form statistics (G, b) of one channel group: averaged over calibration batches of one
-    consumer, summed over consumers (one β shared by every layer reading the channels)."""
+    """Gram-form statistics (G, b) of one channel group.
+
+    Calibration batches of one consumer are averaged (more batches refine the estimate, they do not
+    make the channels more important); consumers are summed (one β is shared by every layer that
+    reads the group's channels, so each adds its own ½‖L̄ − ΣβK̄‖² term). Memory: O(C·B²) transient
+    per call, O(C²) float64 kept per consumer.
+    """
 
     def __init__(self, channels: int, kernel: str = "laplace"):
-        if kernel not in KERNELS:
-            raise ValueError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
-        self.channels = channels
+        _check_kind(kernel)
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        self.channels = int(channels)
         self.kernel = kernel
-        self._sums: dict[int, tuple[Tensor, Tensor, int]] = {}
+        # consumer -> [Σ_batches G, Σ_batches b, batch count]
+        self._sums: dict[Hashable, list] = {}
 
-    def add(self, x: Tensor, y: Tensor, consumer: int = 0) -> None:
-        """``x``: (B, C, m) the C channels' m features per sample; ``y``: (B, n) the consumer's output."""
+    @property
+    def batches(self) -> dict[Hashable, int]:
+        """Batches added so far, per consumer."""
+        return {k: v[2] for k, v in self._sums.items()}
+
+    def _vectors(self, feats: Tensor) -> Tensor:
+        """(N, B, m) -> (N, B(B+1)/2) float64: unit-norm centred kernels in symmetric-vector form."""
+        N, B, m = feats.shape
+        # Bound the transient (chunk, B, m) and (chunk, B, B) buffers to ~2^24 elements each.
+        chunk = max(1, min(N, 2**24 // max(1, B * m), 2**24 // (B * B)))
+        tiny = torch.finfo(_work_dtype(feats)).eps
+        out = []
+        for s in range(0, N, chunk):
+            f = feats[s : s + chunk]
+            if self.kernel == "linear":
+                # H X Xᵀ H = (HX)(HX)ᵀ: centring the features first keeps the large common offset of
+                # ReLU features out of the float32 products (distance kernels do this internally).
+                f = f.to(_work_dtype(f))
+                f = f - f.mean(dim=1, keepdim=True)
+            k = kernel_matrices(f, self.kernel)
+            raw = torch.linalg.matrix_norm(k, keepdim=True).double()
+            kc = center(k).double()
+            out.append(_sym_vectors(normalize(kc, _NOISE_ULPS * B * tiny * raw)))
+        return torch.cat(out)
+
+    def add(self, x: Tensor, y: Tensor, consumer: Hashable = 0) -> None:
+        """Add one calibration batch seen by one consumer.
+
+        ``x``: (B, C, m), each sample's C channels with m features each (flattened by the caller).
+        ``y``: (B, n) or (B, ...), the consumer's output for the same samples. ``consumer``: any
+        hashable slot; repeated slots are averaged over batches, distinct slots are summed.
+        """
         if x.dim() != 3 or x.shape[1] != self.channels:
             raise ValueError(f"x must be (B, {self.channels}, m), got {tuple(x.shape)}")
-        b = x.shape[0]
-        k = centred_kernels(x.transpose(0, 1), self.kernel).reshape(self.channels, b * b)
-        l = centred_kernels(y.reshape(b, -1), self.kernel).reshape(b * b)
-        # float64 where it is cheap; the big groups' Gram in float32 is accurate to ~1e-6.
-        if self.channels * b * b <= 2**25:
-            k, l = k.double(), l.double()
-        G = (k @ k.T).double().cpu()
-        v = (k @ l).double().cpu()
-        if consumer in self._sums:
-            G0, v0, n = self._sums[consumer]
-            self._sums[consumer] = (G0 + G, v0 + v, n + 1)
+        B = x.shape[0]
+        if B < 2:
+            raise ValueError(f"need at least 2 samples per batch to centre kernels, got B = {B}")
+        if y.shape[0] != B:
+            raise ValueError(f"y has {y.shape[0]} samples, x has {B}")
+        with torch.no_grad():
+            k = self._vectors(x.detach().transpose(0, 1))  # (C, P)
+            l = self._vectors(y.detach().reshape(1, B, -1))[0]  # (P,)
+            G = k @ k.T
+            G = 0.5 * (G + G.T)
+            b = k @ l
+        slot = self._sums.get(consumer)
+        if slot is None:
+            self._sums[consumer] = [G, b, 1]
         else:
-            self._sums[consumer] = (G, v, 1)
+            slot[0] += G
+            slot[1] += b
+            slot[2] += 1
 
     def gram(self) -> tuple[Tensor, Tensor]:
-        """(G, b) in float64 on the CPU."""
+        """(G, b): Σ over consumers of the batch means. float64 on the CPU, shapes (C, C) and (C,)."""
         if not self._sums:
-            raise RuntimeError("no statistics were added")
-        G = sum(s[0] / s[2] for s in self._sums.values())
-        b = sum(s[1] / s[2] for s in self._sums.values())
+            raise RuntimeError("HSICStats.gram(): no batches were added")
+        G = torch.zeros(self.channels, self.channels, dtype=torch.float64)
+        b = torch.zeros(self.channels, dtype=torch.float64)
+        for sG, sb, n in self._sums.values():
+            G += sG.cpu() / n
+            b += sb.cpu() / n
         return G, b
 
 
-def nonneg_lasso(G: Tensor, b: Tensor, alpha: float, *, tol: float = 1e-12, max_iter: int = 100000) -> Tensor:
-    """argmin_{β≥0} ½βᵀGβ − bᵀβ + α·Σβ by cyclic coordinate descent (exact to ``tol``)."""
-    G = np.asarray(G, dtype=np.float64)
-    bb = np.asarray(b, dtype=np.float64)
-    n = len(bb)
-    beta = np.zeros(n)
-    grad = -bb.copy()  # Gβ − b
-    diag = np.diag(G).copy()
-    for _ in range(max_iter):
-        biggest = 0.0
-        for j in range(n):
-            if diag[j] <= 0:
-                continue
-            new = max(0.0, beta[j] - (grad[j] + alpha) / diag[j])
-            delta = new - beta[j]
-            if delta != 0.0:
-                grad += delta * G[:, j]
-                beta[j] = new
-                biggest = max(biggest, abs(delta))
-        if biggest <= tol:
+# ----------------------------------------------------------------------------------------------
+# Solvers
+
+
+def _problem(G, b) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and convert (G, b) to float64 numpy, symmetrising G."""
+    Gn = (G.detach().cpu().double().numpy() if isinstance(G, Tensor) else np.asarray(G, dtype=np.float64))
+    bn = (b.detach().cpu().double().numpy() if isinstance(b, Tensor) else np.asarray(b, dtype=np.float64))
+    bn = bn.reshape(-1).copy()
+    C = bn.size
+    if Gn.shape != (C, C):
+        raise ValueError(f"G must be ({C}, {C}) to match b, got {Gn.shape}")
+    if not (np.isfinite(Gn).all() and np.isfinite(bn).all()):
+        raise ValueError("G and b must be finite")
+    return 0.5 * (Gn + Gn.T), bn
+
+
+def kkt_residual(G: Tensor, b: Tensor, alpha: float, beta: Tensor) -> float:
+    """Largest violation of the optimality conditions of min_{β≥0} ½βᵀGβ − bᵀβ + αΣβ.
+
+    With g = Gβ − b + α: |g_j| where β_j > 0, max(0, −g_j) where β_j = 0, and max(0, −β_j).
+    """
+    Gn, bn = _problem(G, b)
+    bt = beta.detach().cpu().double().numpy() if isinstance(beta, Tensor) else np.asarray(beta, np.float64)
+    g = Gn @ bt - bn + float(alpha)
+    r = np.where(bt > 0, np.abs(g), np.maximum(0.0, -g))
+    return float(max(r.max(initial=0.0), np.maximum(0.0, -bt).max(initial=0.0)))
+
+
+def _independent(A: Tensor) -> Tensor:
+    """Mask of a maximal set of linearly independent columns of the PSD matrix ``A``, greedily in
+    index order (so of duplicate channels the lowest index is kept)."""
+    m = A.shape[0]
+    keep = torch.zeros(m, dtype=torch.bool)
+    L = torch.zeros(m, m, dtype=A.dtype)
+    k = 0
+    for i in range(m):
+        w = torch.linalg.solve_triangular(L[:k, :k], A[keep, i].unsqueeze(1), upper=False).squeeze(1)
+        s2 = float(A[i, i] - w @ w)
+        if s2 > 1e-10 * float(A[i, i]):
+            L[k, :k] = w
+            L[k, k] = math.sqrt(s2)
+            keep[i] = True
+            k += 1
+    return keep
+
+
+def _spd_solve(A: Tensor, r: Tensor) -> Tensor:
+    Lc, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0:
+        return torch.cholesky_solve(r.unsqueeze(1), Lc).squeeze(1)
+    # Singular (duplicate channels): solve on an independent subset, lowest indices first; the
+    # dependent ones get 0 and leave the support.
+    keep = _independent(A)
+    z = torch.zeros_like(r)
+    z[keep] = _spd_solve(A[keep][:, keep], r[keep])
+    return z
+
+
+def _active_set_finish(G: Tensor, c: Tensor, x: Tensor, live: Tensor, tol: float) -> Tensor:
+    """Exact min_{x≥0} ½xᵀGx − cᵀx from a feasible warm start (Lawson–Hanson style active set).
+
+    Coordinate descent converges only linearly when channels are correlated (kernels of one layer
+    usually are), so it is used to find most of the support; this finishes exactly with a few
+    solves on it, adding the worst KKT violator at a time.
+    """
+    C = x.numel()
+    P = x > 0
+    x = torch.where(P, x, torch.zeros_like(x))
+    for _ in range(3 * C + 20):
+        for _ in range(C + 1):  # walk back until the solve on P is strictly positive
+            idx = torch.nonzero(P).squeeze(1)
+            z = torch.zeros_like(x)
+            if idx.numel():
+                z[idx] = _spd_solve(G[idx][:, idx], c[idx])
+            bad = P & (z <= 0)
+            if not bool(bad.any()):
+                x = z
+                break
+            xb, zb = x[bad], z[bad]
+            den = xb - zb
+            steps = torch.where(den > 0, xb / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
+            t = float(steps.min())
+            x = x + t * (z - x)
+            P[torch.nonzero(bad).squeeze(1)[steps <= t]] = False
+            x = torch.where(P, x.clamp_min(0.0), torch.zeros_like(x))
+        w = c - G @ x
+        cand = live & ~P & (w > tol)
+        if not bool(cand.any()):
             break
-    return torch.from_numpy(beta)
+        P[int(torch.argmax(torch.where(cand, w, torch.full_like(w, -math.inf))))] = True
+    return x
 
 
-@dataclass
+def nonneg_lasso(G: Tensor, b: Tensor, alpha: float, *, tol: float = 1e-10, max_iter: int = 10000) -> Tensor:
+    """argmin_{β≥0} ½βᵀGβ − bᵀβ + α·Σβ, i.e. ½‖L̄ − Σ β_c K̄_c‖²_F + α‖β‖₁ up to a constant.
+
+    Cyclic coordinate descent in Gram form (sweeps over the active set, full sweeps to let channels
+    in; at most ``max_iter`` sweeps) finds the support; an exact active-set solve on it then brings
+    the KKT residual (see :func:`kkt_residual`) down to ``tol``. Returns (C,) float64 on the CPU.
+    """
+    alpha = float(alpha)
+    if not alpha >= 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    Gn, bn = _problem(G, b)
+    C = bn.size
+    beta = np.zeros(C)
+    diag = np.diag(Gn).copy()
+    if C == 0 or diag.max() <= 0:
+        return torch.from_numpy(beta)
+    live = diag > _DEAD_DIAG * diag.max()
+    live_idx = np.flatnonzero(live).tolist()
+    inv_diag = np.where(live, 1.0 / np.where(live, diag, 1.0), 0.0)
+    grad = -bn  # Gβ − b, kept up to date column by column
+    rows = [Gn[j] for j in range(C)]
+    # A full sweep (lets channels in), then up to 10 sweeps over the support, and again: sweeping
+    # only the support until it converges can take thousands of sweeps on correlated channels
+    # while a missing channel waits outside.
+    sweeps_since_full = 0
+    for sweep in range(max_iter):
+        full = sweeps_since_full == 0
+        idx = live_idx if full else np.flatnonzero(beta > 0).tolist()
+        biggest = 0.0
+        for j in idx:
+            old = beta[j]
+            new = old - (grad[j] + alpha) * inv_diag[j]
+            if new < 0.0:
+                new = 0.0
+            d = new - old
+            if d != 0.0:
+                beta[j] = new
+                grad += d * rows[j]
+                if abs(d) > biggest:
+                    biggest = abs(d)
+        # Coarse is enough: the active-set finish below makes the answer exact.
+        converged = biggest <= _CD_RTOL * max(1e-300, float(beta.max()))
+        if converged and full:
+            break
+        sweeps_since_full = 0 if converged or sweeps_since_full >= 10 else sweeps_since_full + 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small dense solves: spinning BLAS threads only cost time here
+    try:
+        out = _active_set_finish(torch.from_numpy(Gn), torch.from_numpy(bn - alpha), torch.from_numpy(beta),
+                                 torch.from_numpy(live), tol)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@dataclass(frozen=True)
 class LassoPath:
-    """The exact regularisation path of the non-negative Lasso in Gram form."""
+    """The exact regularisation path of min_{β≥0} ½βᵀGβ − bᵀβ + αΣβ.
 
-    alphas: Tensor  # decreasing breakpoints
-    coefs: Tensor  # (len(alphas), C) coefficients at each breakpoint
-    survival: Tensor  # (C,) the largest α at which each coefficient is non-zero (0: never)
+    ``alphas``: (K,) strictly decreasing breakpoints, float64, from max(b) (where β = 0) down to
+    where the path stopped. ``coefs``: (K, C) coefficients at those breakpoints. ``survival``: (C,)
+    for each channel the largest α at which its coefficient is non-zero (0 if it never is): the
+    APIB score. Ranking by survival reproduces the active sets of a global α (exactly, while no
+    channel has left the path; see ``left``), with ties broken however the caller likes.
+    ``left``: (C,) bool, channels that entered and later dropped out again (their survival is
+    the first entry; below it they may be inactive for a while).
+    """
+
+    alphas: Tensor
+    coefs: Tensor
+    survival: Tensor
+    left: Tensor | None = None
 
     def coef_at(self, alpha: float) -> Tensor:
-        """Coefficients at ``alpha`` (linear between breakpoints, which is exact for the Lasso)."""
-        a = self.alphas
-        if alpha >= float(a[0]):
-            return torch.zeros(self.coefs.shape[1], dtype=torch.float64)
-        if alpha <= float(a[-1]):
+        """Coefficients at ``alpha`` (C,): linear between breakpoints, exact for the Lasso.
+
+        Above the first breakpoint the answer is 0; below the last (the path stops at
+        ~1e-9·max(b)) the last coefficients are returned.
+        """
+        alpha = float(alpha)
+        a = self.alphas.numpy()
+        if alpha >= a[0]:
+            return self.coefs[0].clone()
+        if alpha <= a[-1]:
             return self.coefs[-1].clone()
-        i = int(torch.searchsorted(-a, torch.tensor(-alpha, dtype=a.dtype)))
-        hi, lo = float(a[i - 1]), float(a[i])
-        w = (hi - alpha) / (hi - lo)
-        return (1 - w) * self.coefs[i - 1] + w * self.coefs[i]
+        j = int(np.searchsorted(-a, -alpha, side="right"))  # first breakpoint below alpha
+        i = j - 1
+        t = (a[i] - alpha) / (a[i] - a[j])
+        return (1.0 - t) * self.coefs[i] + t * self.coefs[j]
+
+    def active_at(self, alpha: float) -> Tensor:
+        """(C,) bool: channels with a non-zero coefficient at ``alpha``."""
+        return self.coef_at(alpha) > 0
 
 
-def nonneg_lasso_path(G: Tensor, b: Tensor, *, min_ratio: float = 1e-9, keep_coefs: bool = True) -> LassoPath:
-    """Homotopy (LARS-Lasso with positivity) from α = max(b) down to ``min_ratio``·max(b).
+def nonneg_lasso_path(G: Tensor, b: Tensor, *, min_ratio: float = 1e-9, max_steps: int | None = None) -> LassoPath:
+    """The whole path of the non-negative Lasso in Gram form, by homotopy (LARS-Lasso, positive).
 
-    Channels enter when their correlation b − Gβ reaches α and leave when their coefficient would
-    turn negative. A channel whose kernel is a combination of the active ones (a duplicate) cannot
-    enter: the active Cholesky factor rejects it, so of identical channels the lowest index wins.
+    Starting at α = max(b) with β = 0, α decreases; a channel enters when its correlation
+    b_k − (Gβ)_k reaches α, a coefficient that would turn negative leaves. Between events β is
+    linear in α, so the breakpoints describe the path exactly. The path stops at
+    α = ``min_ratio``·max(b). Ties enter lowest channel index first; a channel whose kernel is
+    (numerically) a combination of the active ones, e.g. an exact duplicate, cannot enter, so of
+    identical channels the lowest index survives and the others stay at zero. Dead channels
+    (zero diagonal) never enter. Cost: O(C) events, each O(C·|A|) with rank-one updates of the
+    inverse Cholesky factor of G_AA; float64 on the CPU.
     """
-    G = torch.as_tensor(G, dtype=torch.float64).cpu()
-    b = torch.as_tensor(b, dtype=torch.float64).cpu()
-    C = b.numel()
-    survival = torch.zeros(C, dtype=torch.float64)
-    beta = torch.zeros(C, dtype=torch.float64)
-    alphas, coefs = [], []
-    if C == 0 or float(b.max()) <= 0:
-        return LassoPath(torch.zeros(1, dtype=torch.float64), torch.zeros(1, C, dtype=torch.float64), survival)
-    scale = float(torch.diagonal(G).max()) or 1.0
-    eps = 1e-10 * scale
-    alpha = float(b.max())
-    alpha_min = min_ratio * alpha
-    active: list[int] = []
-    L = torch.zeros(0, 0, dtype=torch.float64)
-    excluded = torch.zeros(C, dtype=torch.bool)  # dependent on the active set, or dead (zero kernel)
-    excluded |= torch.diagonal(G) <= eps
-    is_active = torch.zeros(C, dtype=torch.bool)
+    Gn, bn = _problem(G, b)
+    C = bn.size
+    zeros = torch.zeros(C, dtype=torch.float64)
+    diag = np.diag(Gn)
+    scale = float(diag.max()) if C else 0.0
+    live = diag > _DEAD_DIAG * scale if scale > 0 else np.zeros(C, dtype=bool)
+    bmax = float(bn[live].max()) if live.any() else -math.inf
+    if bmax <= 0:
+        return LassoPath(torch.zeros(1, dtype=torch.float64), zeros.reshape(1, C).clone(), zeros.clone(),
+                         torch.zeros(C, dtype=torch.bool))
+    # Work with diag(G) ≤ 1 so the tolerances below are relative; α scales with G, β does not.
+    threads = torch.get_num_threads()
+    # The per-event work is level-2 BLAS (memory bound): extra threads buy little, and on a busy
+    # machine spinning BLAS threads make it several times slower.
+    torch.set_num_threads(1)
+    try:
+        alphas, coefs, surv, left = _homotopy(Gn / scale, bn / scale, live, min_ratio * bmax / scale,
+                                              max_steps if max_steps is not None else 20 * C + 100)
+    finally:
+        torch.set_num_threads(threads)
+    return LassoPath(
+        torch.tensor(alphas, dtype=torch.float64) * scale,
+        torch.from_numpy(np.stack(coefs)),
+        torch.from_numpy(surv * scale),
+        torch.from_numpy(left),
+    )
 
-    def try_add(j: int) -> bool:
-        nonlocal L
-        g = G[active, j] if active else torch.zeros(0, dtype=torch.float64)
-        w = torch.linalg.solve_triangular(L, g.unsqueeze(1), upper=False).squeeze(1) if active else g
-        d2 = float(G[j, j] - w @ w)
-        if d2 <= 1e-9 * float(G[j, j]):
+
+_BLOCK = 256
+
+
+def _tril_mv(R: Tensor, n: int, g: Tensor) -> Tensor:
+    """R[:n, :n] @ g for lower-triangular R, in row blocks so the zero upper half is not read."""
+    return torch.cat([R[i : min(i + _BLOCK, n), : min(i + _BLOCK, n)] @ g[: min(i + _BLOCK, n)]
+                      for i in range(0, n, _BLOCK)])
+
+
+def _tril_vm(R: Tensor, n: int, w: Tensor) -> Tensor:
+    """w @ R[:n, :n] for lower-triangular R, in column blocks (see :func:`_tril_mv`)."""
+    return torch.cat([w[j:] @ R[j:n, j : min(j + _BLOCK, n)] for j in range(0, n, _BLOCK)])
+
+
+def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float, max_steps: int):
+    """Path on the scaled problem. Returns (alphas, coefs, survival, left) in that scale.
+
+    Bookkeeping: G is kept symmetrically permuted (``gp``) so the active set A is the leading
+    block [0, n); R = L⁻¹ with L Lᵀ = G_AA is kept explicitly (torch refuses to run triangular
+    solves on a strided block without copying it). With Y = R[1, b_A] and (u, v) = Rᵀ Y:
+        β_A(α) = v − α u,    corr_k(α) = b_k − G_kA β_A = (b_k − G_kA v) + α (G_kA u),
+    so channel k enters at α = (b_k − G_kA v) / (1 − G_kA u), and j leaves at α = v_j / u_j (u_j < 0).
+    """
+    C = bs.size
+    gp_t = torch.from_numpy(Gs.copy())
+    gp = gp_t.numpy()
+    bp = bs.copy()
+    perm = np.arange(C)
+    R_t = torch.zeros(C, C, dtype=torch.float64)
+    R = R_t.numpy()
+    Y = np.zeros((C, 2))
+    UV = np.zeros((C, 2))
+    n = 0
+    bmax = float(bs[live].max())
+    alpha = bmax
+    tie = 1e-12 * bmax
+    blocked = np.zeros(C, dtype=bool)  # numerically dependent on the current active set
+    surv = np.zeros(C)
+    left = np.zeros(C, dtype=bool)
+    alphas = [alpha]
+    coefs = [np.zeros(C)]
+    last_added = last_dropped = -1
+    since_refresh = 0
+
+    def beta_at(a: float) -> np.ndarray:
+        out = np.zeros(C)
+        if n:
+            out[perm[:n]] = np.maximum(UV[:n, 1] - a * UV[:n, 0], 0.0)
+        return out
+
+    def swap(i: int, j: int) -> None:
+        if i == j:
+            return
+        gp[[i, j], :] = gp[[j, i], :]
+        gp[:, [i, j]] = gp[:, [j, i]]
+        bp[[i, j]] = bp[[j, i]]
+        perm[[i, j]] = perm[[j, i]]
+
+    def refresh() -> None:
+        # Recompute Y and (u, v) from R: the rank-one updates drift slowly.
+        rhs = np.stack([np.ones(n), bp[:n]], axis=1)
+        Rn = R_t[:n, :n]
+        Y[:n] = (Rn @ torch.from_numpy(rhs)).numpy()
+        UV[:n] = (Rn.T @ torch.from_numpy(Y[:n].copy())).numpy()
+
+    def add(q: int) -> bool:
+        nonlocal n
+        swap(q, n)
+        if n:
+            w_t = _tril_mv(R_t, n, gp_t[n, :n])  # row, not column: G is symmetric and rows are contiguous
+            w = w_t.numpy()
+            s2 = gp[n, n] - float(w @ w)
+        else:
+            w_t = None
+            s2 = gp[0, 0]
+        if s2 <= 1e-10 * gp[n, n]:
             return False
-        n = len(active)
-        L2 = torch.zeros(n + 1, n + 1, dtype=torch.float64)
-        L2[:n, :n] = L
-        L2[n, :n] = w
-        L2[n, n] = d2 ** 0.5
-        L = L2
-        active.append(j)
-        is_active[j] = True
-        if survival[j] == 0:
-            survival[j] = alpha
+        s = math.sqrt(s2)
+        if n:
+            R[n, :n] = -_tril_vm(R_t, n, w_t).numpy() / s
+            y_new = (np.array([1.0, bp[n]]) - w @ Y[:n]) / s
+        else:
+            y_new = np.array([1.0, bp[0]]) / s
+        R[n, n] = 1.0 / s
+        Y[n] = y_new
+        UV[:n] += np.outer(R[n, :n], y_new)
+        UV[n] = R[n, n] * y_new
+        n += 1
         return True
 
-    def refactor() -> None:
-        nonlocal L
-        L = torch.linalg.cholesky(G[active][:, active]) if active else torch.zeros(0, 0, dtype=torch.float64)
+    def drop(p: int) -> None:
+        nonlocal n
+        # Deleting index p from G_AA: rotate rows p..n−1 of R so that its column p collects in the
+        # last row, then drop that row and the column (G_AA⁻¹ = RᵀR is unchanged by the rotations).
+        for i in range(p, n - 1):
+            a_, b_ = R[i, p], R[i + 1, p]
+            rho = math.hypot(a_, b_)
+            if rho == 0.0:
+                continue
+            ca, cb = a_ / rho, b_ / rho
+            ri = R[i, : i + 2].copy()
+            rj = R[i + 1, : i + 2].copy()
+            R[i, : i + 2] = cb * ri - ca * rj
+            R[i + 1, : i + 2] = ca * ri + cb * rj
+        R[p : n - 1, p : n - 1] = R[p : n - 1, p + 1 : n].copy()
+        R[p : n - 1, n - 1] = 0.0
+        R[n - 1, :n] = 0.0
+        order = np.r_[p + 1 : n, p]
+        gp[p:n, :] = gp[order, :]
+        gp[:, p:n] = gp[:, order]
+        bp[p:n] = bp[order]
+        perm[p:n] = perm[order]
+        n -= 1
+        Y[n] = 0.0
+        UV[n] = 0.0
+        refresh()
 
-    # First entry: the largest correlation, lowest index on ties.
-    corr = b.clone()
-    for j in torch.argsort(-b, stable=True).tolist():
-        if float(b[j]) < alpha - eps:
+    for _ in range(max_steps):
+        inact = perm[n:]
+        if n:
+            u, v = UV[:n, 0], UV[:n, 1]
+            aq = (torch.from_numpy(np.ascontiguousarray(UV[:n].T)) @ gp_t[:n, n:]).numpy()
+            den = 1.0 - aq[0]
+            num = bp[n:] - aq[1]
+            dtol = 1e-11 * max(1.0, float(np.abs(u).sum()))
+        else:
+            u = v = np.zeros(0)
+            den = np.ones(C)
+            num = bp.copy()
+            dtol = 0.0
+        ok = live[inact] & ~blocked[inact] & (den > dtol)
+        ent = np.full(C - n, -math.inf)
+        ent[ok] = np.minimum(num[ok] / den[ok], alpha)
+        if last_dropped >= 0:
+            ent[(inact == last_dropped) & (ent >= alpha - tie)] = -math.inf
+        out = np.full(n, -math.inf)
+        neg = u < 0
+        out[neg] = np.minimum(v[neg] / u[neg], alpha)
+        if last_added >= 0 and n:
+            out[(perm[:n] == last_added) & (out >= alpha - tie)] = -math.inf
+        best_in = float(ent.max(initial=-math.inf))
+        best_out = float(out.max(initial=-math.inf))
+        best = max(best_in, best_out)
+        if best <= alpha_end:
+            if alpha > alpha_end:
+                alphas.append(alpha_end)
+                coefs.append(beta_at(alpha_end))
             break
-        if not excluded[j] and try_add(j):
-            break
-        excluded[j] = True
-    alphas.append(alpha)
-    coefs.append(beta.clone())
-    for _ in range(10 * C + 10):
-        if not active or alpha <= alpha_min:
-            break
-        ones = torch.ones(len(active), 1, dtype=torch.float64)
-        d = torch.cholesky_solve(ones, L).squeeze(1)  # dβ_A per unit decrease of α
-        a = G[:, active] @ d  # d(corr)/d(decrease of α)
-        corr = b - G @ beta
-        # entering: corr_j − γ a_j = α − γ
-        denom = 1.0 - a
-        cand = (~is_active) & (~excluded) & (denom > 1e-12)
-        gamma_in = torch.full((C,), float("inf"), dtype=torch.float64)
-        gamma_in[cand] = ((alpha - corr[cand]) / denom[cand]).clamp_min(0.0)
-        # leaving: β_j + γ d_j = 0
-        act = torch.tensor(active)
-        gamma_out = torch.full((len(active),), float("inf"), dtype=torch.float64)
-        neg = d < 0
-        gamma_out[neg] = (-beta[act[neg]] / d[neg]).clamp_min(0.0)
-        g_in, j_in = (float(gamma_in.min()), int(torch.argmin(gamma_in))) if bool(cand.any()) else (float("inf"), -1)
-        g_out, k_out = float(gamma_out.min()), int(torch.argmin(gamma_out))
-        gamma = min(g_in, g_out, alpha - alpha_min)
-        beta[act] += gamma * d
-        alpha -= gamma
-        if gamma == g_out and g_out <= g_in:
-            j = active.pop(k_out)
-            is_active[j] = False
-            beta[j] = 0.0
-            refactor()
-        elif gamma == g_in:
-            if not try_add(j_in):
-                excluded[j_in] = True
-        beta.clamp_min_(0.0)
-        alphas.append(alpha)
-        if keep_coefs:
-            coefs.append(beta.clone())
-        if alpha <= alpha_min:
-            break
-    if not keep_coefs:
-        coefs = [beta.clone()]
-        alphas = [alphas[-1]]
-    return LassoPath(torch.tensor(alphas, dtype=torch.float64), torch.stack(coefs), survival)
+        if best < alpha:
+            alphas.append(best)
+            coefs.append(beta_at(best))
+            alpha = best
+        if best_out >= best_in:
+            cands = np.flatnonzero(out >= best - tie)
+            p = int(cands[np.argmin(perm[cands])])
+            ch = int(perm[p])
+            drop(p)
+            left[ch] = True
+            last_dropped, last_added = ch, -1
+            blocked[:] = False
+        else:
+            cands = np.flatnonzero(ent >= best - tie)
+            q = n + int(cands[np.argmin(inact[cands])])
+            ch = int(perm[q])
+            if add(q):
+                if surv[ch] == 0.0:
+                    surv[ch] = alpha
+                last_added, last_dropped = ch, -1
+                since_refresh += 1
+                if since_refresh >= 64:
+                    refresh()
+                    since_refresh = 0
+            else:
+                blocked[ch] = True
+    else:
+        warnings.warn(f"nonneg_lasso_path: stopped after {max_steps} events at alpha={alpha:.3g} "
+                      f"(scaled); the path below it is missing", RuntimeWarning, stacklevel=3)
+    # A channel that left and came back is still flagged: its active interval has a gap.
+    return alphas, coefs, surv, left

@@ -51,7 +51,8 @@ class _Tracer(fx.Tracer):
     """fx.Tracer that keeps ``leaf_types`` opaque and remembers which module was being traced
     when tracing fails, to name it in the error."""
 
-    def __init__(self, leaf_types: tuple[type, ...]):
+    # GraphModule unpickling re-creates its tracer with no arguments: default to the engine's leaves.
+    def __init__(self, leaf_types: tuple[type, ...] = tuple(DEFAULT_LEAF_MODULES)):
         super().__init__()
         self.leaf_types = leaf_types
         self.failed_in: list[tuple[str, str]] = []

@@ -1,51 +1,83 @@
 """HSIC Lasso pieces: kernels, statistics, the solver against scikit-learn, the exact path."""
+import math
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from apib_fx.hsic import (HSICStats, center, centred_kernels, kernel_matrices, nonneg_lasso,
+from apib_fx.hsic import (KERNELS, HSICStats, center, kernel_matrices, kkt_residual, nonneg_lasso,
                           nonneg_lasso_path, normalize)
 
+sklearn = pytest.importorskip("sklearn")
 
-def _naive(x, kind):
+
+def _naive(x: torch.Tensor, kind: str) -> torch.Tensor:
     B, d = x.shape
     k = torch.empty(B, B, dtype=torch.float64)
     for i in range(B):
         for j in range(B):
             diff = x[i] - x[j]
             if kind == "laplace":
-                k[i, j] = torch.exp(-((0.5 / d) ** 0.5) * diff.norm())
+                k[i, j] = math.exp(-math.sqrt(0.5 / d) * float(diff.norm()))
             elif kind == "gaussian":
-                k[i, j] = torch.exp(-(diff @ diff) / d)
+                k[i, j] = math.exp(-float(diff @ diff) / d)
             else:
-                k[i, j] = x[i] @ x[j]
+                k[i, j] = float(x[i] @ x[j])
     return k
 
 
-@pytest.mark.parametrize("kind", ["laplace", "gaussian", "linear"])
-def test_kernels_match_naive(kind):
-    x = torch.randn(7, 5, dtype=torch.float64) * 3 + 10
-    assert torch.allclose(kernel_matrices(x, kind), _naive(x, kind), atol=1e-9)
-    batched = kernel_matrices(torch.stack([x, 2 * x]), kind)
-    assert torch.allclose(batched[1], _naive(2 * x, kind), atol=1e-9)
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+def test_kernels_match_naive_loop(kind):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 9, 5, generator=g, dtype=torch.float64) * 2 + 3
+    k = kernel_matrices(x, kind)
+    assert k.shape == (3, 9, 9) and k.dtype == torch.float64
+    for c in range(3):
+        assert torch.allclose(k[c], _naive(x[c], kind), rtol=1e-10, atol=1e-10)
+    # float32 on features with a large common offset (ReLU-like): centring keeps it accurate.
+    x32 = (torch.rand(7, 40, generator=g, dtype=torch.float64) + 20.0)
+    k32 = kernel_matrices(x32.float(), kind)
+    assert k32.dtype == torch.float32
+    ref = _naive(x32, kind)
+    assert float((k32.double() - ref).abs().max()) <= (1e-5 if kind != "linear" else 1e-6 * float(ref.abs().max()))
+
+
+def test_unknown_kernel_lists_valid_kinds():
+    with pytest.raises(ValueError, match="laplace.*gaussian.*linear"):
+        kernel_matrices(torch.randn(4, 3), "sigmoid")
+    with pytest.raises(ValueError, match="laplace"):
+        HSICStats(3, kernel="rbf")
 
 
 def test_center_and_normalize():
-    k = kernel_matrices(torch.randn(6, 4, dtype=torch.float64))
+    k = kernel_matrices(torch.randn(2, 6, 4, dtype=torch.float64))
     c = center(k)
-    assert torch.allclose(c.sum(0), torch.zeros(6, dtype=torch.float64), atol=1e-12)
-    assert torch.allclose(c.sum(1), torch.zeros(6, dtype=torch.float64), atol=1e-12)
-    n = normalize(torch.stack([c, torch.zeros_like(c)]))
-    assert abs(float(torch.linalg.matrix_norm(n[0])) - 1) < 1e-12
-    assert torch.equal(n[1], torch.zeros_like(c)) and torch.isfinite(n).all()
+    assert torch.allclose(c.sum(-1), torch.zeros(2, 6, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(c.sum(-2), torch.zeros(2, 6, dtype=torch.float64), atol=1e-12)
+    H = torch.eye(6, dtype=torch.float64) - 1 / 6
+    assert torch.allclose(c, H @ k @ H, atol=1e-12)
+    n = normalize(torch.cat([c, torch.zeros(1, 6, 6, dtype=torch.float64)]))
+    assert torch.allclose(torch.linalg.matrix_norm(n[:2]), torch.ones(2, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(n[2], torch.zeros(6, 6, dtype=torch.float64)) and torch.isfinite(n).all()
+    # A dead channel (constant features) centres to exactly zero and stays zero.
+    dead = center(kernel_matrices(torch.zeros(1, 6, 4)))
+    assert torch.equal(normalize(dead), torch.zeros(1, 6, 6))
 
 
-def _digits_activations(n=48):
+# ---------------------------------------------------------------------------------------------
+# realistic (G, b): a fixed small CNN on real images (scikit-learn's 8×8 digits)
+
+
+def _digits_activations(n: int = 64):
     from sklearn.datasets import load_digits
 
     torch.manual_seed(0)
-    x = torch.tensor(load_digits().images[:n], dtype=torch.float64).unsqueeze(1) / 16
+    x = torch.tensor(load_digits().images[:n], dtype=torch.float64).reshape(n, 1, 8, 8) / 16
     conv1 = nn.Conv2d(1, 16, 3, padding=1).double()
     conv2 = nn.Conv2d(16, 16, 3, padding=1).double()
     with torch.no_grad():
@@ -54,14 +86,41 @@ def _digits_activations(n=48):
     return a.reshape(n, 16, -1), y.reshape(n, -1)
 
 
-def _design(a, y, kind="laplace"):
-    K = centred_kernels(a.transpose(0, 1), kind).reshape(a.shape[1], -1).T  # (B², C)
-    L = centred_kernels(y, kind).reshape(-1)
-    return K.numpy(), L.numpy()
+def _design(a: torch.Tensor, y: torch.Tensor, kind: str = "laplace"):
+    """Explicit HSIC-Lasso design: columns vec(K̄_c), target vec(L̄)."""
+    X = normalize(center(kernel_matrices(a.transpose(0, 1), kind))).reshape(a.shape[1], -1).T
+    t = normalize(center(kernel_matrices(y, kind))).reshape(-1)
+    return X.numpy(), t.numpy()
 
 
-@pytest.mark.parametrize("kind", ["laplace", "gaussian"])
-def test_solver_matches_sklearn_on_real_activations(kind):
+@pytest.fixture(scope="module")
+def digits():
+    a, y = _digits_activations()
+    stats = HSICStats(16)
+    stats.add(a, y)
+    G, b = stats.gram()
+    return a, y, G, b
+
+
+def test_stats_match_explicit_design(digits):
+    a, y, G, b = digits
+    X, t = _design(a, y)
+    assert np.allclose(G.numpy(), X.T @ X, atol=1e-12) and np.allclose(b.numpy(), X.T @ t, atol=1e-12)
+    # Unit diagonal, except channels that are dead on these images (this seed has one: a real
+    # dead ReLU), whose kernel centres to zero.
+    dead = a.abs().amax(dim=(0, 2)) == 0
+    assert bool(dead.any())
+    assert torch.allclose(G.diagonal(), (~dead).double(), atol=1e-12)
+    assert bool((b >= 0).all() and (b <= 1).all())
+    # float32 activations (what the pruner feeds) give nearly the same statistics.
+    s32 = HSICStats(16)
+    s32.add(a.float(), y.float())
+    G32, b32 = s32.gram()
+    assert float((G32 - G).abs().max()) < 1e-4 and float((b32 - b).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["laplace", "gaussian", "linear"])
+def test_solver_matches_sklearn_lasso(kind):
     from sklearn.linear_model import Lasso
 
     a, y = _digits_activations()
@@ -69,74 +128,160 @@ def test_solver_matches_sklearn_on_real_activations(kind):
     stats = HSICStats(16, kernel=kind)
     stats.add(a, y)
     G, b = stats.gram()
-    assert np.allclose(G.numpy(), X.T @ X, atol=1e-10) and np.allclose(b.numpy(), X.T @ t, atol=1e-10)
-    n = X.shape[0]
+    n = X.shape[0]  # B² rows: sklearn minimises 1/(2n)‖t − Xw‖² + a‖w‖₁, so our α = n·a
     amax = float(b.max())
-    for frac in (0.5, 0.1, 0.01, 0.001):
+    supports = set()
+    for frac in (0.5, 0.2, 0.05, 0.01, 1e-3):
         alpha = frac * amax
-        ours = nonneg_lasso(G, b, alpha).numpy()
-        sk = Lasso(alpha=alpha / n, positive=True, fit_intercept=False, tol=1e-14, max_iter=1_000_000)
-        sk.fit(X, t)
-        assert np.array_equal(ours > 1e-9, sk.coef_ > 1e-9), frac
-        assert np.abs(ours - sk.coef_).max() < 1e-4, frac
-        path = nonneg_lasso_path(G, b).coef_at(alpha).numpy()
-        assert np.abs(path - ours).max() < 1e-6, frac
+        ours = nonneg_lasso(G, b, alpha)
+        assert kkt_residual(G, b, alpha, ours) < 1e-9
+        sk = Lasso(alpha=alpha / n, positive=True, fit_intercept=False, tol=1e-12, max_iter=1_000_000).fit(X, t)
+        o = ours.numpy()
+        assert np.array_equal(o > 0, sk.coef_ > 0), (kind, frac, o, sk.coef_)
+        assert np.abs(o - sk.coef_).max() < 1e-4, (kind, frac)
+        supports.add(int((o > 0).sum()))
+    assert min(supports) <= 3 and max(supports) >= 6  # both sparse and dense regimes were exercised
 
 
-def test_path_consistent_with_solver_and_survival():
-    a, y = _digits_activations(32)
-    stats = HSICStats(16)
-    stats.add(a, y)
-    G, b = stats.gram()
+def test_path_matches_solver_and_sklearn_lars(digits):
+    from sklearn.linear_model import lars_path
+
+    a, y, G, b = digits
     path = nonneg_lasso_path(G, b)
-    assert torch.all(path.alphas[:-1] >= path.alphas[1:])
-    for alpha in torch.linspace(float(path.alphas[-1]) * 2 + 1e-6, float(path.alphas[0]) * 0.99, 7).tolist():
-        assert torch.allclose(path.coef_at(alpha), nonneg_lasso(G, b, alpha), atol=1e-6)
+    al = path.alphas.numpy()
+    assert np.all(np.diff(al) < 0) and al[0] == pytest.approx(float(b.max()))
+    assert torch.equal(path.coefs[0], torch.zeros(16, dtype=torch.float64))
+    # Between breakpoints (where the coefficients are interpolated) against the solver.
+    mids = [(al[i] + al[i + 1]) / 2 for i in range(0, len(al) - 1, max(1, len(al) // 8))]
+    for alpha in mids + [al[0] * 0.7, al[0] * 1e-4]:
+        assert float((path.coef_at(alpha) - nonneg_lasso(G, b, alpha)).abs().max()) < 1e-6, alpha
+    # scikit-learn's LARS on the explicit design: its alphas are ours / n_samples.
+    X, t = _design(a, y)
+    sk_alphas, _, sk_coefs = lars_path(X, t, method="lasso", positive=True)
+    sk_alphas = sk_alphas * X.shape[0]
+    keep = sk_alphas > 10 * al[-1]
+    assert np.allclose(sk_alphas[keep], al[: keep.sum()], rtol=1e-8, atol=1e-12)
+    for i in np.flatnonzero(keep):
+        assert np.abs(path.coef_at(sk_alphas[i]).numpy() - sk_coefs[:, i]).max() < 1e-6
+
+
+def test_survival_is_consistent(digits):
+    _, _, G, b = digits
+    path = nonneg_lasso_path(G, b)
+    surv = path.survival
+    assert int((surv > 0).sum()) >= 4
     for c in range(16):
-        s = float(path.survival[c])
-        if s > 0:
-            assert float(nonneg_lasso(G, b, s * 1.001)[c]) == 0.0
-            assert float(nonneg_lasso(G, b, s * 0.999)[c]) > 0.0
+        s = float(surv[c])
+        if s == 0:
+            assert float(path.coefs[:, c].abs().max()) == 0.0
+            continue
+        assert float(nonneg_lasso(G, b, s * (1 + 1e-6))[c]) == 0.0
+        assert float(path.coef_at(s * (1 + 1e-9))[c]) == 0.0
+        assert float(nonneg_lasso(G, b, s * (1 - 1e-4))[c]) > 0.0
+        assert float(path.coef_at(s * (1 - 1e-6))[c]) > 0.0
+    # Without drop-outs, the active set at any α is exactly {c : survival_c > α}.
+    for alpha in np.geomspace(float(surv.max()) * 0.999, float(path.alphas[-1]) * 10, 9):
+        ok = ~path.left
+        assert torch.equal(path.active_at(alpha)[ok], (surv > alpha)[ok])
 
 
-def test_duplicate_and_dead_channels():
-    a, y = _digits_activations(32)
+def test_duplicate_and_dead_channels(digits):
+    a, y, _, b0 = digits
+    first = int(torch.argmax(b0))  # the channel that enters first
+    dup = 15 if first != 15 else 14
     a = a.clone()
-    a[:, 5] = a[:, 2]  # exact duplicate of channel 2
-    a[:, 9] = 0.0  # dead
+    a[:, dup] = a[:, first]
+    a[:, 3] = 0.0  # dead
     stats = HSICStats(16)
     stats.add(a, y)
     G, b = stats.gram()
+    assert torch.isfinite(G).all() and float(G[3].abs().max()) == 0.0 and float(b[3]) == 0.0
+    assert float(G[first, dup]) == pytest.approx(1.0)
     path = nonneg_lasso_path(G, b)
-    assert float(path.survival[9]) == 0.0
-    assert float(path.survival[5]) == 0.0 and float(path.survival[2]) > 0.0
-    assert float(path.coefs[:, 5].abs().max()) == 0.0
+    lo, hi = min(first, dup), max(first, dup)
+    assert float(path.survival[lo]) == pytest.approx(float(b.max())) and float(path.survival[hi]) == 0.0
+    assert float(path.coefs[:, hi].abs().max()) == 0.0
+    assert float(path.survival[3]) == 0.0 and float(path.coefs[:, 3].abs().max()) == 0.0
+    for frac in (0.5, 0.05):
+        beta = nonneg_lasso(G, b, frac * float(b.max()))
+        assert float(beta[lo]) > 0 and float(beta[hi]) == 0.0 and float(beta[3]) == 0.0
+        assert kkt_residual(G, b, frac * float(b.max()), beta) < 1e-9
 
 
 def test_degenerate_inputs():
-    p = nonneg_lasso_path(torch.eye(3, dtype=torch.float64), -torch.ones(3, dtype=torch.float64))
-    assert torch.equal(p.survival, torch.zeros(3, dtype=torch.float64))
-    p = nonneg_lasso_path(torch.ones(1, 1, dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64))
+    f64 = dict(dtype=torch.float64)
+    p = nonneg_lasso_path(torch.eye(3, **f64), -torch.ones(3, **f64))
+    assert torch.equal(p.survival, torch.zeros(3, **f64))
+    assert torch.equal(p.coef_at(0.1), torch.zeros(3, **f64))
+    assert torch.equal(nonneg_lasso(torch.eye(3, **f64), -torch.ones(3, **f64), 0.0), torch.zeros(3, **f64))
+    p = nonneg_lasso_path(torch.zeros(2, 2, **f64), torch.zeros(2, **f64))
+    assert torch.equal(p.survival, torch.zeros(2, **f64))
+    # C = 1: β(α) = (b − α)/G.
+    p = nonneg_lasso_path(torch.full((1, 1), 2.0, **f64), torch.tensor([0.5], **f64))
     assert float(p.survival[0]) == 0.5
+    assert float(p.coef_at(0.1)[0]) == pytest.approx(0.2)
+    assert float(nonneg_lasso(torch.full((1, 1), 2.0, **f64), torch.tensor([0.5], **f64), 0.1)[0]) == pytest.approx(0.2)
+    # Singular G (identical columns): lowest index wins, deterministically.
+    G = torch.tensor([[1.0, 1.0, 0.2], [1.0, 1.0, 0.2], [0.2, 0.2, 1.0]], **f64)
+    b = torch.tensor([0.6, 0.6, 0.3], **f64)
+    p = nonneg_lasso_path(G, b)
+    assert float(p.survival[0]) == pytest.approx(0.6) and float(p.survival[1]) == 0.0
+    beta = nonneg_lasso(G, b, 0.1)
+    assert float(beta[1]) == 0.0 and torch.allclose(beta, p.coef_at(0.1), atol=1e-12)
+    with pytest.raises(ValueError):
+        nonneg_lasso_path(torch.eye(3, **f64), torch.ones(2, **f64))
 
 
-def test_stats_average_batches_sum_consumers():
-    a, y = _digits_activations(32)
-    s1, s2, both = HSICStats(16), HSICStats(16), HSICStats(16)
-    s1.add(a[:16], y[:16])
-    s2.add(a[16:], y[16:])
-    both.add(a[:16], y[:16])
-    both.add(a[16:], y[16:])
-    assert torch.allclose(both.gram()[0], (s1.gram()[0] + s2.gram()[0]) / 2)
-    both.add(a[:16], y[:16], consumer=1)
-    assert torch.allclose(both.gram()[1], (s1.gram()[1] + s2.gram()[1]) / 2 + s1.gram()[1])
-
-
-def test_path_speed_large_group():
-    torch.manual_seed(0)
-    x = torch.randn(512, 32, 20)
-    k = centred_kernels(x).reshape(512, -1).double()
-    G = k @ k.T
-    b = k @ centred_kernels(torch.randn(32, 50)).reshape(-1).double()
+def test_path_exact_on_larger_random_problem():
+    g = torch.Generator().manual_seed(3)
+    C, B = 300, 24  # B(B−1)/2 = 276 < C: G is singular, the path must cope
+    z = torch.randn(B, 8, generator=g)
+    x = 0.7 * z + torch.randn(C, B, 8, generator=g)
+    stats = HSICStats(C)
+    stats.add(x.transpose(0, 1), z @ torch.randn(8, 12, generator=g))
+    G, b = stats.gram()
     path = nonneg_lasso_path(G, b)
-    assert (path.survival > 0).sum() > 10
+    al = path.alphas.numpy()
+    assert np.all(np.diff(al) < 0)
+    for alpha in np.geomspace(al[0] * 0.99, al[-1] * 100, 6):
+        assert kkt_residual(G, b, alpha, path.coef_at(alpha)) < 1e-8, alpha
+        assert float((path.coef_at(alpha) - nonneg_lasso(G, b, alpha)).abs().max()) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics bookkeeping
+
+
+def test_stats_average_batches_and_sum_consumers(digits):
+    a, y, _, _ = digits
+    one, two, both = HSICStats(16), HSICStats(16), HSICStats(16)
+    one.add(a[:32], y[:32])
+    two.add(a[32:], y[32:])
+    both.add(a[:32], y[:32])
+    both.add(a[32:], y[32:])
+    G1, b1 = one.gram()
+    G2, b2 = two.gram()
+    G, b = both.gram()
+    assert torch.allclose(G, (G1 + G2) / 2, atol=1e-14) and torch.allclose(b, (b1 + b2) / 2, atol=1e-14)
+    both.add(a[:32], y[:32] * 2 + 1, consumer="other")
+    G3, b3 = both.gram()
+    one.add(a[:32], y[:32] * 2 + 1, consumer=7)
+    Go, bo = one.gram()
+    assert torch.allclose(Go, 2 * G1, atol=1e-14)  # same channels, two consumers: G counts twice
+    assert torch.allclose(G3, G + G1, atol=1e-14) and torch.allclose(b3, b + (bo - b1), atol=1e-14)
+    assert both.batches == {0: 2, "other": 1}
+
+
+def test_stats_input_checks():
+    s = HSICStats(4)
+    with pytest.raises(RuntimeError):
+        s.gram()
+    with pytest.raises(ValueError):
+        s.add(torch.randn(8, 3, 5), torch.randn(8, 2))
+    with pytest.raises(ValueError):
+        s.add(torch.randn(1, 4, 5), torch.randn(1, 2))
+    with pytest.raises(ValueError):
+        s.add(torch.randn(8, 4, 5), torch.randn(7, 2))
+    s.add(torch.randn(8, 4, 6), torch.randn(8, 2, 2))  # y of any trailing shape is flattened
+    G, b = s.gram()
+    assert G.shape == (4, 4) and b.shape == (4,) and G.dtype == torch.float64 and G.device.type == "cpu"

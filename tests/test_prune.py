@@ -218,3 +218,15 @@ def test_progress_bars_and_table(capsys):
     summary = pruned.apib_report.summary()
     assert "removed" in summary and "alpha" in summary
     assert set(pruned.apib_report.timings) >= {"trace", "forward", "kernels", "lasso", "search", "rewrite", "total"}
+
+
+@pytest.mark.parametrize("method", ["apib", "l1"])
+def test_round_to_hardware_friendly_widths(method):
+    model = zoo_model("resnet18", num_classes=10)
+    pruned = apib_fx.prune(model, 0.48, _data(), method=method, round_to=8, num_calib=16, batch_size=8,
+                           progress=False)
+    report = pruned.apib_report
+    changed = [r for r in report.groups if r.channels_after != r.channels_before]
+    assert changed and all(r.channels_after % 8 == 0 for r in changed)
+    assert abs(report.flops_reduction - 0.48) <= 0.005
+    assert pruned.layer1[0].conv1.out_channels % 8 == 0
