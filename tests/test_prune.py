@@ -229,4 +229,4 @@ def test_round_to_hardware_friendly_widths(method):
     changed = [r for r in report.groups if r.channels_after != r.channels_before]
     assert changed and all(r.channels_after % 8 == 0 for r in changed)
     assert abs(report.flops_reduction - 0.48) <= 0.005
-    assert pruned.layer1[0].conv1.out_channels % 8 == 0
+    assert pruned.get_submodule("layer1.0.conv1").out_channels % 8 == 0
