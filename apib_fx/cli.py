@@ -96,9 +96,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not args.no_onnx:
         onnx_path = export_onnx(pruned, out / "model.onnx", example, check=True)
         extra["onnx"] = str(onnx_path)
-        parity = getattr(export_onnx, "last_parity", None)
-        if isinstance(parity, dict) and "max_diff" in parity:
-            extra["onnx_max_diff"] = parity["max_diff"]
+        if onnx_path.parity:
+            extra["onnx_max_diff"] = onnx_path.parity["max_diff"]
     paths = write_reports(report, out, extra)
     print(report.summary())
     print(f"wrote {model_path}, " + (f"{extra['onnx']}, " if "onnx" in extra else "")
