@@ -325,7 +325,7 @@ def nonneg_lasso(G: Tensor, b: Tensor, alpha: float, *, tol: float = 1e-10, max_
     # only the support until it converges can take thousands of sweeps on correlated channels
     # while a missing channel waits outside.
     sweeps_since_full = 0
-    for sweep in range(max_iter):
+    for _ in range(max_iter):
         full = sweeps_since_full == 0
         idx = live_idx if full else np.flatnonzero(beta > 0).tolist()
         biggest = 0.0
@@ -591,6 +591,7 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
             cands = np.flatnonzero(out >= best - tie)
             p = int(cands[np.argmin(perm[cands])])
             ch = int(perm[p])
+            coefs[-1][ch] = 0.0  # it is leaving at exactly this α, not at v − αu's rounding (~1e-18)
             drop(p)
             left[ch] = True
             last_dropped, last_added = ch, -1
