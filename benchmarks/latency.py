@@ -1,0 +1,51 @@
+"""Latency of a torchvision model unpruned vs APIB-pruned: ONNX Runtime CPU (and CUDA where a GPU is
+present), batch 1 and 32, with the speedup next to the ideal one (the FLOPs ratio).
+
+    python benchmarks/latency.py [--model resnet50] [--flops-target 0.48] [--round-to 16]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import apib_fx
+from apib_fx.bench import benchmark, format_table
+from apib_fx.testing import zoo_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--flops-target", type=float, default=0.48)
+    ap.add_argument("--round-to", default="none,16", help="comma list; 'none' keeps exact widths")
+    ap.add_argument("--num-calib", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--backends", default="ort-cpu,ort-cuda")
+    ap.add_argument("--out", default="benchmarks/results/latency.md")
+    args = ap.parse_args()
+    model = zoo_model(args.model)
+    calib = torch.randn(args.num_calib, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    models = {f"{args.model}": model}
+    for r in args.round_to.split(","):
+        round_to = None if r == "none" else int(r)
+        pruned = apib_fx.prune(model, args.flops_target, calib, num_calib=args.num_calib, batch_size=32,
+                               round_to=round_to, progress=False)
+        name = f"APIB {args.flops_target:.0%}" + (f", widths x{round_to}" if round_to else "")
+        models[name] = pruned
+        print(name, pruned.apib_report.summary(), flush=True)
+    rows = benchmark(models, calib[:1], batch_sizes=(1, 32), backends=tuple(args.backends.split(",")),
+                     warmup=5, iters=args.iters, progress=True)
+    table = format_table(rows)
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"{args.model} at {args.size}x{args.size}, random weights, APIB on {args.num_calib} Gaussian "
+                   f"calibration images, median of {args.iters} runs.\n\n{table}\n")
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
