@@ -55,8 +55,9 @@ def _sq_dists(x: Tensor) -> Tensor:
     # ‖a‖² + ‖b‖² − 2a·b, which is where the matmul formula loses precision (ReLU features have a
     # large common offset). An exact pairwise-difference cdist would cost B²·d without BLAS.
     x = x - x.mean(dim=-2, keepdim=True)
-    sq = (x * x).sum(dim=-1)
-    d2 = sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * (x @ x.transpose(-1, -2))
+    dot = x @ x.transpose(-1, -2)
+    sq = dot.diagonal(dim1=-2, dim2=-1)  # the norms come with the products: no extra pass over x
+    d2 = sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * dot
     d2 = 0.5 * (d2 + d2.transpose(-1, -2))
     d2.clamp_(min=0.0)
     d2.diagonal(dim1=-2, dim2=-1).zero_()

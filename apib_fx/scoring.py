@@ -50,6 +50,14 @@ class Consumer:
     positions: Tensor  # input positions of the group, ordered by channel then position
     per_channel: int
 
+    @property
+    def start(self) -> Optional[int]:
+        """First position when ``positions`` is one ascending run (the usual case): then the
+        features are a view of the input, not a gathered copy."""
+        p = self.positions
+        first = int(p[0])
+        return first if torch.equal(p, torch.arange(first, first + p.numel())) else None
+
 
 def find_consumers(graph: ChannelGraph) -> dict[str, list[Consumer]]:
     """Consumers of each prunable group, keyed by fx node name."""
@@ -107,7 +115,10 @@ class ConsumerCapture(fx.Interpreter):
             b = x.shape[0]
             y = out.reshape(b, -1).float()
             for c in todo:
-                feats = x.movedim(c.axis, 1).index_select(1, c.positions.to(x.device))
+                moved = x.movedim(c.axis, 1)
+                first = c.start
+                feats = (moved.narrow(1, first, c.positions.numel()) if first is not None
+                         else moved.index_select(1, c.positions.to(x.device)))
                 channels = c.positions.numel() // c.per_channel
                 feats = feats.reshape(b, channels, -1).float()
                 self.stats[c.group].add(feats, y, consumer=c.slot)
