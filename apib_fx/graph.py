@@ -96,18 +96,25 @@ class ChannelGraph:
     def _build_groups(self, space: LabelSpace) -> None:
         n = space.size
         rep = space.parent
+        # All bindings' labelled positions in one flat array (binding k, position, channel id), so
+        # the grouping below is a handful of vectorised ops whatever the number of layers.
+        bindings = list(self._bindings.values())
+        flat = [b.labels.reshape(-1) for b in bindings]
+        lengths = torch.tensor([f.numel() for f in flat], dtype=torch.long)
+        ids = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.long)
+        which = torch.repeat_interleave(torch.arange(len(flat)), lengths)
+        pos = torch.arange(ids.numel()) - (torch.cumsum(lengths, 0) - lengths)[which]
+        on = ids != NONE
+        ids, which, pos = ids[on], which[on], pos[on]
+
         # Signature of a class: which bound dims it appears in, and how many times. Classes with
         # equal signatures form one group. Hash (dim key, count) pairs into a 63-bit sum.
         gen = torch.Generator().manual_seed(0)
+        salt = torch.randint(1, 2**62, (len(flat), 2), generator=gen)
+        pair, counts = torch.unique(which * n + rep[ids], return_counts=True)
+        k_of_pair, class_of_pair = pair // n, pair % n
         sig = torch.zeros(n, dtype=torch.long)
-        for k, (key, binding) in enumerate(self._bindings.items()):
-            labels = binding.labels
-            ids = labels[labels != NONE]
-            if ids.numel() == 0:
-                continue
-            classes, counts = torch.unique(rep[ids], return_counts=True)
-            r1, r2 = torch.randint(1, 2**62, (2,), generator=gen).tolist()
-            sig.index_add_(0, classes, (counts * r1) ^ r2)
+        sig.index_add_(0, class_of_pair, (counts * salt[k_of_pair, 0]) ^ salt[k_of_pair, 1])
         reps = torch.nonzero(rep == torch.arange(n)).flatten()  # ascending
         # Group classes by signature; groups ordered by their first class (creation order).
         _, inv = torch.unique(sig[reps], return_inverse=True)
@@ -130,27 +137,31 @@ class ChannelGraph:
         class_lists = sizes.tolist()
 
         blocked: dict[int, str] = {}
-        for ids, reason in space.blocked:
-            for g in self.id_group[ids].unique().tolist():
+        for b_ids, reason in space.blocked:
+            for g in self.id_group[b_ids].unique().tolist():
                 blocked.setdefault(g, reason)
         mixed: dict[int, str] = {}
-        for ids, reason in space.mixed:
-            for g in self.id_group[ids].unique().tolist():
+        for m_ids, reason in space.mixed:
+            for g in self.id_group[m_ids].unique().tolist():
                 mixed.setdefault(g, reason)
 
+        # Members: one per (binding, group) pair, positions ascending within it.
+        groups = self.id_group[ids]
+        key = which * max(1, n_groups) + groups
+        order = torch.argsort(key, stable=True)
+        key_sorted = key[order]
+        pair_keys, pair_counts = torch.unique_consecutive(key_sorted, return_counts=True)
+        pos_parts = torch.split(pos[order], pair_counts.tolist())
+        cls_parts = torch.split(self.id_class[ids[order]], pair_counts.tolist())
         members: list[list[Member]] = [[] for _ in class_lists]
-        for (param, dim), binding in self._bindings.items():
+        keys = list(self._bindings)
+        for pk, p_pos, p_cls in zip(pair_keys.tolist(), pos_parts, cls_parts):
+            k, g = divmod(pk, max(1, n_groups))
+            binding = bindings[k]
             if binding.role == "axis":
                 continue
-            labels = binding.labels
-            pos = torch.nonzero(labels != NONE).flatten()
-            if pos.numel() == 0:
-                continue
-            groups = self.id_group[labels[pos]]
-            lo, hi = int(groups.min()), int(groups.max())
-            for g in ([lo] if lo == hi else groups.unique().tolist()):
-                sel = pos if lo == hi else pos[groups == g]
-                members[g].append(Member(param, dim, binding.role, sel, self.id_class[labels[sel]]))
+            param, dim = keys[k]
+            members[g].append(Member(param, dim, binding.role, p_pos, p_cls))
 
         self.groups = [
             ChannelGroup(
