@@ -49,19 +49,34 @@ def _work_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+# Centre features before the product when samples are this close relative to their norms.
+_CENTRE_BELOW = 1e-2
+
+
 def _sq_dists(x: Tensor) -> Tensor:
     """(..., B, d) -> (..., B, B) squared Euclidean distances, symmetric with an exact zero diagonal."""
-    # Distances are translation invariant; removing the sample mean first shrinks the norms in
-    # ‖a‖² + ‖b‖² − 2a·b, which is where the matmul formula loses precision (ReLU features have a
-    # large common offset). An exact pairwise-difference cdist would cost B²·d without BLAS.
-    x = x - x.mean(dim=-2, keepdim=True)
-    dot = x @ x.transpose(-1, -2)
+    B, d = x.shape[-2:]
+    flat = x.reshape(-1, B, d)
+    dot = flat @ flat.transpose(-1, -2)
     sq = dot.diagonal(dim1=-2, dim2=-1)  # the norms come with the products: no extra pass over x
     d2 = sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * dot
+    # ‖a‖² + ‖b‖² − 2a·b loses precision when the samples share a large common offset (distances
+    # small next to norms: ReLU features of a near-constant channel). Distances are translation
+    # invariant, so those matrices are redone on features with the sample mean removed. Most are
+    # not: centring every matrix would cost two more passes over all activations.
+    ratio = d2 / (sq.unsqueeze(-1) + sq.unsqueeze(-2)).clamp_min(torch.finfo(d2.dtype).tiny)
+    ratio.diagonal(dim1=-2, dim2=-1).fill_(math.inf)
+    close = ratio.flatten(1).amin(dim=1) < _CENTRE_BELOW
+    if bool(close.any()):
+        xc = flat[close]
+        xc = xc - xc.mean(dim=-2, keepdim=True)
+        dc = xc @ xc.transpose(-1, -2)
+        sc = dc.diagonal(dim1=-2, dim2=-1)
+        d2[close] = sc.unsqueeze(-1) + sc.unsqueeze(-2) - 2.0 * dc
     d2 = 0.5 * (d2 + d2.transpose(-1, -2))
     d2.clamp_(min=0.0)
     d2.diagonal(dim1=-2, dim2=-1).zero_()
-    return d2
+    return d2.reshape(*x.shape[:-2], B, B)
 
 
 def kernel_matrices(x: Tensor, kind: str = "laplace") -> Tensor:
