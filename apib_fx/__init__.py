@@ -7,6 +7,7 @@ from .flops import count_flops
 from .calib import CalibrationError
 from .graph import ChannelGraph, ChannelGroup, Member
 from .prune import PruneReport, prune
+from .recalibrate import recalibrate_bn
 from .rewrite import apply
 from .rules import RULES, Rule, register_rule
 from .search import UnreachableTarget
@@ -19,6 +20,6 @@ from . import models
 __all__ = [
     "CalibrationError", "ChannelGraph", "ChannelGroup", "Member", "PruneReport", "RULES", "Rule",
     "TraceError", "UnreachableTarget", "apply", "benchmark", "count_flops", "export_onnx", "load",
-    "prune", "register_rule", "save", "trace",
+    "prune", "recalibrate_bn", "register_rule", "save", "trace",
 ]
 __version__ = "0.1.0"

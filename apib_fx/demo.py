@@ -50,7 +50,7 @@ class DemoResult:
             "|---|---:|---:|---:|---:|---|",
             f"| unpruned | {self.acc_unpruned:.2%} | {self.flops_before:,} | {self.params_before:,} | "
             f"{ms('unpruned', 1)} / {ms('unpruned', 32)} | 1.00x |",
-            f"| APIB one-shot | {self.acc_oneshot:.2%} | {self.flops_after:,} | {self.params_after:,} | | |",
+            f"| APIB one-shot (BatchNorm re-estimated) | {self.acc_oneshot:.2%} | {self.flops_after:,} | {self.params_after:,} | | |",
             f"| APIB + fine-tune | {self.acc_finetuned:.2%} | {self.flops_after:,} | {self.params_after:,} | "
             f"{ms('pruned', 1)} / {ms('pruned', 32)} | {speed(1)} / {speed(32)} |",
         ]

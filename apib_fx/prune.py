@@ -15,6 +15,7 @@ from .flops import count_flops
 from .graph import ChannelGraph
 from .rewrite import apply
 from .scoring import METHODS, score_apib, score_data_free
+from .recalibrate import recalibrate_bn
 from .search import UnreachableTarget, search_threshold
 from .trace import InputShapeError, as_inputs, eval_mode, trace
 
@@ -46,6 +47,7 @@ class PruneReport:
     num_calib: int
     input_shape: tuple[int, ...]
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    bn_recalibrated: int = 0  # BatchNorm layers whose statistics were re-estimated on calib_data
     groups: list[GroupRow] = field(default_factory=list)
 
     def table(self, only_pruned: bool = False) -> str:
@@ -63,7 +65,9 @@ class PruneReport:
         return (
             f"{self.method}: MACs {self.flops_before:,} -> {self.flops_after:,} "
             f"({self.flops_reduction:.1%} removed, target {self.flops_target:.1%}); params "
-            f"{self.params_before:,} -> {self.params_after:,}; alpha={self.alpha:.4g}; {t}"
+            f"{self.params_before:,} -> {self.params_after:,}; alpha={self.alpha:.4g}; "
+            + (f"BatchNorm re-estimated in {self.bn_recalibrated} layers; " if self.bn_recalibrated else "")
+            + t
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,6 +104,7 @@ def prune(
     leaf_modules: Sequence[type] = (),
     progress: bool = True,
     seed: int = 0,
+    recalibrate: bool = True,
 ) -> nn.Module:
     """Remove ``flops_target`` of the model's FLOPs (MACs) by structured channel pruning.
 
@@ -109,6 +114,8 @@ def prune(
     ``method``: "apib" (default), "l1", "fpgm", "random". ``kernel``: "laplace", "gaussian",
     "linear". ``min_channels``: fewest channels any group keeps (ω). ``round_to``: kept widths are
     multiples of it (or whole). ``device``: where calibration runs (default: the model's device).
+    ``recalibrate``: when ``calib_data`` is given, re-estimate the pruned model's BatchNorm
+    statistics on it (:func:`apib_fx.recalibrate_bn`); no effect on synthetic data.
 
     Returns a new ``torch.fx.GraphModule``; ``model`` is untouched. ``result.apib_report`` is a
     :class:`PruneReport`.
@@ -137,9 +144,10 @@ def prune(
     if example_inputs is not None:
         example_inputs = as_inputs(example_inputs)[0]
     needs_data = method == "apib"
+    recalibrating = recalibrate and calib_data is not None
     batches = calibration_batches(
         calib_data if needs_data or calib_data is not None else None,
-        num_calib if needs_data else 2,
+        num_calib if needs_data or recalibrating else 2,
         batch_size,
         example_inputs,
         seed,
@@ -184,6 +192,11 @@ def prune(
     t = time.perf_counter()
     pruned = apply(model, graph, result.keep)
     timings["rewrite"] = time.perf_counter() - t
+    recalibrated = 0
+    if recalibrating:
+        t = time.perf_counter()
+        recalibrated = recalibrate_bn(pruned, batches)
+        timings["recalibrate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
 
     before = result.flops_before
@@ -200,6 +213,7 @@ def prune(
         num_calib=sum(b.shape[0] for b in batches) if method == "apib" else 0,
         input_shape=tuple(sample.shape[1:]),
         timings=timings,
+        bn_recalibrated=recalibrated,
         groups=[
             GroupRow(g.index, g.name, g.channels, result.channels.get(g.index, g.channels), g.prunable, g.reason)
             for g in graph.groups

@@ -230,3 +230,49 @@ def test_round_to_hardware_friendly_widths(method):
     assert changed and all(r.channels_after % 8 == 0 for r in changed)
     assert abs(report.flops_reduction - 0.48) <= 0.005
     assert pruned.get_submodule("layer1.0.conv1").out_channels % 8 == 0
+
+
+def test_recalibrate_bn_sets_batch_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.ReLU())
+    model.train()
+    model[2].eval()  # flags are restored exactly, also mixed ones
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    batches = list(torch.randn(3, 8, 3, 10, 10).unbind(0))
+    assert apib_fx.recalibrate_bn(model, batches) == 1
+    conv_out = [model[0](b) for b in batches]
+    means = torch.stack([o.mean(dim=(0, 2, 3)) for o in conv_out])
+    variances = torch.stack([o.var(dim=(0, 2, 3), unbiased=True) for o in conv_out])
+    torch.testing.assert_close(model[1].running_mean, means.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model[1].running_var, variances.mean(0), rtol=1e-5, atol=1e-6)
+    assert model.training and model[1].training and not model[2].training
+    assert model[1].momentum == 0.1
+    for k, v in weights.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        apib_fx.recalibrate_bn(model, [torch.randn(1, 3, 10, 10)])
+
+
+def test_prune_recalibrates_on_real_data_only():
+    model = zoo_model("resnet18", num_classes=10)
+    x = _data()
+    raw = apib_fx.prune(model, 0.3, x, num_calib=16, batch_size=8, progress=False, recalibrate=False)
+    cal = apib_fx.prune(model, 0.3, x, num_calib=16, batch_size=8, progress=False)
+    assert raw.apib_report.bn_recalibrated == 0 and cal.apib_report.bn_recalibrated == 20
+    assert "recalibrate" in cal.apib_report.timings
+    # Same channels and weights; only the BatchNorm statistics differ, and they are those of the data.
+    raw_sd, cal_sd = raw.state_dict(), cal.state_dict()
+    assert raw_sd.keys() == cal_sd.keys()
+    for k in raw_sd:
+        if k.endswith("num_batches_tracked"):
+            continue  # a counter: reset, then the number of calibration batches
+        same = torch.equal(raw_sd[k], cal_sd[k])
+        assert same != ("running_" in k), k
+    apib_fx.recalibrate_bn(raw, list(x.split(8)))
+    for k in raw_sd:
+        torch.testing.assert_close(raw.state_dict()[k], cal_sd[k])
+    # Data-free methods with data also get it; synthetic inputs never do.
+    assert apib_fx.prune(model, 0.3, x, method="l1", num_calib=16, progress=False).apib_report.bn_recalibrated == 20
+    with pytest.warns(UserWarning, match="synthetic"):
+        syn = apib_fx.prune(model, 0.3, example_inputs=x[:1], num_calib=16, progress=False)
+    assert syn.apib_report.bn_recalibrated == 0

@@ -1,0 +1,56 @@
+"""Re-estimate BatchNorm statistics of a pruned model on calibration data.
+
+Removing channels changes what every later BatchNorm sees (a residual stream loses terms, a
+conv loses inputs), while its running mean and variance still describe the unpruned model. One
+forward pass over a few hundred samples, with only the BatchNorm layers collecting statistics,
+puts them right: on a ResNet-20 pruned by 30% this takes one-shot top-1 from about 25% back to
+within a point of the unpruned model (see benchmarks/compare_methods.py). No weight changes.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def recalibrate_bn(
+    model: nn.Module,
+    batches: Iterable[Tensor],
+    device: Union[str, torch.device, None] = None,
+) -> int:
+    """Replace the running statistics of every BatchNorm in ``model`` (in place) by their
+    average over ``batches`` (tensors of inputs, batch size ≥ 2). Other layers run in eval mode
+    (no dropout); every module's training flag is restored. Returns the number of layers updated."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    flags = [(m, m.training) for m in model.modules()]
+    momenta = [(m, m.momentum) for m in norms]
+    seen = 0
+    try:
+        model.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches, not an EMA
+            m.train()
+        with torch.no_grad():
+            for b in batches:
+                if b.shape[0] < 2:
+                    continue  # one sample has no batch variance
+                model(b.to(device))
+                seen += 1
+    finally:
+        for m, flag in flags:
+            m.training = flag
+        for m, momentum in momenta:
+            m.momentum = momentum
+    if seen == 0:
+        raise ValueError("recalibrate_bn: no batch with at least 2 samples")
+    return len(norms)
+
+
+__all__ = ["recalibrate_bn"]
