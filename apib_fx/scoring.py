@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Optional
 
 import torch
@@ -50,7 +51,7 @@ class Consumer:
     positions: Tensor  # input positions of the group, ordered by channel then position
     per_channel: int
 
-    @property
+    @cached_property  # asked once per calibration batch
     def start(self) -> Optional[int]:
         """First position when ``positions`` is one ascending run (the usual case): then the
         features are a view of the input, not a gathered copy."""
