@@ -95,6 +95,19 @@ def _export(model: nn.Module, inputs: tuple[Tensor, ...], path: pathlib.Path, dy
     raise OnnxExportError(f"cannot export {type(model).__name__} to ONNX; " + "; ".join(errors))
 
 
+def _float64_outputs(model: nn.Module, inputs: tuple[Tensor, ...]) -> Optional[list[np.ndarray]]:
+    """The model's outputs computed in float64 on a copy (None when it cannot run in float64)."""
+    import copy
+
+    try:
+        ref = copy.deepcopy(model).double().eval()
+        with torch.no_grad():
+            return [t.numpy() for t in _outputs(ref(*(t.double() if t.is_floating_point() else t
+                                                     for t in inputs)))]
+    except Exception:  # e.g. ops without a float64 kernel: fall back to the plain check
+        return None
+
+
 def check_onnx_parity(
     model: nn.Module,
     path: str | pathlib.Path,
@@ -104,7 +117,13 @@ def check_onnx_parity(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Run ONNX Runtime (CPU) and PyTorch on fresh random inputs at each batch size; raise
-    :class:`OnnxParityError` when max |diff| > ``rtol`` x max(1, max |output|)."""
+    :class:`OnnxParityError` when max |diff| > ``rtol`` x max(1, max |output|).
+
+    A deep, badly conditioned model can amplify float32 rounding beyond that tolerance in PyTorch
+    itself. So before failing, both are compared with the model run in float64: ONNX Runtime
+    passes when it is within ``rtol`` x scale of the float64 result, or at most 2x as far from it
+    as PyTorch's own float32 result is (``float32_error`` in the figures). A wrong export is off
+    by the order of the output itself and fails either way."""
     import onnxruntime as ort
 
     inputs = as_inputs(example_inputs)
@@ -114,24 +133,36 @@ def check_onnx_parity(
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     gen = torch.Generator().manual_seed(seed)
-    worst = {"max_diff": 0.0, "scale": 1.0, "batch": None}
+    worst: dict[str, Any] = {"max_diff": 0.0, "scale": 1.0, "batch": None, "reference": "float32"}
     with eval_mode(model), torch.no_grad():
         for b in batch_sizes:
             fresh = tuple(torch.randn((b, *t.shape[1:]), generator=gen, dtype=t.dtype) for t in inputs)
             want = [t.numpy() for t in _outputs(model(*fresh))]
             got = session.run(None, {n: t.numpy() for n, t in zip(names, fresh)})
-            for w, g in zip(want, got):
+            exact = None
+            for k, (w, g) in enumerate(zip(want, got)):
                 if w.shape != g.shape:
                     raise OnnxParityError(f"ONNX output shape {g.shape} != PyTorch {w.shape} at batch {b}")
                 diff = float(np.abs(w - g).max()) if w.size else 0.0
                 scale = max(1.0, float(np.abs(w).max()) if w.size else 1.0)
-                if diff / scale > worst["max_diff"] / worst["scale"]:
-                    worst = {"max_diff": diff, "scale": scale, "batch": b}
+                row: dict[str, Any] = {"max_diff": diff, "scale": scale, "batch": b, "reference": "float32"}
                 if not diff <= rtol * scale:
-                    raise OnnxParityError(
-                        f"ONNX Runtime differs from PyTorch at batch {b}: max |diff| = {diff:.3e}, "
-                        f"output scale {scale:.3e}, tolerance {rtol * scale:.3e}"
-                    )
+                    exact = _float64_outputs(model, fresh) if exact is None else exact
+                    if exact is None or not np.issubdtype(w.dtype, np.floating):
+                        raise OnnxParityError(
+                            f"ONNX Runtime differs from PyTorch at batch {b}: max |diff| = {diff:.3e}, "
+                            f"output scale {scale:.3e}, tolerance {rtol * scale:.3e}")
+                    ort_err = float(np.abs(g - exact[k]).max())
+                    torch_err = float(np.abs(w - exact[k]).max())
+                    if not ort_err <= max(rtol * scale, 2.0 * torch_err):
+                        raise OnnxParityError(
+                            f"ONNX Runtime differs from PyTorch at batch {b}: max |diff| = {diff:.3e}, "
+                            f"output scale {scale:.3e}, tolerance {rtol * scale:.3e}; against the "
+                            f"float64 result ONNX Runtime is off by {ort_err:.3e}, PyTorch float32 "
+                            f"by {torch_err:.3e}")
+                    row.update(reference="float64", max_diff=ort_err, float32_error=torch_err)
+                if row["max_diff"] / row["scale"] >= worst["max_diff"] / worst["scale"]:
+                    worst = row
     worst["batch_sizes"] = batch_sizes
     worst["tolerance"] = rtol
     return worst

@@ -27,6 +27,9 @@ def _export_cell(model, path, x) -> str:
     except Exception as e:  # report, never hide
         return f"FAIL ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
     p = onnx.parity
+    if p["reference"] == "float64":  # PyTorch's own float32 rounding exceeded the tolerance
+        return (f"yes | {p['max_diff'] / p['scale']:.1e} vs float64 "
+                f"(PyTorch float32: {p['float32_error'] / p['scale']:.1e})")
     return f"yes | {p['max_diff'] / p['scale']:.1e}"
 
 
@@ -63,7 +66,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     text = (f"torchvision CNN zoo, random weights, 10 classes, APIB at flops_target={args.flops_target} on 8 "
             f"Gaussian images; ONNX Runtime CPU vs PyTorch at batch 1 and 3 (diff relative to output scale; "
-            f"the check fails above 1e-4). torch {torch.__version__}.\n\n" + "\n".join(rows) + "\n")
+            f"the check fails above 1e-4, or, where PyTorch's own float32 rounding exceeds that, when ONNX "
+            f"Runtime is more than 2x as far from the float64 result as PyTorch is). "
+            f"torch {torch.__version__}.\n\n" + "\n".join(rows) + "\n")
     out.write_text(text)
     print(f"written {out}")
 
