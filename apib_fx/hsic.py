@@ -543,18 +543,20 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
 
     def drop(p: int) -> None:
         nonlocal n
-        # Deleting index p from G_AA: rotate rows p..n−1 of R so that its column p collects in the
-        # last row, then drop that row and the column (G_AA⁻¹ = RᵀR is unchanged by the rotations).
-        for i in range(p, n - 1):
-            a_, b_ = R[i, p], R[i + 1, p]
-            rho = math.hypot(a_, b_)
-            if rho == 0.0:
-                continue
-            ca, cb = a_ / rho, b_ / rho
-            ri = R[i, : i + 2].copy()
-            rj = R[i + 1, : i + 2].copy()
-            R[i, : i + 2] = cb * ri - ca * rj
-            R[i + 1, : i + 2] = ca * ri + cb * rj
+        # Deleting index p from G_AA: Givens-rotate rows p..n−1 of R so that its column p collects
+        # in the last row, then drop that row and the column (G_AA⁻¹ = RᵀR is unchanged by the
+        # rotations). The rotation chain has a closed form: with col = R[p:n, p], ρ_i = ‖col[:i+1]‖
+        # and S_i = Σ_{j≤i} col_j R[p+j] (the carried row is S_i / ρ_i), rotation i leaves
+        #     row i = (col_{i+1} S_i / ρ_i − ρ_i R[p+i+1]) / ρ_{i+1},
+        # so the whole chain is a few vectorised ops instead of a Python loop over rows.
+        if p < n - 1:
+            rows = R[p:n, :n]
+            col = rows[:, p].copy()
+            rho = np.sqrt(np.cumsum(col * col))  # ρ_0 = R[p, p] > 0 (diagonal of an inverse factor)
+            S = np.cumsum(col[:, None] * rows, axis=0)
+            R[p : n - 1, :n] = (col[1:, None] * (S[:-1] / rho[:-1, None])
+                                - rho[:-1, None] * rows[1:]) / rho[1:, None]
+            R[p : n - 1, p] = 0.0
         R[p : n - 1, p : n - 1] = R[p : n - 1, p + 1 : n].copy()
         R[p : n - 1, n - 1] = 0.0
         R[n - 1, :n] = 0.0
