@@ -17,6 +17,11 @@ from .labels import flatten_values
 from .trace import Inputs, as_inputs, eval_mode
 
 
+# How much farther from the float64 result than PyTorch float32 ONNX Runtime may be, when PyTorch's
+# own rounding exceeds the tolerance (see check_onnx_parity).
+_FLOAT32_SLACK = 4.0
+
+
 class OnnxExportError(RuntimeError):
     """Neither ONNX exporter could export the model."""
 
@@ -121,9 +126,10 @@ def check_onnx_parity(
 
     A deep, badly conditioned model can amplify float32 rounding beyond that tolerance in PyTorch
     itself. So before failing, both are compared with the model run in float64: ONNX Runtime
-    passes when it is within ``rtol`` x scale of the float64 result, or at most 2x as far from it
-    as PyTorch's own float32 result is (``float32_error`` in the figures). A wrong export is off
-    by the order of the output itself and fails either way."""
+    passes when it is within ``rtol`` x scale of the float64 result, or at most 4x as far from it
+    as PyTorch's own float32 result is (``float32_error`` in the figures): two float32 runs with
+    different fusion and summation order land at comparable distances from the exact result, and a
+    wrong export is off by the order of the output itself, so it fails either way."""
     import onnxruntime as ort
 
     inputs = as_inputs(example_inputs)
@@ -154,7 +160,7 @@ def check_onnx_parity(
                             f"output scale {scale:.3e}, tolerance {rtol * scale:.3e}")
                     ort_err = float(np.abs(g - exact[k]).max())
                     torch_err = float(np.abs(w - exact[k]).max())
-                    if not ort_err <= max(rtol * scale, 2.0 * torch_err):
+                    if not ort_err <= max(rtol * scale, _FLOAT32_SLACK * torch_err):
                         raise OnnxParityError(
                             f"ONNX Runtime differs from PyTorch at batch {b}: max |diff| = {diff:.3e}, "
                             f"output scale {scale:.3e}, tolerance {rtol * scale:.3e}; against the "

@@ -30,7 +30,7 @@ def test_pruned_zoo_exports_with_parity(name, tmp_path):
     for m, label in ((pruned, "pruned"), (model, "unpruned")):
         path = export_onnx(m, tmp_path / f"{label}.onnx", x)
         p = path.parity
-        assert path.exists() and p["max_diff"] <= max(1e-4 * p["scale"], 2 * p.get("float32_error", 0.0))
+        assert path.exists() and p["max_diff"] <= max(1e-4 * p["scale"], 4 * p.get("float32_error", 0.0))
         assert path.parity["batch_sizes"] == [1, 3]  # dynamic batch checked at two sizes
     if "shufflenet" in name:  # channel shuffle reshapes by run-time sizes: ONNX inference cannot follow
         with pytest.warns(UserWarning, match="unresolved"):
