@@ -465,6 +465,16 @@ def _tril_vm(R: Tensor, n: int, w: Tensor) -> Tensor:
     return torch.cat([w[j:] @ R[j:n, j : min(j + _BLOCK, n)] for j in range(0, n, _BLOCK)])
 
 
+def _rotate_left(a: np.ndarray, p: int, n: int, axis: int = 0) -> None:
+    """In place: entries p+1..n-1 along ``axis`` move down by one and entry p goes to n-1."""
+    if p >= n - 1:
+        return
+    idx = (slice(None),) * axis
+    saved = a[idx + (p,)].copy()
+    a[idx + (slice(p, n - 1),)] = a[idx + (slice(p + 1, n),)]
+    a[idx + (n - 1,)] = saved
+
+
 def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float, max_steps: int):
     """Path on the scaled problem. Returns (alphas, coefs, survival, left) in that scale.
 
@@ -553,18 +563,22 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
             rows = R[p:n, :n]
             col = rows[:, p].copy()
             rho = np.sqrt(np.cumsum(col * col))  # ρ_0 = R[p, p] > 0 (diagonal of an inverse factor)
-            S = np.cumsum(col[:, None] * rows, axis=0)
-            R[p : n - 1, :n] = (col[1:, None] * (S[:-1] / rho[:-1, None])
-                                - rho[:-1, None] * rows[1:]) / rho[1:, None]
-            R[p : n - 1, p] = 0.0
-        R[p : n - 1, p : n - 1] = R[p : n - 1, p + 1 : n].copy()
+            S = rows * col[:, None]
+            np.cumsum(S, axis=0, out=S)
+            S = S[:-1]
+            S *= (col[1:] / (rho[:-1] * rho[1:]))[:, None]
+            S -= rows[1:] * (rho[:-1] / rho[1:])[:, None]
+            # Then drop column p (shift the others left) and the last row, which now holds it.
+            R[p : n - 1, :p] = S[:, :p]
+            R[p : n - 1, p : n - 1] = S[:, p + 1 :]
         R[p : n - 1, n - 1] = 0.0
         R[n - 1, :n] = 0.0
-        order = np.r_[p + 1 : n, p]
-        gp[p:n, :] = gp[order, :]
-        gp[:, p:n] = gp[:, order]
-        bp[p:n] = bp[order]
-        perm[p:n] = perm[order]
+        # Move p to the end of the active block by shifting (slices: fancy indexing of the C x C
+        # matrix is several times slower).
+        _rotate_left(gp, p, n, axis=0)
+        _rotate_left(gp, p, n, axis=1)
+        _rotate_left(bp, p, n)
+        _rotate_left(perm, p, n)
         n -= 1
         Y[n] = 0.0
         UV[n] = 0.0
