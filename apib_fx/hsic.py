@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Hashable
+from typing import Hashable, Optional
 
 import numpy as np
 import torch
@@ -182,29 +182,38 @@ class HSICStats:
             out.append(_sym_vectors(normalize(kc, _NOISE_ULPS * B * tiny * raw)))
         return torch.cat(out)
 
-    def add(self, x: Tensor, y: Tensor, consumer: Hashable = 0) -> None:
+    def channel_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(k, G) of one batch of the group's channels ``x`` (B, C, m): the channels' kernel vectors
+        (C, B(B+1)/2) and their Gram (C, C). Consumers reading the same tensor share them."""
+        if x.dim() != 3 or x.shape[1] != self.channels:
+            raise ValueError(f"x must be (B, {self.channels}, m), got {tuple(x.shape)}")
+        if x.shape[0] < 2:
+            raise ValueError(f"need at least 2 samples per batch to centre kernels, got B = {x.shape[0]}")
+        with torch.no_grad():
+            k = self._vectors(x.detach().transpose(0, 1))  # (C, P)
+            G = k @ k.T
+            G = 0.5 * (G + G.T)
+        return k, G
+
+    def add(self, x: Tensor, y: Tensor, consumer: Hashable = 0,
+            terms: Optional[tuple[Tensor, Tensor]] = None) -> None:
         """Add one calibration batch seen by one consumer.
 
         ``x``: (B, C, m), each sample's C channels with m features each (flattened by the caller).
         ``y``: (B, n) or (B, ...), the consumer's output for the same samples. ``consumer``: any
         hashable slot; repeated slots are averaged over batches, distinct slots are summed.
+        ``terms``: :meth:`channel_terms` of ``x`` when already computed for another consumer.
         """
-        if x.dim() != 3 or x.shape[1] != self.channels:
-            raise ValueError(f"x must be (B, {self.channels}, m), got {tuple(x.shape)}")
+        k, G = terms if terms is not None else self.channel_terms(x)
         B = x.shape[0]
-        if B < 2:
-            raise ValueError(f"need at least 2 samples per batch to centre kernels, got B = {B}")
         if y.shape[0] != B:
             raise ValueError(f"y has {y.shape[0]} samples, x has {B}")
         with torch.no_grad():
-            k = self._vectors(x.detach().transpose(0, 1))  # (C, P)
             l = self._vectors(y.detach().reshape(1, B, -1))[0]  # (P,)
-            G = k @ k.T
-            G = 0.5 * (G + G.T)
             b = k @ l
         slot = self._sums.get(consumer)
         if slot is None:
-            self._sums[consumer] = [G, b, 1]
+            self._sums[consumer] = [G.clone() if terms is not None else G, b, 1]
         else:
             slot[0] += G
             slot[1] += b

@@ -106,6 +106,29 @@ class ConsumerCapture(fx.Interpreter):
         self.consumers = consumers
         self.stats = stats
         self.kernel_seconds = 0.0
+        # Layers reading the same channels of the same tensor (a block's first conv and its
+        # downsample shortcut) see identical channel kernels: compute them once per batch.
+        nodes = {n.name: n for n in module.graph.nodes}
+        self._uses: dict[tuple, int] = {}
+        for name, todo in consumers.items():
+            for c in todo:
+                key = self._key(nodes[name], c)
+                self._uses[key] = self._uses.get(key, 0) + 1
+        self._shared: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._left: dict[tuple, int] = {}
+
+    @staticmethod
+    def _key(n: fx.Node, c: Consumer) -> tuple:
+        where = c.start if c.start is not None else tuple(c.positions.tolist())
+        return (n.args[0].name, c.group, c.axis, where, c.positions.numel(), c.per_channel)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        self._shared.clear()
+        self._left = dict(self._uses)
+        try:
+            return super().run(*args, **kwargs)
+        finally:
+            self._shared.clear()
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
@@ -122,7 +145,16 @@ class ConsumerCapture(fx.Interpreter):
                          else moved.index_select(1, c.positions.to(x.device)))
                 channels = c.positions.numel() // c.per_channel
                 feats = feats.reshape(b, channels, -1).float()
-                self.stats[c.group].add(feats, y, consumer=c.slot)
+                key = self._key(n, c)
+                terms = None
+                if self._uses[key] > 1:
+                    terms = self._shared.get(key)
+                    if terms is None:
+                        terms = self._shared[key] = self.stats[c.group].channel_terms(feats)
+                    self._left[key] -= 1
+                    if self._left[key] == 0:
+                        del self._shared[key]
+                self.stats[c.group].add(feats, y, consumer=c.slot, terms=terms)
             self.kernel_seconds += time.perf_counter() - start
         return out
 

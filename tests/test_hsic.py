@@ -285,3 +285,17 @@ def test_stats_input_checks():
     s.add(torch.randn(8, 4, 6), torch.randn(8, 2, 2))  # y of any trailing shape is flattened
     G, b = s.gram()
     assert G.shape == (4, 4) and b.shape == (4,) and G.dtype == torch.float64 and G.device.type == "cpu"
+
+
+def test_shared_channel_terms_give_the_same_statistics(digits):
+    a, y, _, _ = digits
+    fresh, shared = HSICStats(16), HSICStats(16)
+    terms = shared.channel_terms(a[:32])
+    for consumer, target in ((0, y[:32]), (1, y[:32] * 2 + 1)):
+        fresh.add(a[:32], target, consumer=consumer)
+        shared.add(a[:32], target, consumer=consumer, terms=terms)
+    shared.add(a[:32], y[:32], consumer=0, terms=terms)  # a later batch adds in place: terms stay intact
+    fresh.add(a[:32], y[:32], consumer=0)
+    for (G1, b1), (G2, b2) in [(fresh.gram(), shared.gram())]:
+        assert torch.equal(G1, G2) and torch.equal(b1, b2)
+    assert torch.equal(terms[1], shared.channel_terms(a[:32])[1])

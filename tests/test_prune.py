@@ -105,6 +105,27 @@ def test_apib_removes_duplicates_and_dead_channels_first():
     assert set(torch.argsort(l1)[:2].tolist()) == {2, 3}  # L1 would drop the unique channels first
 
 
+def test_layers_reading_the_same_tensor_share_channel_kernels(monkeypatch):
+    from apib_fx.hsic import HSICStats
+    from apib_fx.scoring import ConsumerCapture, score_apib
+
+    model = zoo_model("resnet18", num_classes=10)  # each stage's conv1 and downsample read one tensor
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    graph = apib_fx.trace(model, x[:1])
+    calls = []
+    real = HSICStats.channel_terms
+    monkeypatch.setattr(HSICStats, "channel_terms", lambda self, f: calls.append(1) or real(self, f))
+    shared = score_apib(graph, graph.module, list(x.split(8)), progress=False)
+    n_shared = len(calls)
+    calls.clear()
+    # Key by the consumer itself: nothing shared.
+    monkeypatch.setattr(ConsumerCapture, "_key", staticmethod(lambda n, c: (n.name, c.group, c.slot)))
+    alone = score_apib(graph, graph.module, list(x.split(8)), progress=False)
+    assert n_shared < len(calls)
+    for g in shared.primary:
+        assert torch.equal(shared.primary[g], alone.primary[g]) and torch.equal(shared.secondary[g], alone.secondary[g])
+
+
 def test_apib_end_to_end_drops_dead_channels():
     model = DupDead()
     x = _digits()
