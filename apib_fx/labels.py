@@ -22,6 +22,19 @@ from torch import Tensor
 NONE = -1
 
 
+class ChannelSize(int):
+    """A size read off an axis that carries channels (``C`` in ``B, C, H, W = x.shape``): an int
+    that remembers the channel ``ids`` along that axis, so a rule can check where it is used.
+    Arithmetic on it gives plain ints."""
+
+    ids: Tensor
+
+    def __new__(cls, value: int, ids: Tensor) -> "ChannelSize":
+        out = super().__new__(cls, value)
+        out.ids = ids
+        return out
+
+
 def unlabeled(shape: Iterable[int]) -> Tensor:
     """A label tensor of ``shape`` carrying no channel."""
     shape = tuple(shape)

@@ -26,6 +26,7 @@ from torch import Tensor, fx, nn
 
 from .labels import (
     NONE,
+    ChannelSize,
     LabelSpace,
     along,
     axis_ids,
@@ -213,8 +214,49 @@ def relabel(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
 def run_plain(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     """Python-level ops (size arithmetic, ``getattr(x, 'shape')``): evaluate; tensors become labels."""
     if not any(is_labels(v) for v in flatten_values((args, kwargs))):
-        return _relabeled(ctx.space, ctx.node.target(*args, **kwargs))
+        target = ctx.node.target
+        if ctx.node.op == "call_method":
+            return _relabeled(ctx.space, getattr(args[0], target)(*args[1:], **kwargs))
+        return _relabeled(ctx.space, target(*args, **kwargs))
     return relabel(ctx, *args, **kwargs)
+
+
+def _axis_size(x: Tensor, axis: int) -> int:
+    """``x.shape[axis]``, as a :class:`ChannelSize` when that axis carries channels."""
+    axis = axis % x.dim()
+    ids = axis_ids(x, axis)
+    return ChannelSize(x.shape[axis], ids) if bool((ids != NONE).any()) else x.shape[axis]
+
+
+def size_of(ctx: RuleContext, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """``x.shape`` / ``x.size()`` / ``x.size(d)``: sizes of channel axes remember their channels."""
+    if not is_labels(x) or (ctx.node.target is getattr and args[0] != "shape"):
+        return run_plain(ctx, x, *args, **kwargs)
+    dim = None if ctx.node.target is getattr else (args[0] if args else kwargs.get("dim"))
+    if dim is not None:
+        return _axis_size(x, dim)
+    return torch.Size([_axis_size(x, a) for a in range(x.dim())])
+
+
+def reshape(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
+    """``view``/``reshape``: move labels like values. A size read off a channel axis that sets an
+    axis carrying other channels must keep matching them: the two go together (unified), and
+    where that axis carries no prunable channel (MaxViT's ``out.reshape(B, G, P, D)`` with ``D``
+    from its input) the channels behind the size are kept whole."""
+    out = relabel(ctx, *args, **kwargs)
+    shape = args[1:] if ctx.node.op == "call_method" or len(args) > 1 else ()
+    shape = kwargs.get("shape", shape)
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = shape[0]
+    if is_labels(out) and len(shape) == out.dim():
+        for axis, size in enumerate(shape):
+            if isinstance(size, ChannelSize):
+                ids = axis_ids(out, axis)
+                same = ids.numel() == size.ids.numel() and torch.equal(
+                    ctx.space.classes(ids).sort().values, ctx.space.classes(size.ids).sort().values)
+                if not same:  # the same channels in another order (a channel shuffle) always fit
+                    ctx.space.unify(ids, size.ids)
+    return out
 
 
 def _index_axes(index: Any, ndim: int) -> list[tuple[int, Any]]:
@@ -252,6 +294,8 @@ def getitem(ctx: RuleContext, x: Any, index: Any) -> Any:
 def broadcast(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     """Elementwise ops of several tensors (add, mul, where...): channels that meet at the same
     position must be removed together (a residual add, an SE block's ``x * scale``)."""
+    if ctx.node.meta.get("tensor_meta") is None:  # arithmetic on sizes (``h // p * w // p``)
+        return run_plain(ctx, *args, **kwargs)
     out_shape = ctx.out_shape
     nd = len(out_shape)
     space = ctx.space
@@ -606,7 +650,7 @@ def resize_layer_norm(node: fx.Node, m: nn.Module, keep: KeepView) -> None:
 
 PASS = Rule(passthrough)
 SHAPE = Rule(relabel)
-RESHAPE = Rule(relabel, rewrite_shape_args)
+RESHAPE = Rule(reshape, rewrite_shape_args)
 SPLIT = Rule(relabel, rewrite_split)
 BROADCAST = Rule(broadcast)
 REDUCE = Rule(reduction)
@@ -673,14 +717,14 @@ RULES: dict[Any, Rule] = {
     torch.cat: SHAPE, torch.concat: SHAPE, torch.stack: SHAPE,
     torch.split: SPLIT, "split": SPLIT, torch.chunk: SPLIT, "chunk": SPLIT,
     torch.tensor_split: SPLIT, "tensor_split": SPLIT,
-    torch.reshape: RESHAPE, "reshape": RESHAPE, "view": RESHAPE, "expand": RESHAPE,
+    torch.reshape: RESHAPE, "reshape": RESHAPE, "view": RESHAPE, "expand": Rule(relabel, rewrite_shape_args),
     "expand_as": SHAPE, "view_as": SHAPE, "reshape_as": SHAPE,
     torch.permute: SHAPE, "permute": SHAPE, torch.transpose: SHAPE, "transpose": SHAPE,
     torch.swapaxes: SHAPE, "swapaxes": SHAPE, torch.movedim: SHAPE, "movedim": SHAPE,
     torch.t: SHAPE, "t": SHAPE, torch.squeeze: SHAPE, "squeeze": SHAPE,
     torch.unsqueeze: SHAPE, "unsqueeze": SHAPE, torch.narrow: SHAPE, "narrow": SHAPE,
     operator.getitem: Rule(getitem, rewrite_getitem),
-    "size": Rule(run_plain), "dim": Rule(run_plain), getattr: Rule(run_plain),
+    "size": Rule(size_of), "dim": Rule(run_plain), getattr: Rule(size_of),
     operator.floordiv: Rule(run_plain), operator.mod: Rule(run_plain),
     # reductions, softmax
     torch.mean: REDUCE, "mean": REDUCE, torch.sum: REDUCE, "sum": REDUCE, torch.amax: REDUCE,

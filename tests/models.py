@@ -217,3 +217,38 @@ class Untraceable(nn.Module):
 
     def forward(self, x):
         return self.head(self.gate(self.conv(x)))
+
+
+class SizeFromOtherTensor(nn.Module):
+    """``y.reshape(B, C, H * W)`` with ``C`` read off another tensor: nothing else ties the two
+    channel sets, but they must shrink together for the reshape to keep fitting."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.head_a = nn.Conv1d(8, 4, 1)
+        self.head_b = nn.Conv1d(8, 4, 1)
+
+    def forward(self, x):
+        a = torch.relu(self.a(x))
+        B, C, H, W = a.shape
+        y = self.b(x).reshape(B, C, H * W)
+        return self.head_a(a.flatten(2)), self.head_b(y)
+
+
+class SizeIntoUnprunableAxis(nn.Module):
+    """MaxViT's pattern: a channel count read off one tensor reshapes another whose axis carries
+    no prunable channel (here a parameter), so the channels behind the count must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8 * 16, 10)
+        self.table = nn.Parameter(torch.randn(8 * 16))
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        B, C, H, W = h.shape
+        bias = self.table.reshape(1, C, H * W).sum()
+        return self.head(h.flatten(1)) + bias

@@ -17,6 +17,7 @@ CASES = [
     (M.SharedModule, (2, 3, 8, 8)),
     (M.ChannelsLast, (2, 3, 8, 8)),
     (M.Shuffle, (2, 3, 8, 8)),
+    (M.SizeFromOtherTensor, (2, 3, 8, 8)),
 ]
 
 
@@ -150,6 +151,17 @@ def test_non_prunable_with_reason(cls, param, words):
     assert not group.prunable and words in group.reason.lower()
     with pytest.raises(ValueError, match="not prunable"):
         apib_fx.apply(model, g, {group.index: torch.tensor([0])})
+
+
+def test_size_read_off_a_tensor_ties_the_channels_it_shapes():
+    model = _model(M.SizeFromOtherTensor)
+    g = apib_fx.trace(model, torch.randn(1, 3, 8, 8))
+    (group,) = [gr for gr in g.groups if any(m.param == "a.weight" and m.role == "out" for m in gr.members)]
+    assert group.prunable and {"b.weight", "head_a.weight", "head_b.weight"} <= {m.param for m in group.members}
+    model = _model(M.SizeIntoUnprunableAxis)
+    g = apib_fx.trace(model, torch.randn(1, 3, 4, 4))
+    (group,) = [gr for gr in g.groups if any(m.param == "conv.weight" and m.role == "out" for m in gr.members)]
+    assert not group.prunable
 
 
 def test_channel_reduction_leaves_other_branch_prunable():
