@@ -30,6 +30,48 @@ def _matmul_macs(a: Tensor, b: Tensor) -> int:
     return math.prod(batch) * a2.shape[-2] * a2.shape[-1] * b2.shape[-1]
 
 
+def _einsum_macs(equation: str, operands: Sequence[Tensor]) -> int:
+    """MACs of an einsum, contracting operands left to right in pairs (as torch does without
+    opt_einsum): a pair that sums over shared indices costs the product of the sizes of the
+    indices it involves; a pair that sums nothing is a plain product (no MACs); an index only one
+    side has and nothing later needs is summed out first, at no MACs."""
+    eq = equation.replace(" ", "")
+    lhs, _, out = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(operands) or len(operands) < 2:
+        return 0
+    sizes: dict[str, int] = {}
+    subs = []
+    for term, t in zip(terms, operands):
+        if "..." in term:
+            head, tail = term.split("...")
+            n_ell = t.dim() - len(head) - len(tail)
+            letters = list(head) + [f"...{i}" for i in range(n_ell)] + list(tail)
+        else:
+            letters = list(term)
+        for letter, n in zip(letters, t.shape):
+            sizes[letter] = max(sizes.get(letter, 1), int(n))
+        subs.append(letters)
+    if not _:  # implicit output: the indices that appear once, in order
+        out_letters = sorted(k for k in sizes if sum(s.count(k) for s in subs) == 1 and not k.startswith("..."))
+        out_letters = [k for k in sizes if k.startswith("...")] + out_letters
+    else:
+        ell = sorted({k for s in subs for k in s if k.startswith("...")})
+        out_letters = [c for c in out.replace("...", "\0") if c != "\0"] + ell
+    macs = 0
+    acc = set(subs[0])
+    for i in range(1, len(subs)):
+        later = set(out_letters).union(*map(set, subs[i + 1 :]))
+        cur = set(subs[i])
+        left = {k for k in acc if k in cur or k in later}
+        right = {k for k in cur if k in acc or k in later}
+        if (left & right) - later:  # something is summed: a (batched) matrix product
+            macs += math.prod(sizes[k] for k in left | right)
+        # else an outer or elementwise product: torch multiplies, no MACs
+        acc = {k for k in left | right if k in later}
+    return macs
+
+
 class _MacCounter(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
@@ -49,6 +91,9 @@ class _MacCounter(TorchFunctionMode):
             self.macs += _matmul_macs(args[0], args[1])
         elif func in _ADDMM:
             self.macs += _matmul_macs(args[1], args[2])
+        elif func is torch.einsum:
+            operands = args[1:] if len(args) > 2 or not isinstance(args[1], (list, tuple)) else args[1]
+            self.macs += _einsum_macs(args[0], operands)
         elif func is F.scaled_dot_product_attention:
             q, k, v = args[:3]
             # q k^T and (attn) v: L*S*E + L*S*Ev per batch-head

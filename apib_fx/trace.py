@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .flops import _MacCounter
 from .graph import ChannelGraph
 from .labels import LabelSpace, compress, flatten_values, is_labels, unlabeled
 from .rules import DEFAULT_LEAF_MODULES, RuleContext, opaque, rule_for
@@ -90,6 +91,24 @@ def symbolic_trace(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.Gr
     return fx.GraphModule(tracer.root, graph, name)
 
 
+class ShapeAndMacsProp(ShapeProp):
+    """``ShapeProp`` that also records each node's multiply-accumulates (``node.meta["macs"]``),
+    counted by :func:`apib_fx.count_flops`'s interceptor. The FLOPs model takes the MACs of ops
+    without a channel rule (a leaf module, a wrapped attention function) from here: their inputs'
+    channels are kept whole, so their cost is a constant the pruning cannot change."""
+
+    def propagate(self, *args: Any) -> Any:
+        self._counter = _MacCounter()
+        with self._counter:
+            return super().propagate(*args)
+
+    def run_node(self, n: fx.Node) -> Any:
+        before = self._counter.macs
+        out = super().run_node(n)
+        n.meta["macs"] = self._counter.macs - before
+        return out
+
+
 class ChannelPropagation(fx.Interpreter):
     """Runs the graph on label tensors: every op's rule from :data:`apib_fx.rules.RULES` says
     where channels go; the findings accumulate in a :class:`LabelSpace`."""
@@ -102,8 +121,14 @@ class ChannelPropagation(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         self._node = n
+        terms = len(self.space.flops_terms)
         out = super().run_node(n)
         self.node_labels[n.name] = _stored(out)
+        macs = n.meta.get("macs", 0)
+        if macs and len(self.space.flops_terms) == terms:
+            # Arithmetic no rule accounted for (an opaque op): its channels are kept whole, so
+            # it is a constant term of the FLOPs model.
+            self.space.add_flops(macs, [])
         return out
 
     def placeholder(self, target: Any, args: Any, kwargs: Any) -> Any:
@@ -156,7 +181,7 @@ def trace(model: nn.Module, example_inputs: Inputs, *, leaf_modules: Sequence[ty
     with eval_mode(model), torch.no_grad():
         gm = symbolic_trace(model, leaf_modules)
         try:
-            ShapeProp(gm).propagate(*inputs)
+            ShapeAndMacsProp(gm).propagate(*inputs)
         except Exception as e:
             cause = e.__cause__ or e
             first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
