@@ -21,6 +21,13 @@ _MATMUL = {torch.matmul, Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__, t
 _ADDMM = {torch.addmm, Tensor.addmm, torch.baddbmm, Tensor.baddbmm}
 
 
+# Everything the counter below charges MACs for, as fx call_function / call_method targets.
+MAC_TARGETS: frozenset = frozenset(
+    _CONV | _MATMUL | _ADDMM | {F.linear, torch.einsum, F.scaled_dot_product_attention}
+    | {"matmul", "mm", "bmm", "addmm", "baddbmm", "__matmul__", "__rmatmul__"}
+)
+
+
 def _matmul_macs(a: Tensor, b: Tensor) -> int:
     if a.dim() == 1 and b.dim() == 1:
         return a.shape[0]

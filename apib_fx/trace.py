@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .flops import _MacCounter
+from .flops import MAC_TARGETS, _MacCounter
 from .graph import ChannelGraph
 from .labels import LabelSpace, compress, flatten_values, is_labels, unlabeled
 from .rules import DEFAULT_LEAF_MODULES, RuleContext, opaque, rule_for
@@ -92,21 +92,30 @@ def symbolic_trace(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.Gr
 
 
 class ShapeAndMacsProp(ShapeProp):
-    """``ShapeProp`` that also records each node's multiply-accumulates (``node.meta["macs"]``),
-    counted by :func:`apib_fx.count_flops`'s interceptor. The FLOPs model takes the MACs of ops
-    without a channel rule (a leaf module, a wrapped attention function) from here: their inputs'
-    channels are kept whole, so their cost is a constant the pruning cannot change."""
-
-    def propagate(self, *args: Any) -> Any:
-        self._counter = _MacCounter()
-        with self._counter:
-            return super().propagate(*args)
+    """``ShapeProp`` that also records the multiply-accumulates (``node.meta["macs"]``) of nodes
+    whose arithmetic a channel rule may not account for: ops without a rule (a leaf module, a
+    wrapped attention function) and matrix products, counted by :func:`apib_fx.count_flops`'s
+    interceptor. Their inputs' channels are kept whole, so the FLOPs model takes them as a
+    constant the pruning cannot change. Other nodes run uncounted (interception costs time)."""
 
     def run_node(self, n: fx.Node) -> Any:
-        before = self._counter.macs
-        out = super().run_node(n)
-        n.meta["macs"] = self._counter.macs - before
+        if not self._measured(n):
+            return super().run_node(n)
+        counter = _MacCounter()
+        with counter:
+            out = super().run_node(n)
+        n.meta["macs"] = counter.macs
         return out
+
+    def _measured(self, n: fx.Node) -> bool:
+        if n.op == "call_module":
+            return rule_for(n, self.fetch_attr(n.target)) is None
+        if n.op not in ("call_function", "call_method"):
+            return False
+        try:
+            return n.target in MAC_TARGETS or rule_for(n) is None
+        except TypeError:  # unhashable target
+            return True
 
 
 class ChannelPropagation(fx.Interpreter):
