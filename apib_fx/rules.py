@@ -755,13 +755,18 @@ def register_rule(op: Any, rule: Rule) -> None:
     RULES[op] = rule
 
 
+def module_rule(module_type: type) -> Optional[Rule]:
+    """The rule of a module class: its own, or a base class's if it did not replace ``forward``
+    (torchvision's ``Conv3DSimple(nn.Conv3d)`` is a Conv3d; a subclass with its own forward is not)."""
+    for cls in module_type.__mro__:
+        if cls in RULES:
+            return RULES[cls] if module_type.forward is cls.forward else None
+    return None
+
+
 def rule_for(node: fx.Node, module: Optional[nn.Module] = None) -> Optional[Rule]:
     if node.op == "call_module":
-        # A subclass shares its base's rule only if it did not replace forward.
-        for cls in type(module).__mro__:
-            if cls in RULES:
-                return RULES[cls] if type(module).forward is cls.forward else None
-        return None
+        return module_rule(type(module))
     try:
         return RULES.get(node.target)
     except TypeError:  # unhashable target

@@ -11,7 +11,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .flops import MAC_TARGETS, _MacCounter
 from .graph import ChannelGraph
 from .labels import LabelSpace, compress, flatten_values, is_labels, unlabeled
-from .rules import DEFAULT_LEAF_MODULES, RuleContext, opaque, rule_for
+from .rules import DEFAULT_LEAF_MODULES, RuleContext, module_rule, opaque, rule_for
 
 Inputs = Union[Tensor, Sequence[Tensor]]
 
@@ -59,7 +59,10 @@ class _Tracer(fx.Tracer):
         self.failed_in: list[tuple[str, str]] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+        # A module with a channel rule stays one node, also when its class lives outside torch.nn
+        # (fx would otherwise trace into a torchvision subclass of nn.Conv3d and see F.conv3d).
+        return (isinstance(m, self.leaf_types) or module_rule(type(m)) is not None
+                or super().is_leaf_module(m, qualname))
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         try:

@@ -252,3 +252,21 @@ class SizeIntoUnprunableAxis(nn.Module):
         B, C, H, W = h.shape
         bias = self.table.reshape(1, C, H * W).sum()
         return self.head(h.flatten(1)) + bias
+
+
+class MyConv(nn.Conv2d):
+    """A Conv2d subclass outside torch.nn that keeps Conv2d's forward: still a Conv2d."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.note = "custom init only"
+
+
+class SubclassedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = MyConv(3, 8, 3, padding=1)
+        self.conv2 = MyConv(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.conv1(x)))

@@ -18,6 +18,7 @@ CASES = [
     (M.ChannelsLast, (2, 3, 8, 8)),
     (M.Shuffle, (2, 3, 8, 8)),
     (M.SizeFromOtherTensor, (2, 3, 8, 8)),
+    (M.SubclassedConv, (2, 3, 8, 8)),
 ]
 
 

@@ -1,0 +1,32 @@
+"""Models outside the classification zoo: segmentation heads (dict outputs, atrous convs) and
+video networks (Conv3d, including torchvision's Conv3d subclasses), exact and on target."""
+import pytest
+import torch
+from torchvision.models import segmentation, video
+
+import apib_fx
+from apib_fx.testing import check_exact
+
+MODELS = {
+    "lraspp_mobilenet_v3_large": (lambda: segmentation.lraspp_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=5), (3, 64, 64)),
+    "r3d_18": (lambda: video.r3d_18(weights=None, num_classes=5), (3, 4, 32, 32)),
+    "r2plus1d_18": (lambda: video.r2plus1d_18(weights=None, num_classes=5), (3, 4, 32, 32)),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_exact_and_on_target(name):
+    build, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    graph = apib_fx.trace(model, x)
+    assert len(graph.prunable_groups) >= len(graph.groups) - 1  # all but the output channels
+    report = check_exact(model, x, graph=graph)
+    assert report.shapes_ok and report.max_diff <= 1e-5, report
+    assert report.flops_model == report.flops_after < report.flops_before
+    calib = torch.randn(8, *shape, generator=torch.Generator().manual_seed(1))
+    pruned = apib_fx.prune(model, 0.4, calib, num_calib=8, batch_size=8, progress=False)
+    removed = 1 - apib_fx.count_flops(pruned, x[:1]) / apib_fx.count_flops(model, x[:1])
+    assert abs(removed - 0.4) <= 0.005
