@@ -487,15 +487,18 @@ def _rotate_left(a: np.ndarray, p: int, n: int, axis: int = 0) -> None:
 def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float, max_steps: int):
     """Path on the scaled problem. Returns (alphas, coefs, survival, left) in that scale.
 
-    Bookkeeping: G is kept symmetrically permuted (``gp``) so the active set A is the leading
-    block [0, n); R = L⁻¹ with L Lᵀ = G_AA is kept explicitly (torch refuses to run triangular
+    Bookkeeping: ``perm`` lists the active set A first (positions [0, n), in the order of the
+    factor), then the inactive channels; ``GA`` holds the rows of G for A in that order, columns in
+    the original order, so nothing of size C x C is ever permuted. R = L⁻¹ with L Lᵀ = G_AA is
+    kept explicitly (torch refuses to run triangular
     solves on a strided block without copying it). With Y = R[1, b_A] and (u, v) = Rᵀ Y:
         β_A(α) = v − α u,    corr_k(α) = b_k − G_kA β_A = (b_k − G_kA v) + α (G_kA u),
     so channel k enters at α = (b_k − G_kA v) / (1 − G_kA u), and j leaves at α = v_j / u_j (u_j < 0).
     """
     C = bs.size
-    gp_t = torch.from_numpy(Gs.copy())
-    gp = gp_t.numpy()
+    G = np.ascontiguousarray(Gs)
+    GA_t = torch.zeros(C, C, dtype=torch.float64)
+    GA = GA_t.numpy()
     bp = bs.copy()
     perm = np.arange(C)
     R_t = torch.zeros(C, C, dtype=torch.float64)
@@ -523,8 +526,6 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
     def swap(i: int, j: int) -> None:
         if i == j:
             return
-        gp[[i, j], :] = gp[[j, i], :]
-        gp[:, [i, j]] = gp[:, [j, i]]
         bp[[i, j]] = bp[[j, i]]
         perm[[i, j]] = perm[[j, i]]
 
@@ -538,15 +539,17 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
     def add(q: int) -> bool:
         nonlocal n
         swap(q, n)
+        k = perm[n]
         if n:
-            w_t = _tril_mv(R_t, n, gp_t[n, :n])  # row, not column: G is symmetric and rows are contiguous
+            w_t = _tril_mv(R_t, n, torch.from_numpy(G[k, perm[:n]]))  # G_Ak, in the factor's order
             w = w_t.numpy()
-            s2 = gp[n, n] - float(w @ w)
+            s2 = G[k, k] - float(w @ w)
         else:
             w_t = None
-            s2 = gp[0, 0]
-        if s2 <= 1e-10 * gp[n, n]:
+            s2 = G[k, k]
+        if s2 <= 1e-10 * G[k, k]:
             return False
+        GA[n] = G[k]
         s = math.sqrt(s2)
         if n:
             R[n, :n] = -_tril_vm(R_t, n, w_t).numpy() / s
@@ -582,10 +585,8 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
             R[p : n - 1, p : n - 1] = S[:, p + 1 :]
         R[p : n - 1, n - 1] = 0.0
         R[n - 1, :n] = 0.0
-        # Move p to the end of the active block by shifting (slices: fancy indexing of the C x C
-        # matrix is several times slower).
-        _rotate_left(gp, p, n, axis=0)
-        _rotate_left(gp, p, n, axis=1)
+        # Move p to the end of the active block (slice shifts: fancy indexing is several times slower).
+        _rotate_left(GA, p, n)
         _rotate_left(bp, p, n)
         _rotate_left(perm, p, n)
         n -= 1
@@ -597,7 +598,7 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
         inact = perm[n:]
         if n:
             u, v = UV[:n, 0], UV[:n, 1]
-            aq = (torch.from_numpy(np.ascontiguousarray(UV[:n].T)) @ gp_t[:n, n:]).numpy()
+            aq = (torch.from_numpy(np.ascontiguousarray(UV[:n].T)) @ GA_t[:n]).numpy()[:, inact]
             den = 1.0 - aq[0]
             num = bp[n:] - aq[1]
             dtol = 1e-11 * max(1.0, float(np.abs(u).sum()))
