@@ -81,14 +81,20 @@ def symbolic_trace(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.Gr
     except Exception as e:
         if tracer.failed_in:
             path, cls = tracer.failed_in[0]
-            where = f"module '{path}' ({cls})"
-        else:
-            cls = type(model).__name__
-            where = f"the forward of {cls} itself"
+            raise TraceError(
+                f"torch.fx could not trace module '{path}' ({cls}): {type(e).__name__}: {e}\n"
+                f"Keep it opaque with apib_fx.trace(model, example_inputs, leaf_modules=({cls},)): "
+                "its channels are then left whole."
+            ) from e
+        # The model's own forward is not traceable (data-dependent control flow, as in detection
+        # models): making it a leaf would leave nothing to prune, so point at its parts.
+        cls = type(model).__name__
+        parts = ", ".join(name for name, _ in model.named_children()) or "none"
         raise TraceError(
-            f"torch.fx could not trace {where}: {type(e).__name__}: {e}\n"
-            f"Keep it opaque with apib_fx.trace(model, example_inputs, leaf_modules=({cls},)): "
-            "its channels are then left whole."
+            f"torch.fx could not trace the forward of {cls} itself: {type(e).__name__}: {e}\n"
+            f"Prune a traceable part instead (its submodules: {parts}), e.g. "
+            f"model.<part> = apib_fx.prune(model.<part>, ...); modules inside a part that fail "
+            f"can be kept opaque with leaf_modules=(...)."
         ) from e
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)

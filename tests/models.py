@@ -270,3 +270,16 @@ class SubclassedConv(nn.Module):
 
     def forward(self, x):
         return self.conv2(torch.relu(self.conv1(x)))
+
+
+class UntraceableTop(nn.Module):
+    """Data-dependent control flow in the model's own forward (as in detection models)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3))
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        f = self.backbone(x)
+        return self.head(f) if f.mean() > 0 else self.head(-f)

@@ -191,6 +191,15 @@ def test_untraceable_names_module_and_leaf_modules_work():
     assert not conv.prunable and "Gate" in conv.reason
 
 
+def test_untraceable_forward_points_at_traceable_parts():
+    model = _model(M.UntraceableTop)
+    with pytest.raises(apib_fx.TraceError, match=r"(?s)forward of UntraceableTop itself.*submodules: backbone, head") as err:
+        apib_fx.trace(model, torch.randn(1, 3, 8, 8))
+    assert "leaf_modules=(UntraceableTop" not in str(err.value)  # would leave nothing to prune
+    part = apib_fx.trace(model.backbone, torch.randn(1, 3, 8, 8))
+    assert part.prunable_groups
+
+
 def test_originals_untouched_bit_for_bit():
     model = _model(M.Branches)
     model.train()
