@@ -17,10 +17,12 @@ diag(G) = 1, b_c ∈ [0, 1] per consumer (a normalised HSIC) and α is on that s
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import warnings
 from dataclasses import dataclass
-from typing import Hashable, Optional
+from typing import Hashable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -260,6 +262,29 @@ def kkt_residual(G: Tensor, b: Tensor, alpha: float, beta: Tensor) -> float:
     return float(max(r.max(initial=0.0), np.maximum(0.0, -bt).max(initial=0.0)))
 
 
+_THREADS = threading.Lock()
+_threads_state = {"users": 0, "saved": 1}
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch's intra-op threads set to 1 while any solver runs. The setting is process-wide, so
+    concurrent solvers (a user pruning from several threads) share one save/restore: the count
+    the user had comes back when the last one leaves, not an interleaved 1."""
+    with _THREADS:
+        if _threads_state["users"] == 0:
+            _threads_state["saved"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _threads_state["users"] += 1
+    try:
+        yield
+    finally:
+        with _THREADS:
+            _threads_state["users"] -= 1
+            if _threads_state["users"] == 0:
+                torch.set_num_threads(_threads_state["saved"])
+
+
 def _independent(A: Tensor) -> Tensor:
     """Mask of a maximal set of linearly independent columns of the PSD matrix ``A``, greedily in
     index order (so of duplicate channels the lowest index is kept)."""
@@ -370,14 +395,9 @@ def nonneg_lasso(G: Tensor, b: Tensor, alpha: float, *, tol: float = 1e-10, max_
         if converged and full:
             break
         sweeps_since_full = 0 if converged or sweeps_since_full >= 10 else sweeps_since_full + 1
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small dense solves: spinning BLAS threads only cost time here
-    try:
-        out = _active_set_finish(torch.from_numpy(Gn), torch.from_numpy(bn - alpha), torch.from_numpy(beta),
-                                 torch.from_numpy(live), tol)
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    with _one_thread():  # small dense solves: spinning BLAS threads only cost time here
+        return _active_set_finish(torch.from_numpy(Gn), torch.from_numpy(bn - alpha), torch.from_numpy(beta),
+                                  torch.from_numpy(live), tol)
 
 
 @dataclass(frozen=True)
@@ -443,15 +463,11 @@ def nonneg_lasso_path(G: Tensor, b: Tensor, *, min_ratio: float = 1e-9, max_step
         return LassoPath(torch.zeros(1, dtype=torch.float64), zeros.reshape(1, C).clone(), zeros.clone(),
                          torch.zeros(C, dtype=torch.bool))
     # Work with diag(G) ≤ 1 so the tolerances below are relative; α scales with G, β does not.
-    threads = torch.get_num_threads()
     # The per-event work is level-2 BLAS (memory bound): extra threads buy little, and on a busy
     # machine spinning BLAS threads make it several times slower.
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         alphas, coefs, surv, left = _homotopy(Gn / scale, bn / scale, live, min_ratio * bmax / scale,
                                               max_steps if max_steps is not None else 20 * C + 100)
-    finally:
-        torch.set_num_threads(threads)
     return LassoPath(
         torch.tensor(alphas, dtype=torch.float64) * scale,
         torch.from_numpy(np.stack(coefs)),

@@ -299,3 +299,25 @@ def test_shared_channel_terms_give_the_same_statistics(digits):
     for (G1, b1), (G2, b2) in [(fresh.gram(), shared.gram())]:
         assert torch.equal(G1, G2) and torch.equal(b1, b2)
     assert torch.equal(terms[1], shared.channel_terms(a[:32])[1])
+
+
+def test_solvers_restore_thread_count_when_run_concurrently():
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(5)
+    problems = []
+    for _ in range(8):
+        x = torch.randn(40, 30, generator=g, dtype=torch.float64)
+        problems.append((x.T @ x, x.T @ torch.randn(40, generator=g, dtype=torch.float64)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            paths = list(pool.map(lambda p: nonneg_lasso_path(*p), problems))
+            fits = list(pool.map(lambda p: nonneg_lasso(*p, 0.1), problems))
+        assert torch.get_num_threads() == 2
+        for (G, b), path, fit in zip(problems, paths, fits):
+            assert torch.equal(path.survival, nonneg_lasso_path(G, b).survival)
+            assert float((fit - nonneg_lasso(G, b, 0.1)).abs().max()) == 0.0
+    finally:
+        torch.set_num_threads(before)
