@@ -22,17 +22,59 @@ from torch import Tensor
 NONE = -1
 
 
+class ShapeSize(int):
+    """An int read off a traced tensor's shape (or computed from such ints) along axes that carry
+    no channel: a batch, token or spatial size. Tagged so that arithmetic mixing it into a
+    channel count is known not to be a function of channel counts alone."""
+
+    def _wrap(self, value: object, other: object) -> object:
+        if not isinstance(value, int) or isinstance(value, bool):
+            return value
+        if isinstance(other, ChannelSize):
+            return ChannelSize(value, other.ids, pure=False)
+        return ShapeSize(value)
+
+
 class ChannelSize(int):
-    """A size read off an axis that carries channels (``C`` in ``B, C, H, W = x.shape``): an int
-    that remembers the channel ``ids`` along that axis, so a rule can check where it is used.
-    Arithmetic on it gives plain ints."""
+    """A size that counts channels: ``C`` in ``B, C, H, W = x.shape``, and ints computed from it
+    (``C // heads``). ``ids``: the channel ids it depends on; ``pure``: computed from channel
+    counts and constants only, so its value after pruning is fixed by the kept channels (a rule
+    may then replace it by the new literal), not mixed with a batch or spatial size."""
 
     ids: Tensor
+    pure: bool
 
-    def __new__(cls, value: int, ids: Tensor) -> "ChannelSize":
+    def __new__(cls, value: int, ids: Tensor, pure: bool = True) -> "ChannelSize":
         out = super().__new__(cls, value)
         out.ids = ids
+        out.pure = pure
         return out
+
+    def _wrap(self, value: object, other: object) -> object:
+        if not isinstance(value, int) or isinstance(value, bool):
+            return value
+        if isinstance(other, ChannelSize):
+            return ChannelSize(value, torch.cat([self.ids, other.ids]), self.pure and other.pure)
+        return ChannelSize(value, self.ids, self.pure and not isinstance(other, ShapeSize))
+
+
+def _arith(name: str) -> None:
+    """Give both size types the int operator ``name`` that keeps their tags."""
+    base = getattr(int, name)
+
+    def op(self: int, other: object = None) -> object:
+        value = base(self) if other is None else base(self, other)
+        if value is NotImplemented:
+            return value
+        return self._wrap(value, other)  # type: ignore[attr-defined]
+
+    for cls in (ShapeSize, ChannelSize):
+        setattr(cls, name, op)
+
+
+for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__floordiv__",
+              "__rfloordiv__", "__mod__", "__rmod__", "__neg__"):
+    _arith(_name)
 
 
 def unlabeled(shape: Iterable[int]) -> Tensor:

@@ -27,6 +27,7 @@ from torch import Tensor, fx, nn
 from .labels import (
     NONE,
     ChannelSize,
+    ShapeSize,
     LabelSpace,
     along,
     axis_ids,
@@ -221,11 +222,14 @@ def run_plain(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     return relabel(ctx, *args, **kwargs)
 
 
-def _axis_size(x: Tensor, axis: int) -> int:
-    """``x.shape[axis]``, as a :class:`ChannelSize` when that axis carries channels."""
+def _axis_size(space: LabelSpace, x: Tensor, axis: int) -> int:
+    """``x.shape[axis]``, tagged: a :class:`ChannelSize` when channels change along that axis, else
+    a :class:`ShapeSize` (a batch or spatial axis, or heads: the same channels spread again)."""
     axis = axis % x.dim()
-    ids = axis_ids(x, axis)
-    return ChannelSize(x.shape[axis], ids) if bool((ids != NONE).any()) else x.shape[axis]
+    if axis in space.class_varying_axes(x):
+        ids = axis_ids(x, axis)
+        return ChannelSize(x.shape[axis], ids[ids != NONE])
+    return ShapeSize(x.shape[axis])
 
 
 def size_of(ctx: RuleContext, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -234,28 +238,45 @@ def size_of(ctx: RuleContext, x: Any, *args: Any, **kwargs: Any) -> Any:
         return run_plain(ctx, x, *args, **kwargs)
     dim = None if ctx.node.target is getattr else (args[0] if args else kwargs.get("dim"))
     if dim is not None:
-        return _axis_size(x, dim)
-    return torch.Size([_axis_size(x, a) for a in range(x.dim())])
+        return _axis_size(ctx.space, x, dim)
+    return torch.Size([_axis_size(ctx.space, x, a) for a in range(x.dim())])
+
+
+def _shape_args(node: fx.Node, args: tuple, kwargs: dict) -> tuple[list, bool]:
+    """The target sizes of a ``view``/``reshape`` call, and whether they come packed in one tuple."""
+    rest = list(args[1:])
+    if "shape" in kwargs:
+        return list(kwargs["shape"]), True
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)):
+        return list(rest[0]), True
+    return rest, False
 
 
 def reshape(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
-    """``view``/``reshape``: move labels like values. A size read off a channel axis that sets an
-    axis carrying other channels must keep matching them: the two go together (unified), and
-    where that axis carries no prunable channel (MaxViT's ``out.reshape(B, G, P, D)`` with ``D``
-    from its input) the channels behind the size are kept whole."""
+    """``view``/``reshape``: move labels like values. A target size computed from channel counts
+    (``x.reshape(B, N, 3, heads, C // heads)`` with ``C`` read off another tensor) is recorded so
+    the rewrite gives it the new literal size of its axis: the reshape then fits whatever was
+    pruned on either side. A channel count mixed with a batch or spatial size cannot be replaced;
+    it must then count the channels of its own axis, or both sides are kept whole."""
     out = relabel(ctx, *args, **kwargs)
-    shape = args[1:] if ctx.node.op == "call_method" or len(args) > 1 else ()
-    shape = kwargs.get("shape", shape)
-    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-        shape = shape[0]
-    if is_labels(out) and len(shape) == out.dim():
-        for axis, size in enumerate(shape):
-            if isinstance(size, ChannelSize):
-                ids = axis_ids(out, axis)
-                same = ids.numel() == size.ids.numel() and torch.equal(
-                    ctx.space.classes(ids).sort().values, ctx.space.classes(size.ids).sort().values)
-                if not same:  # the same channels in another order (a channel shuffle) always fit
-                    ctx.space.unify(ids, size.ids)
+    shape, _ = _shape_args(ctx.node, args, kwargs)
+    if not is_labels(out) or len(shape) != out.dim():
+        return out
+    fixed = []
+    for axis, size in enumerate(shape):
+        if not isinstance(size, ChannelSize):
+            continue
+        if size.pure:
+            fixed.append(axis)
+            continue
+        ids = axis_ids(out, axis)
+        ids = ids[ids != NONE]
+        mine = set(ctx.space.classes(ids).tolist())
+        if not mine or not mine <= set(ctx.space.classes(size.ids).tolist()):
+            ctx.space.block(size.ids, f"their count sets a size in {ctx.op_name} mixed with other sizes")
+            ctx.space.block(ids, f"their axis in {ctx.op_name} is sized by other channels")
+    if fixed:
+        ctx.node.meta["apib_channel_sized"] = fixed
     return out
 
 
@@ -271,6 +292,14 @@ def _index_axes(index: Any, ndim: int) -> list[tuple[int, Any]]:
             out.append((i, axis))
             axis += 1
     return out
+
+
+def unbind(ctx: RuleContext, x: Any, dim: int = 0) -> Any:
+    """``unbind`` along an axis without channels (q, k, v out of one ``qkv`` tensor): each piece
+    keeps its labels. Along a channel axis the number of pieces would change: kept whole."""
+    if is_labels(x) and dim % x.dim() in ctx.space.class_varying_axes(x):
+        ctx.space.block(x, f"unbound into pieces along their axis by {ctx.op_name}")
+    return relabel(ctx, x, dim)
 
 
 def getitem(ctx: RuleContext, x: Any, index: Any) -> Any:
@@ -494,20 +523,42 @@ def matmul(ctx: RuleContext, a: Any, b: Any) -> Any:
     space.link(*torch.broadcast_tensors(ka, kb))
     rows = compress(a).narrow(-1, 0, 1).expand(*a.shape[:-1], 1)
     cols = compress(b).narrow(-2, 0, 1).expand(*b.shape[:-2], 1, b.shape[-1])
+    # Channels on the contracted axis are summed away. Where an operand's labels also vary along
+    # its other axes only because the same channels were spread there (q's heads, tied by
+    # tie_outer), the output carries no channel; other channels there would span two axes.
+    for operand, contracted, side in ((a, a.dim() - 1, "rows"), (b, b.dim() - 2, "cols")):
+        varying = space.class_varying_axes(operand)
+        if contracted in varying:
+            if len(varying) > 1:
+                space.block(operand, f"spread over a contracted and another axis of {ctx.op_name}")
+            if side == "rows":
+                rows = unlabeled(rows.shape)
+            else:
+                cols = unlabeled(cols.shape)
     rows, cols = torch.broadcast_tensors(rows, cols)
     both = (compress(rows) != NONE) & (compress(cols) != NONE)
     if bool(both.any()):
         space.block(cols, f"would span two channel axes of the output of {ctx.op_name}")
     out = torch.where(rows != NONE, rows, cols)
     name = ctx.node.name
+
+    def channels_along(t: Tensor, axis: int) -> Tensor:
+        # An axis carries channels only where they change along it: a label repeated along N
+        # (a token axis) or tied across heads says nothing about that axis' size.
+        axis %= t.dim()
+        if axis in space.class_varying_axes(t):
+            return axis_ids(t, axis)
+        return torch.full((t.shape[axis],), NONE, dtype=torch.long)
+
     dims, coef = [], 1
-    for axis, ids in (("M", axis_ids(a, -2)), ("K", axis_ids(a, -1)), ("N", axis_ids(b, -1))):
+    for axis, ids in (("M", channels_along(a, -2)), ("K", channels_along(a, -1)), ("N", channels_along(b, -1))):
         key = (f"{name}#{axis}", 0)
         space.bind(key[0], 0, ids, "axis")
         dims.append(key)
     batch = out_shape[:-2]
+    full = out.expand(out_shape)
     for i, n in enumerate(batch):
-        axis_labels = axis_ids(out, i) if n > 1 else None
+        axis_labels = channels_along(full, i) if n > 1 else None
         if axis_labels is not None and bool((axis_labels != NONE).any()):
             key = (f"{name}#B{i}", 0)
             space.bind(key[0], 0, axis_labels, "axis")
@@ -538,10 +589,12 @@ def _new_sizes(node: fx.Node, keep: KeepView) -> Optional[list[int]]:
 
 
 def rewrite_shape_args(node: fx.Node, module: Any, keep: KeepView) -> None:
-    """``view``/``reshape``/``expand`` with literal sizes: replace the literals of resized axes."""
+    """``view``/``reshape``/``expand``: replace literal sizes of resized axes, and sizes computed
+    from channel counts (recorded by :func:`reshape`) by the new size of their axis."""
     sizes = _new_sizes(node, keep)
     old = list(node.meta["tensor_meta"].shape) if "tensor_meta" in node.meta else None
-    if sizes is None or old is None or sizes == old:
+    channel_sized = set(node.meta.get("apib_channel_sized", ()))
+    if sizes is None or old is None or (sizes == old and not channel_sized):
         return
     args = list(node.args)
     packed = len(args) == 2 and isinstance(args[1], (tuple, list))
@@ -549,7 +602,7 @@ def rewrite_shape_args(node: fx.Node, module: Any, keep: KeepView) -> None:
     if len(shape) != len(sizes):
         return
     for i, (s, new, was) in enumerate(zip(shape, sizes, old)):
-        if isinstance(s, int) and s != -1 and new != was:
+        if i in channel_sized or (isinstance(s, int) and s != -1 and new != was):
             shape[i] = new
     node.args = (args[0], type(args[1])(shape)) if packed else (args[0], *shape)
 
@@ -716,7 +769,7 @@ RULES: dict[Any, Rule] = {
     torch.flatten: SHAPE, "flatten": SHAPE,
     torch.cat: SHAPE, torch.concat: SHAPE, torch.stack: SHAPE,
     torch.split: SPLIT, "split": SPLIT, torch.chunk: SPLIT, "chunk": SPLIT,
-    torch.tensor_split: SPLIT, "tensor_split": SPLIT,
+    torch.tensor_split: SPLIT, "tensor_split": SPLIT, torch.unbind: Rule(unbind), "unbind": Rule(unbind),
     torch.reshape: RESHAPE, "reshape": RESHAPE, "view": RESHAPE, "expand": Rule(relabel, rewrite_shape_args),
     "expand_as": SHAPE, "view_as": SHAPE, "reshape_as": SHAPE,
     torch.permute: SHAPE, "permute": SHAPE, torch.transpose: SHAPE, "transpose": SHAPE,

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .graph import ChannelGraph
-from .labels import flatten_values
+from .labels import NONE, compress, flatten_values
 from .rewrite import apply
 from .trace import Inputs, as_inputs, trace
 
@@ -30,8 +30,14 @@ def random_keep(graph: ChannelGraph, fraction: float = 0.3, seed: int = 0) -> di
 
 
 def zeroed_reference(model: nn.Module, graph: ChannelGraph, keep: dict[int, Tensor]) -> nn.Module:
-    """A copy of ``model`` whose consumers ignore the removed channels (their input slices are 0)."""
-    ref = copy.deepcopy(model)
+    """A copy of ``model`` whose consumers ignore the removed channels (their input slices are 0).
+
+    Consumers without weights (a matrix product contracting channels, as q @ kᵀ over head
+    dimensions) get their input multiplied by a 0/1 mask instead; the copy is then made from the
+    traced graph."""
+    keep_ids = graph.keep_ids(keep)
+    masks = _contraction_masks(graph, keep_ids)
+    ref = copy.deepcopy(graph.module if masks else model)
     params = dict(ref.named_parameters())
     with torch.no_grad():
         for gi, idx in keep.items():
@@ -42,7 +48,41 @@ def zeroed_reference(model: nn.Module, graph: ChannelGraph, keep: dict[int, Tens
             for m in group.members:
                 if m.role == "in" and m.param in params:
                     params[m.param].index_fill_(m.dim, m.index(removed), 0.0)
+    if masks:
+        nodes = {n.name: n for n in ref.graph.nodes}
+        for i, (name, mask) in enumerate(masks.items()):
+            node = nodes[name]
+            ref.register_buffer(f"_zeroed_mask{i}", mask)
+            with ref.graph.inserting_before(node):
+                m = ref.graph.get_attr(f"_zeroed_mask{i}")
+                masked = ref.graph.call_function(torch.mul, (node.args[0], m))
+            node.args = (masked, *node.args[1:])
+        ref.recompile()
     return ref
+
+
+def _contraction_masks(graph: ChannelGraph, keep_ids: Tensor) -> dict[str, Tensor]:
+    """For each matrix product whose first operand carries channels on the contracted axis and
+    loses some: a 0/1 mask over that operand (broadcastable), keyed by node name."""
+    from .rules import MATMUL, rule_for
+
+    out = {}
+    for node in graph.module.graph.nodes:
+        if node.op not in ("call_function", "call_method") or rule_for(node) is not MATMUL:
+            continue
+        a = node.args[0] if node.args else None
+        labels = graph.node_labels.get(a.name) if isinstance(a, torch.fx.Node) else None
+        if labels is None:
+            continue
+        small = compress(labels)
+        on = small != NONE
+        if not bool(on.any()):
+            continue
+        mask = torch.ones(small.shape)
+        mask[on] = keep_ids[small[on]].float()
+        if not bool((mask == 1).all()):
+            out[node.name] = mask
+    return out
 
 
 def _tensors(out: Any) -> list[Tensor]:

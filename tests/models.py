@@ -283,3 +283,53 @@ class UntraceableTop(nn.Module):
     def forward(self, x):
         f = self.backbone(x)
         return self.head(f) if f.mean() > 0 else self.head(-f)
+
+
+class SelfAttention(nn.Module):
+    """A transformer block written out (as in timm): one qkv projection split into heads, q @ kᵀ,
+    softmax, @ v, heads merged back, projection; then an MLP. ``merge="C"`` merges heads with the
+    channel count read off the input (x.reshape(B, N, C)), ``merge="-1"`` with -1."""
+
+    def __init__(self, merge="-1", dim=32, heads=4):
+        super().__init__()
+        self.merge, self.heads = merge, heads
+        self.embed = nn.Linear(16, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.fc1 = nn.Linear(dim, 64)
+        self.fc2 = nn.Linear(64, dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.embed(x)
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = ((q @ k.transpose(-2, -1)) * 0.25).softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2)
+        out = out.reshape(B, N, C) if self.merge == "C" else out.reshape(B, N, -1)
+        x = x + self.proj(out)
+        x = x + self.fc2(torch.relu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
+class SelfAttentionMergeC(SelfAttention):
+    def __init__(self):
+        super().__init__(merge="C")
+
+
+class MixedSizeReshape(nn.Module):
+    """A channel count multiplied by a spatial size shapes another tensor's channel axis: no
+    literal can replace it (the spatial size may change), so both channel sets stay whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.head_a = nn.Conv2d(8, 4, 1)
+        self.head_b = nn.Conv1d(64, 4, 1)
+
+    def forward(self, x):
+        a = self.a(x)
+        B, C, H, W = a.shape
+        return self.head_a(a), self.head_b(self.b(x).reshape(B, C * H, W))

@@ -19,6 +19,8 @@ CASES = [
     (M.Shuffle, (2, 3, 8, 8)),
     (M.SizeFromOtherTensor, (2, 3, 8, 8)),
     (M.SubclassedConv, (2, 3, 8, 8)),
+    (M.SelfAttention, (2, 5, 16)),
+    (M.SelfAttentionMergeC, (2, 5, 16)),
 ]
 
 
@@ -154,15 +156,56 @@ def test_non_prunable_with_reason(cls, param, words):
         apib_fx.apply(model, g, {group.index: torch.tensor([0])})
 
 
-def test_size_read_off_a_tensor_ties_the_channels_it_shapes():
-    model = _model(M.SizeFromOtherTensor)
-    g = apib_fx.trace(model, torch.randn(1, 3, 8, 8))
-    (group,) = [gr for gr in g.groups if any(m.param == "a.weight" and m.role == "out" for m in gr.members)]
-    assert group.prunable and {"b.weight", "head_a.weight", "head_b.weight"} <= {m.param for m in group.members}
-    model = _model(M.SizeIntoUnprunableAxis)
+def _pruned_matches_reference(model, graph, keep, x):
+    from apib_fx.testing import zeroed_reference
+
+    pruned = apib_fx.apply(model, graph, keep).eval()
+    ref = zeroed_reference(model, graph, keep).eval()
+    with torch.no_grad():
+        for got, want in zip(pruned(x), ref(x)):
+            assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+
+
+def test_sizes_computed_from_channel_counts_follow_the_pruning():
+    x = torch.randn(2, 3, 8, 8)
+    model = _model(M.SizeFromOtherTensor)  # y.reshape(B, C, H * W), C read off another tensor
+    g = apib_fx.trace(model, x)
+    (a,), (b,) = _group_of(g, "a.weight"), _group_of(g, "b.weight")
+    assert a.prunable and b.prunable and a is not b  # independent: the rewrite gives C its new value
+    _pruned_matches_reference(model, g, {a.index: torch.tensor([0, 1, 2]), b.index: torch.arange(6)}, x)
+    model = _model(M.SizeIntoUnprunableAxis)  # a parameter reshaped with C from the conv
     g = apib_fx.trace(model, torch.randn(1, 3, 4, 4))
-    (group,) = [gr for gr in g.groups if any(m.param == "conv.weight" and m.role == "out" for m in gr.members)]
-    assert not group.prunable
+    (conv,) = _group_of(g, "conv.weight")
+    assert conv.prunable
+    _pruned_matches_reference(model, g, {conv.index: torch.tensor([1, 4])}, torch.randn(2, 3, 4, 4))
+    model = _model(M.MixedSizeReshape)  # C * H shapes the other conv's channels: both stay whole
+    g = apib_fx.trace(model, x)
+    assert not _group_of(g, "a.weight")[0].prunable and not _group_of(g, "b.weight")[0].prunable
+
+
+def _group_of(graph, param, role="out"):
+    return [gr for gr in graph.groups if any(m.param == param and m.role == role for m in gr.members)]
+
+
+def test_attention_head_dims_pruned_together_across_heads_and_q_k_v():
+    model = _model(M.SelfAttention)
+    g = apib_fx.trace(model, torch.randn(1, 5, 16))
+    (heads,) = _group_of(g, "qkv.weight")
+    assert heads.prunable and heads.channels == 8  # head_dim: the same d leaves every head of q, k, v
+    qkv = [m for m in heads.members if m.param == "qkv.weight"][0]
+    proj_in = [m for m in heads.members if m.param == "proj.weight" and m.role == "in"][0]
+    assert qkv.multiplicity == 3 * 4 and proj_in.multiplicity == 4
+    (stream,) = _group_of(g, "embed.weight")
+    assert stream.prunable and stream is not heads  # the residual stream is its own group
+    pruned = apib_fx.apply(model, g, {heads.index: torch.tensor([0, 3, 5]), stream.index: torch.arange(20)})
+    assert pruned.qkv.weight.shape == (3 * 4 * 3, 20) and pruned.proj.weight.shape == (20, 12)
+    # merging heads with C read off the stream: C is rewritten to the heads' new width
+    model = _model(M.SelfAttentionMergeC)
+    g = apib_fx.trace(model, torch.randn(1, 5, 16))
+    (heads,), (stream,) = _group_of(g, "qkv.weight"), _group_of(g, "embed.weight")
+    assert heads is not stream
+    _pruned_matches_reference(model, g, {heads.index: torch.tensor([2, 7]), stream.index: torch.arange(0, 32, 3)},
+                              torch.randn(2, 5, 16))
 
 
 def test_channel_reduction_leaves_other_branch_prunable():
