@@ -93,3 +93,11 @@ def test_count_flops_einsum_matches_flop_counter_mode(equation, shapes):
     with FlopCounterMode(display=False) as counter:
         torch.einsum(equation, *operands)
     assert apib_fx.count_flops(Einsum(), tuple(operands)) * 2 == counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_pruned_transformer_exports_with_parity(name, tmp_path):
+    model, x = _model(name), _x(8)
+    pruned = apib_fx.prune(model, 0.1, x, num_calib=8, batch_size=8, progress=False)
+    path = apib_fx.export_onnx(pruned, tmp_path / "m.onnx", x[:1])
+    assert path.parity["batch_sizes"] == [1, 3] and path.parity["max_diff"] <= 1e-4 * path.parity["scale"]
