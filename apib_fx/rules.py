@@ -512,6 +512,47 @@ def group_norm(ctx: RuleContext, x: Tensor) -> Tensor:
     return x
 
 
+def _channels_along(space: LabelSpace, t: Tensor, axis: int) -> Tensor:
+    """Ids along ``axis`` if channels change along it, else NONE: a label repeated along a token
+    axis, or tied across heads, says nothing about that axis' size."""
+    axis %= t.dim()
+    if axis in space.class_varying_axes(t):
+        return axis_ids(t, axis)
+    return torch.full((t.shape[axis],), NONE, dtype=torch.long)
+
+
+def sdpa(ctx: RuleContext, q: Any, k: Any, v: Any, attn_mask: Any = None, *args: Any, **kwargs: Any) -> Any:
+    """``F.scaled_dot_product_attention(q, k, v)``: q and k are contracted over their last axis
+    (their channels go together); the output carries v's. Channels on any other axis, or in the
+    mask, are kept whole. The default scale 1/sqrt(E) is frozen by the rewrite, so removing head
+    dims does not change the softmax temperature."""
+    if not all(is_labels(t) and t.dim() >= 2 for t in (q, k, v)):
+        return opaque(ctx, q, k, v, attn_mask, *args, **kwargs)
+    space = ctx.space
+    for t in (q, k, v):
+        if any(a != t.dim() - 1 for a in space.class_varying_axes(t)):
+            space.block(t, f"on an axis of {ctx.op_name} other than the features")
+    if is_labels(attn_mask):
+        space.block(attn_mask, f"used as the mask of {ctx.op_name}")
+    space.link(*torch.broadcast_tensors(compress(q).narrow(-2, 0, 1), compress(k).narrow(-2, 0, 1)))
+    out_shape = ctx.out_shape
+    coef = math.prod(out_shape[:-1]) * k.shape[-2]  # batch x heads x L x S
+    name = ctx.node.name
+    for tag, t in (("E", q), ("Ev", v)):
+        key = f"{name}#{tag}"
+        space.bind(key, 0, _channels_along(space, t, -1), "axis")
+        space.add_flops(coef, [(key, 0)])
+    ctx.node.meta["apib_sdpa_scale"] = 1.0 / math.sqrt(q.shape[-1])
+    return tie_outer(space, canonical(compress(v).narrow(-2, 0, 1).expand(out_shape)))
+
+
+def freeze_sdpa_scale(node: fx.Node, module: Any, keep: KeepView) -> None:
+    """Give the attention its original scale explicitly (the default follows the pruned width)."""
+    scale = node.meta.get("apib_sdpa_scale")
+    if scale is not None and node.kwargs.get("scale") is None and len(node.args) < 7:
+        node.kwargs = {**node.kwargs, "scale": scale}
+
+
 def matmul(ctx: RuleContext, a: Any, b: Any) -> Any:
     """(..., M, K) @ (..., K, N): the contraction channels of both sides go together; M comes from
     ``a`` and N from ``b``. The sizes enter FLOPs as activation axes."""
@@ -543,12 +584,7 @@ def matmul(ctx: RuleContext, a: Any, b: Any) -> Any:
     name = ctx.node.name
 
     def channels_along(t: Tensor, axis: int) -> Tensor:
-        # An axis carries channels only where they change along it: a label repeated along N
-        # (a token axis) or tied across heads says nothing about that axis' size.
-        axis %= t.dim()
-        if axis in space.class_varying_axes(t):
-            return axis_ids(t, axis)
-        return torch.full((t.shape[axis],), NONE, dtype=torch.long)
+        return _channels_along(space, t, axis)
 
     dims, coef = [], 1
     for axis, ids in (("M", channels_along(a, -2)), ("K", channels_along(a, -1)), ("N", channels_along(b, -1))):
@@ -710,6 +746,7 @@ REDUCE = Rule(reduction)
 SPATIAL = Rule(spatial)
 SOFTMAX = Rule(softmax)
 MATMUL = Rule(matmul)
+SDPA = Rule(sdpa, freeze_sdpa_scale)
 
 _ACTIVATIONS = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Tanh,
@@ -789,6 +826,7 @@ RULES: dict[Any, Rule] = {
     F.adaptive_avg_pool1d: SPATIAL, F.adaptive_avg_pool2d: SPATIAL, F.adaptive_max_pool2d: SPATIAL,
     F.interpolate: SPATIAL,
     # matrix products
+    F.scaled_dot_product_attention: SDPA,
     torch.matmul: MATMUL, operator.matmul: MATMUL, "matmul": MATMUL, torch.bmm: MATMUL, "bmm": MATMUL,
 }
 RULES.update({m: PASS for m in _ACTIVATIONS})

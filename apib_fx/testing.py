@@ -62,13 +62,13 @@ def zeroed_reference(model: nn.Module, graph: ChannelGraph, keep: dict[int, Tens
 
 
 def _contraction_masks(graph: ChannelGraph, keep_ids: Tensor) -> dict[str, Tensor]:
-    """For each matrix product whose first operand carries channels on the contracted axis and
-    loses some: a 0/1 mask over that operand (broadcastable), keyed by node name."""
-    from .rules import MATMUL, rule_for
+    """For each matrix product (or attention) whose first operand carries channels on the
+    contracted axis and loses some: a 0/1 mask over that operand (broadcastable), by node name."""
+    from .rules import MATMUL, SDPA, rule_for
 
     out = {}
     for node in graph.module.graph.nodes:
-        if node.op not in ("call_function", "call_method") or rule_for(node) is not MATMUL:
+        if node.op not in ("call_function", "call_method") or rule_for(node) not in (MATMUL, SDPA):
             continue
         a = node.args[0] if node.args else None
         labels = graph.node_labels.get(a.name) if isinstance(a, torch.fx.Node) else None

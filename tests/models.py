@@ -333,3 +333,16 @@ class MixedSizeReshape(nn.Module):
         a = self.a(x)
         B, C, H, W = a.shape
         return self.head_a(a), self.head_b(self.b(x).reshape(B, C * H, W))
+
+
+class SelfAttentionSDPA(SelfAttention):
+    """The same block through F.scaled_dot_product_attention (default scale)."""
+
+    def forward(self, x):
+        x = self.embed(x)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        x = x + self.proj(out)
+        x = x + self.fc2(torch.relu(self.fc1(x)))
+        return self.head(x.mean(1))

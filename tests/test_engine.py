@@ -21,6 +21,7 @@ CASES = [
     (M.SubclassedConv, (2, 3, 8, 8)),
     (M.SelfAttention, (2, 5, 16)),
     (M.SelfAttentionMergeC, (2, 5, 16)),
+    (M.SelfAttentionSDPA, (2, 5, 16)),
 ]
 
 
@@ -206,6 +207,19 @@ def test_attention_head_dims_pruned_together_across_heads_and_q_k_v():
     assert heads is not stream
     _pruned_matches_reference(model, g, {heads.index: torch.tensor([2, 7]), stream.index: torch.arange(0, 32, 3)},
                               torch.randn(2, 5, 16))
+
+
+def test_attention_through_sdpa_prunes_head_dims_with_the_original_scale():
+    model = _model(M.SelfAttentionSDPA)
+    x = torch.randn(2, 5, 16)
+    g = apib_fx.trace(model, x)
+    (heads,) = _group_of(g, "qkv.weight")
+    assert heads.prunable and heads.channels == 8
+    keep = {heads.index: torch.tensor([1, 2, 6])}
+    pruned = apib_fx.apply(model, g, keep)
+    assert "scale = 0.35355" in pruned.code  # 1/sqrt(8): the temperature of the unpruned model
+    _pruned_matches_reference(model, g, keep, x)
+    assert g.flops({heads.index: 3}) == apib_fx.count_flops(pruned, x)
 
 
 def test_channel_reduction_leaves_other_branch_prunable():
