@@ -242,7 +242,7 @@ def size_of(ctx: RuleContext, x: Any, *args: Any, **kwargs: Any) -> Any:
     return torch.Size([_axis_size(ctx.space, x, a) for a in range(x.dim())])
 
 
-def _shape_args(node: fx.Node, args: tuple, kwargs: dict) -> tuple[list, bool]:
+def _shape_args(args: tuple, kwargs: dict) -> tuple[list, bool]:
     """The target sizes of a ``view``/``reshape`` call, and whether they come packed in one tuple."""
     rest = list(args[1:])
     if "shape" in kwargs:
@@ -259,7 +259,7 @@ def reshape(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     pruned on either side. A channel count mixed with a batch or spatial size cannot be replaced;
     it must then count the channels of its own axis, or both sides are kept whole."""
     out = relabel(ctx, *args, **kwargs)
-    shape, _ = _shape_args(ctx.node, args, kwargs)
+    shape, _ = _shape_args(args, kwargs)
     if not is_labels(out) or len(shape) != out.dim():
         return out
     fixed = []

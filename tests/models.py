@@ -221,7 +221,7 @@ class Untraceable(nn.Module):
 
 class SizeFromOtherTensor(nn.Module):
     """``y.reshape(B, C, H * W)`` with ``C`` read off another tensor: nothing else ties the two
-    channel sets, but they must shrink together for the reshape to keep fitting."""
+    channel sets, so the rewrite must give ``C`` the new width of ``y`` for the reshape to fit."""
 
     def __init__(self):
         super().__init__()
