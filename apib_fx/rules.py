@@ -242,14 +242,14 @@ def size_of(ctx: RuleContext, x: Any, *args: Any, **kwargs: Any) -> Any:
     return torch.Size([_axis_size(ctx.space, x, a) for a in range(x.dim())])
 
 
-def _shape_args(args: tuple, kwargs: dict) -> tuple[list, bool]:
-    """The target sizes of a ``view``/``reshape`` call, and whether they come packed in one tuple."""
+def _shape_args(args: tuple, kwargs: dict) -> list:
+    """The target sizes of a ``view``/``reshape`` call (listed, or packed in one tuple)."""
     rest = list(args[1:])
     if "shape" in kwargs:
-        return list(kwargs["shape"]), True
+        return list(kwargs["shape"])
     if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)):
-        return list(rest[0]), True
-    return rest, False
+        return list(rest[0])
+    return rest
 
 
 def reshape(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
@@ -259,7 +259,7 @@ def reshape(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     pruned on either side. A channel count mixed with a batch or spatial size cannot be replaced;
     it must then count the channels of its own axis, or both sides are kept whole."""
     out = relabel(ctx, *args, **kwargs)
-    shape, _ = _shape_args(args, kwargs)
+    shape = _shape_args(args, kwargs)
     if not is_labels(out) or len(shape) != out.dim():
         return out
     fixed = []

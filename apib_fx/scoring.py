@@ -109,10 +109,10 @@ class ConsumerCapture(fx.Interpreter):
         # Layers reading the same channels of the same tensor (a block's first conv and its
         # downsample shortcut) see identical channel kernels: compute them once per batch.
         nodes = {n.name: n for n in module.graph.nodes}
+        self._keys = {name: [self._key(nodes[name], c) for c in todo] for name, todo in consumers.items()}
         self._uses: dict[tuple, int] = {}
-        for name, todo in consumers.items():
-            for c in todo:
-                key = self._key(nodes[name], c)
+        for keys in self._keys.values():
+            for key in keys:
                 self._uses[key] = self._uses.get(key, 0) + 1
         self._shared: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._left: dict[tuple, int] = {}
@@ -138,14 +138,13 @@ class ConsumerCapture(fx.Interpreter):
             x = self.env[n.args[0]]
             b = x.shape[0]
             y = out.reshape(b, -1).float()
-            for c in todo:
+            for c, key in zip(todo, self._keys[n.name]):
                 moved = x.movedim(c.axis, 1)
                 first = c.start
                 feats = (moved.narrow(1, first, c.positions.numel()) if first is not None
                          else moved.index_select(1, c.positions.to(x.device)))
                 channels = c.positions.numel() // c.per_channel
                 feats = feats.reshape(b, channels, -1).float()
-                key = self._key(n, c)
                 terms = None
                 if self._uses[key] > 1:
                     terms = self._shared.get(key)

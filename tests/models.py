@@ -318,21 +318,18 @@ class SelfAttentionMergeC(SelfAttention):
         super().__init__(merge="C")
 
 
-class MixedSizeReshape(nn.Module):
+class MixedSizeReshape(SizeFromOtherTensor):
     """A channel count multiplied by a spatial size shapes another tensor's channel axis: no
     literal can replace it (the spatial size may change), so both channel sets stay whole."""
 
     def __init__(self):
         super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(3, 8, 1)
-        self.head_a = nn.Conv2d(8, 4, 1)
         self.head_b = nn.Conv1d(64, 4, 1)
 
     def forward(self, x):
         a = self.a(x)
         B, C, H, W = a.shape
-        return self.head_a(a), self.head_b(self.b(x).reshape(B, C * H, W))
+        return self.head_a(a.flatten(2)), self.head_b(self.b(x).reshape(B, C * H, W))
 
 
 class SelfAttentionSDPA(SelfAttention):
