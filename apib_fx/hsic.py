@@ -141,6 +141,108 @@ def _sym_vectors(k: Tensor) -> Tensor:
     return torch.cat([k.diagonal(dim1=-2, dim2=-1), off], dim=1)
 
 
+class _Pairs:
+    """The pairs i < j of B samples, and the sums a_i + a_j over them, for kernels kept as their
+    upper triangle: the elementwise work (distances, exp, centring) then runs on half the entries."""
+
+    def __init__(self, B: int, device: torch.device, dtype: torch.dtype):
+        iu = torch.triu_indices(B, B, offset=1, device=device)
+        self.B = B
+        self.i, self.j = iu[0], iu[1]
+        self.flat = iu[0] * B + iu[1]
+        # Incidence matrix (pairs x samples): sums over pairs become one small matmul, far faster
+        # than scatter-adds. Its size grows as B³, so large batches use index_add instead.
+        self.incidence = None
+        if B <= 256:
+            self.incidence = torch.zeros(self.flat.numel(), B, device=device, dtype=dtype)
+            rows = torch.arange(self.flat.numel(), device=device)
+            self.incidence[rows, self.i] = 1.0
+            self.incidence[rows, self.j] = 1.0
+
+    def spread(self, a: Tensor, shift: Optional[Tensor] = None) -> Tensor:
+        """(n, B) -> (n, P): a_i + a_j for every pair, plus ``shift`` (n, 1) if given."""
+        if self.incidence is not None:
+            if shift is None:
+                return a @ self.incidence.T
+            return torch.addmm(shift, a, self.incidence.T)
+        out = a[:, self.i] + a[:, self.j]
+        return out if shift is None else out.add_(shift)
+
+    def collect(self, v: Tensor) -> Tensor:
+        """(n, P) -> (n, B): Σ over the pairs each sample is in."""
+        if self.incidence is not None:
+            return v @ self.incidence
+        out = torch.zeros(v.shape[0], self.B, device=v.device, dtype=v.dtype)
+        out.index_add_(1, self.i, v)
+        return out.index_add_(1, self.j, v)
+
+
+_PAIRS: dict[tuple, _Pairs] = {}
+
+
+def _pairs(B: int, device: torch.device, dtype: torch.dtype) -> _Pairs:
+    key = (B, str(device), dtype)
+    if key not in _PAIRS:
+        if len(_PAIRS) > 8:
+            _PAIRS.clear()
+        _PAIRS[key] = _Pairs(B, device, dtype)
+    return _PAIRS[key]
+
+
+def _unit_centred_vectors(f: Tensor, kind: str) -> Tensor:
+    """(n, B, m) features -> (n, B(B+1)/2) float64: the unit-Frobenius centred kernel of each of the
+    n channels in symmetric-vector form (diagonal, then the upper triangle times √2), i.e.
+    ``_sym_vectors(normalize(center(kernel_matrices(f, kind))))`` with a noise floor, computed on the
+    triangle only. A centred kernel whose norm is within a few rounding units of the raw kernel's
+    norm is rounding noise and comes out all zero (a dead channel), not blown up to norm 1."""
+    f = f.to(_work_dtype(f))
+    n, B, m = f.shape
+    pairs = _pairs(B, f.device, f.dtype)
+    if kind == "linear":
+        # H X Xᵀ H = (HX)(HX)ᵀ: centring the features first keeps the large common offset of ReLU
+        # features out of the products.
+        f = f - f.mean(dim=1, keepdim=True)
+    dot = f @ f.transpose(-1, -2)
+    sq = dot.diagonal(dim1=-2, dim2=-1)
+    off = dot.flatten(1).index_select(1, pairs.flat)  # (n, P) products x_i·x_j, i < j
+    if kind == "linear":
+        diag, k = sq.clone(), off
+    else:
+        d2 = pairs.spread(sq)  # ‖x_i‖² + ‖x_j‖²
+        # ‖a‖² + ‖b‖² − 2a·b loses precision when the samples share a large common offset
+        # (distances small next to norms: ReLU features of a near-constant channel). Distances are
+        # translation invariant, so those channels are redone with the sample mean removed; most
+        # are not, and centring every channel would cost two more passes over all activations.
+        close = torch.sub(d2, off, alpha=2.0 / (1.0 - _CENTRE_BELOW)).amin(dim=1) <= 0
+        d2.sub_(off, alpha=2.0)
+        if bool(close.any()):
+            idx = torch.nonzero(close).squeeze(1)
+            fc = f.index_select(0, idx)
+            fc = fc - fc.mean(dim=1, keepdim=True)
+            dc = fc @ fc.transpose(-1, -2)
+            d2[idx] = pairs.spread(dc.diagonal(dim1=-2, dim2=-1)).sub_(
+                dc.flatten(1).index_select(1, pairs.flat), alpha=2.0)
+        d2.clamp_(min=0.0)
+        k = d2.sqrt_().mul_(-math.sqrt(0.5 / m)) if kind == "laplace" else d2.mul_(-1.0 / m)
+        k = k.exp_()
+        diag = torch.ones(n, B, device=f.device, dtype=f.dtype)  # exp(0)
+    # Noise floor from the raw kernel's norm: ‖K‖² = Σ diag² + 2 Σ off².
+    raw = (diag.square().sum(dim=1) + 2.0 * torch.linalg.vector_norm(k, dim=1).square()).sqrt()
+    # Centre: K̄_ij = K_ij − r_i − r_j + μ with r the row means and μ the grand mean.
+    r = pairs.collect(k).add_(diag).div_(B)
+    mu = r.mean(dim=1, keepdim=True)
+    k.sub_(pairs.spread(r, -mu))
+    diag = diag - 2.0 * r + mu
+    norm = (diag.square().sum(dim=1) + 2.0 * torch.linalg.vector_norm(k, dim=1).square()).sqrt()
+    eps = _NOISE_ULPS * B * torch.finfo(f.dtype).eps * raw
+    scale = torch.where(norm > eps, 1.0 / torch.where(norm > eps, norm, torch.ones_like(norm)),
+                        torch.zeros_like(norm)).unsqueeze(1)
+    out = torch.empty(n, B + k.shape[1], device=f.device, dtype=torch.float64)
+    out[:, :B] = diag.mul_(scale)
+    out[:, B:] = k.mul_(scale * math.sqrt(2.0))
+    return out
+
+
 class HSICStats:
     """Gram-form statistics (G, b) of one channel group.
 
@@ -169,20 +271,7 @@ class HSICStats:
         N, B, m = feats.shape
         # Bound the transient (chunk, B, m) and (chunk, B, B) buffers to ~2^24 elements each.
         chunk = max(1, min(N, 2**24 // max(1, B * m), 2**24 // (B * B)))
-        tiny = torch.finfo(_work_dtype(feats)).eps
-        out = []
-        for s in range(0, N, chunk):
-            f = feats[s : s + chunk]
-            if self.kernel == "linear":
-                # H X Xᵀ H = (HX)(HX)ᵀ: centring the features first keeps the large common offset of
-                # ReLU features out of the float32 products (distance kernels do this internally).
-                f = f.to(_work_dtype(f))
-                f = f - f.mean(dim=1, keepdim=True)
-            k = kernel_matrices(f, self.kernel)
-            raw = torch.linalg.matrix_norm(k, keepdim=True).double()
-            kc = center(k).double()
-            out.append(_sym_vectors(normalize(kc, _NOISE_ULPS * B * tiny * raw)))
-        return torch.cat(out)
+        return torch.cat([_unit_centred_vectors(feats[s : s + chunk], self.kernel) for s in range(0, N, chunk)])
 
     def channel_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(k, G) of one batch of the group's channels ``x`` (B, C, m): the channels' kernel vectors
@@ -193,8 +282,7 @@ class HSICStats:
             raise ValueError(f"need at least 2 samples per batch to centre kernels, got B = {x.shape[0]}")
         with torch.no_grad():
             k = self._vectors(x.detach().transpose(0, 1))  # (C, P)
-            G = k @ k.T
-            G = 0.5 * (G + G.T)
+            G = k @ k.T  # symmetric up to rounding; gram() symmetrises the sum once
         return k, G
 
     def add(self, x: Tensor, y: Tensor, consumer: Hashable = 0,
@@ -230,7 +318,7 @@ class HSICStats:
         for sG, sb, n in self._sums.values():
             G += sG.cpu() / n
             b += sb.cpu() / n
-        return G, b
+        return 0.5 * (G + G.T), b
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,8 +592,10 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
     """Path on the scaled problem. Returns (alphas, coefs, survival, left) in that scale.
 
     Bookkeeping: ``perm`` lists the active set A first (positions [0, n), in the order of the
-    factor), then the inactive channels; ``GA`` holds the rows of G for A in that order, columns in
-    the original order, so nothing of size C x C is ever permuted. R = L⁻¹ with L Lᵀ = G_AA is
+    factor), then the inactive channels; ``GA`` holds the rows of G for A (columns in the original
+    order) in slots: ``slot[i]`` is the row of factor position i. A channel that enters takes slot
+    n; one that leaves hands its slot to the row in slot n−1, so an event moves at most one row of
+    G, never a block. R = L⁻¹ with L Lᵀ = G_AA is
     kept explicitly (torch refuses to run triangular
     solves on a strided block without copying it). With Y = R[1, b_A] and (u, v) = Rᵀ Y:
         β_A(α) = v − α u,    corr_k(α) = b_k − G_kA β_A = (b_k − G_kA v) + α (G_kA u),
@@ -513,8 +603,10 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
     """
     C = bs.size
     G = np.ascontiguousarray(Gs)
-    GA_t = torch.zeros(C, C, dtype=torch.float64)
+    GA_t = torch.empty(C, C, dtype=torch.float64)  # rows are written before they are read
     GA = GA_t.numpy()
+    slot = np.zeros(C, dtype=np.int64)
+    UVs = np.zeros((2, C))  # (u, v) in slot order, for the correlations
     bp = bs.copy()
     perm = np.arange(C)
     R_t = torch.zeros(C, C, dtype=torch.float64)
@@ -566,6 +658,7 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
         if s2 <= 1e-10 * G[k, k]:
             return False
         GA[n] = G[k]
+        slot[n] = n
         s = math.sqrt(s2)
         if n:
             R[n, :n] = -_tril_vm(R_t, n, w_t).numpy() / s
@@ -587,34 +680,50 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
         # and S_i = Σ_{j≤i} col_j R[p+j] (the carried row is S_i / ρ_i), rotation i leaves
         #     row i = (col_{i+1} S_i / ρ_i − ρ_i R[p+i+1]) / ρ_{i+1},
         # so the whole chain is a few vectorised ops instead of a Python loop over rows.
+        # Y = R·[1, b_A] rotates with R's rows; the dropped last row z takes its share of
+        # (u, v) = RᵀY with it: (u, v) −= z ⊗ (z·[1, b_A]). No solve is redone.
         if p < n - 1:
             rows = R[p:n, :n]
             col = rows[:, p].copy()
             rho = np.sqrt(np.cumsum(col * col))  # ρ_0 = R[p, p] > 0 (diagonal of an inverse factor)
             S = rows * col[:, None]
             np.cumsum(S, axis=0, out=S)
+            ys = Y[p:n].copy()
+            SY = np.cumsum(ys * col[:, None], axis=0)
+            z, zy = S[-1] / rho[-1], SY[-1] / rho[-1]
+            keep = (col[1:] / (rho[:-1] * rho[1:]))[:, None]
+            mix = (rho[:-1] / rho[1:])[:, None]
             S = S[:-1]
-            S *= (col[1:] / (rho[:-1] * rho[1:]))[:, None]
-            S -= rows[1:] * (rho[:-1] / rho[1:])[:, None]
+            S *= keep
+            S -= rows[1:] * mix
+            Y[p : n - 1] = SY[:-1] * keep - ys[1:] * mix
             # Then drop column p (shift the others left) and the last row, which now holds it.
             R[p : n - 1, :p] = S[:, :p]
             R[p : n - 1, p : n - 1] = S[:, p + 1 :]
+        else:
+            z, zy = R[p, :n].copy(), Y[p].copy()
+        UV[:n] -= np.outer(z, zy)
         R[p : n - 1, n - 1] = 0.0
         R[n - 1, :n] = 0.0
         # Move p to the end of the active block (slice shifts: fancy indexing is several times slower).
-        _rotate_left(GA, p, n)
+        s = slot[p]
+        if s != n - 1:  # the row in the last slot moves into the freed one
+            GA[s] = GA[n - 1]
+            slot[np.flatnonzero(slot[:n] == n - 1)] = s
+        _rotate_left(slot, p, n)
         _rotate_left(bp, p, n)
         _rotate_left(perm, p, n)
+        _rotate_left(UV, p, n)
         n -= 1
         Y[n] = 0.0
         UV[n] = 0.0
-        refresh()
 
     for _ in range(max_steps):
         inact = perm[n:]
         if n:
             u, v = UV[:n, 0], UV[:n, 1]
-            aq = (torch.from_numpy(np.ascontiguousarray(UV[:n].T)) @ GA_t[:n]).numpy()[:, inact]
+            UVs[:, slot[:n]] = UV[:n].T
+            aq = (torch.from_numpy(UVs[:, :n]) @ GA_t[:n]).numpy()[:, inact]
             den = 1.0 - aq[0]
             num = bp[n:] - aq[1]
             dtol = 1e-11 * max(1.0, float(np.abs(u).sum()))
@@ -654,6 +763,7 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
             left[ch] = True
             last_dropped, last_added = ch, -1
             blocked[:] = False
+            since_refresh += 1
         else:
             cands = np.flatnonzero(ent >= best - tie)
             q = n + int(cands[np.argmin(inact[cands])])
@@ -663,11 +773,11 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
                     surv[ch] = alpha
                 last_added, last_dropped = ch, -1
                 since_refresh += 1
-                if since_refresh >= 64:
-                    refresh()
-                    since_refresh = 0
             else:
                 blocked[ch] = True
+        if since_refresh >= 64:
+            refresh()
+            since_refresh = 0
     else:
         warnings.warn(f"nonneg_lasso_path: stopped after {max_steps} events at alpha={alpha:.3g} "
                       f"(scaled); the path below it is missing", RuntimeWarning, stacklevel=3)

@@ -243,9 +243,35 @@ def test_path_exact_on_larger_random_problem():
     path = nonneg_lasso_path(G, b)
     al = path.alphas.numpy()
     assert np.all(np.diff(al) < 0)
+    assert bool(path.left.any())  # channels leave the path: the deletion update is exercised
     for alpha in np.geomspace(al[0] * 0.99, al[-1] * 100, 6):
         assert kkt_residual(G, b, alpha, path.coef_at(alpha)) < 1e-8, alpha
         assert float((path.coef_at(alpha) - nonneg_lasso(G, b, alpha)).abs().max()) < 1e-6
+    # Exact between every pair of breakpoints, including right after each deletion.
+    for lo, hi in zip(al[1:], al[:-1]):
+        mid = 0.5 * (lo + hi)
+        assert kkt_residual(G, b, mid, path.coef_at(mid)) < 1e-8, mid
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+@pytest.mark.parametrize("B", [5, 40, 300])
+def test_triangle_kernels_match_full_matrices(kind, B):
+    """The statistics work on the upper triangle of each kernel (half the elementwise work, and
+    an index_add instead of a matmul for large B); they must equal the full-matrix definition."""
+    from apib_fx.hsic import _sym_vectors, _unit_centred_vectors
+
+    g = torch.Generator().manual_seed(B)
+    x = torch.randn(6, B, 7, generator=g, dtype=torch.float64).relu()
+    x[1] += 50.0  # large common offset: distances are recomputed on centred features
+    x[2] = 3.0  # constant channel: its centred kernel is zero, not noise blown up to norm 1
+    want = _sym_vectors(normalize(center(kernel_matrices(x, kind))))
+    want[2] = 0.0
+    got = _unit_centred_vectors(x, kind)
+    assert got.dtype == torch.float64 and got.shape == (6, B * (B + 1) // 2)
+    assert float((got - want).abs().max()) < 1e-10
+    assert float(got[2].abs().max()) == 0.0
+    got32 = _unit_centred_vectors(x.float(), kind)
+    assert float((got32 - want).abs().max()) < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------
