@@ -564,20 +564,6 @@ def nonneg_lasso_path(G: Tensor, b: Tensor, *, min_ratio: float = 1e-9, max_step
     )
 
 
-_BLOCK = 256
-
-
-def _tril_mv(R: Tensor, n: int, g: Tensor) -> Tensor:
-    """R[:n, :n] @ g for lower-triangular R, in row blocks so the zero upper half is not read."""
-    return torch.cat([R[i : min(i + _BLOCK, n), : min(i + _BLOCK, n)] @ g[: min(i + _BLOCK, n)]
-                      for i in range(0, n, _BLOCK)])
-
-
-def _tril_vm(R: Tensor, n: int, w: Tensor) -> Tensor:
-    """w @ R[:n, :n] for lower-triangular R, in column blocks (see :func:`_tril_mv`)."""
-    return torch.cat([w[j:] @ R[j:n, j : min(j + _BLOCK, n)] for j in range(0, n, _BLOCK)])
-
-
 def _rotate_left(a: np.ndarray, p: int, n: int, axis: int = 0) -> None:
     """In place: entries p+1..n-1 along ``axis`` move down by one and entry p goes to n-1."""
     if p >= n - 1:
@@ -603,14 +589,12 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
     """
     C = bs.size
     G = np.ascontiguousarray(Gs)
-    GA_t = torch.empty(C, C, dtype=torch.float64)  # rows are written before they are read
-    GA = GA_t.numpy()
+    GA = np.empty((C, C))  # rows are written before they are read
     slot = np.zeros(C, dtype=np.int64)
     UVs = np.zeros((2, C))  # (u, v) in slot order, for the correlations
     bp = bs.copy()
     perm = np.arange(C)
-    R_t = torch.zeros(C, C, dtype=torch.float64)
-    R = R_t.numpy()
+    R = np.zeros((C, C))
     Y = np.zeros((C, 2))
     UV = np.zeros((C, 2))
     n = 0
@@ -634,26 +618,24 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
     def swap(i: int, j: int) -> None:
         if i == j:
             return
-        bp[[i, j]] = bp[[j, i]]
-        perm[[i, j]] = perm[[j, i]]
+        bp[i], bp[j] = bp[j], bp[i]
+        perm[i], perm[j] = perm[j], perm[i]
 
     def refresh() -> None:
         # Recompute Y and (u, v) from R: the rank-one updates drift slowly.
         rhs = np.stack([np.ones(n), bp[:n]], axis=1)
-        Rn = R_t[:n, :n]
-        Y[:n] = (Rn @ torch.from_numpy(rhs)).numpy()
-        UV[:n] = (Rn.T @ torch.from_numpy(Y[:n].copy())).numpy()
+        Y[:n] = R[:n, :n] @ rhs
+        UV[:n] = R[:n, :n].T @ Y[:n]
 
     def add(q: int) -> bool:
         nonlocal n
         swap(q, n)
         k = perm[n]
         if n:
-            w_t = _tril_mv(R_t, n, torch.from_numpy(G[k, perm[:n]]))  # G_Ak, in the factor's order
-            w = w_t.numpy()
+            # Small triangular mat-vecs: numpy's call overhead is a fraction of torch's.
+            w = R[:n, :n] @ G[k, perm[:n]]  # L⁻¹ G_Ak, in the factor's order
             s2 = G[k, k] - float(w @ w)
         else:
-            w_t = None
             s2 = G[k, k]
         if s2 <= 1e-10 * G[k, k]:
             return False
@@ -661,7 +643,7 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
         slot[n] = n
         s = math.sqrt(s2)
         if n:
-            R[n, :n] = -_tril_vm(R_t, n, w_t).numpy() / s
+            R[n, :n] = -(w @ R[:n, :n]) / s
             y_new = (np.array([1.0, bp[n]]) - w @ Y[:n]) / s
         else:
             y_new = np.array([1.0, bp[0]]) / s
@@ -723,7 +705,7 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
         if n:
             u, v = UV[:n, 0], UV[:n, 1]
             UVs[:, slot[:n]] = UV[:n].T
-            aq = (torch.from_numpy(UVs[:, :n]) @ GA_t[:n]).numpy()[:, inact]
+            aq = (UVs[:, :n] @ GA[:n])[:, inact]
             den = 1.0 - aq[0]
             num = bp[n:] - aq[1]
             dtol = 1e-11 * max(1.0, float(np.abs(u).sum()))
