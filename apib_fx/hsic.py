@@ -133,14 +133,6 @@ def centred_kernels(x: Tensor, kind: str = "laplace") -> Tensor:
 # Statistics
 
 
-def _sym_vectors(k: Tensor) -> Tensor:
-    """(N, B, B) symmetric -> (N, B(B+1)/2) with ⟨vec(A), vec(C)⟩ = ⟨A, C⟩_F: half the Gram work."""
-    B = k.shape[-1]
-    iu = torch.triu_indices(B, B, offset=1, device=k.device)
-    off = k[:, iu[0], iu[1]] * math.sqrt(2.0)
-    return torch.cat([k.diagonal(dim1=-2, dim2=-1), off], dim=1)
-
-
 class _Pairs:
     """The pairs i < j of B samples, and the sums a_i + a_j over them, for kernels kept as their
     upper triangle: the elementwise work (distances, exp, centring) then runs on half the entries."""
@@ -192,9 +184,10 @@ def _pairs(B: int, device: torch.device, dtype: torch.dtype) -> _Pairs:
 def _unit_centred_vectors(f: Tensor, kind: str) -> Tensor:
     """(n, B, m) features -> (n, B(B+1)/2) float64: the unit-Frobenius centred kernel of each of the
     n channels in symmetric-vector form (diagonal, then the upper triangle times √2), i.e.
-    ``_sym_vectors(normalize(center(kernel_matrices(f, kind))))`` with a noise floor, computed on the
-    triangle only. A centred kernel whose norm is within a few rounding units of the raw kernel's
-    norm is rounding noise and comes out all zero (a dead channel), not blown up to norm 1."""
+    ``normalize(center(kernel_matrices(f, kind)))`` in that form (⟨vec(A), vec(C)⟩ = ⟨A, C⟩_F, so
+    the Gram costs half as much), computed on the triangle only. A centred kernel whose norm is
+    within a few rounding units of the raw kernel's norm is rounding noise and comes out all zero
+    (a dead channel), not blown up to norm 1."""
     f = f.to(_work_dtype(f))
     n, B, m = f.shape
     pairs = _pairs(B, f.device, f.dtype)
@@ -551,11 +544,8 @@ def nonneg_lasso_path(G: Tensor, b: Tensor, *, min_ratio: float = 1e-9, max_step
         return LassoPath(torch.zeros(1, dtype=torch.float64), zeros.reshape(1, C).clone(), zeros.clone(),
                          torch.zeros(C, dtype=torch.bool))
     # Work with diag(G) ≤ 1 so the tolerances below are relative; α scales with G, β does not.
-    # The per-event work is level-2 BLAS (memory bound): extra threads buy little, and on a busy
-    # machine spinning BLAS threads make it several times slower.
-    with _one_thread():
-        alphas, coefs, surv, left = _homotopy(Gn / scale, bn / scale, live, min_ratio * bmax / scale,
-                                              max_steps if max_steps is not None else 20 * C + 100)
+    alphas, coefs, surv, left = _homotopy(Gn / scale, bn / scale, live, min_ratio * bmax / scale,
+                                          max_steps if max_steps is not None else 20 * C + 100)
     return LassoPath(
         torch.tensor(alphas, dtype=torch.float64) * scale,
         torch.from_numpy(np.stack(coefs)),
@@ -564,14 +554,13 @@ def nonneg_lasso_path(G: Tensor, b: Tensor, *, min_ratio: float = 1e-9, max_step
     )
 
 
-def _rotate_left(a: np.ndarray, p: int, n: int, axis: int = 0) -> None:
-    """In place: entries p+1..n-1 along ``axis`` move down by one and entry p goes to n-1."""
+def _rotate_left(a: np.ndarray, p: int, n: int) -> None:
+    """In place: entries (rows) p+1..n-1 move down by one and entry p goes to n-1."""
     if p >= n - 1:
         return
-    idx = (slice(None),) * axis
-    saved = a[idx + (p,)].copy()
-    a[idx + (slice(p, n - 1),)] = a[idx + (slice(p + 1, n),)]
-    a[idx + (n - 1,)] = saved
+    saved = a[p].copy()
+    a[p : n - 1] = a[p + 1 : n]
+    a[n - 1] = saved
 
 
 def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float, max_steps: int):

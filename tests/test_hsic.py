@@ -258,7 +258,11 @@ def test_path_exact_on_larger_random_problem():
 def test_triangle_kernels_match_full_matrices(kind, B):
     """The statistics work on the upper triangle of each kernel (half the elementwise work, and
     an index_add instead of a matmul for large B); they must equal the full-matrix definition."""
-    from apib_fx.hsic import _sym_vectors, _unit_centred_vectors
+    from apib_fx.hsic import _unit_centred_vectors
+
+    def _sym_vectors(k):  # diagonal, then the upper triangle times √2
+        iu = torch.triu_indices(B, B, offset=1)
+        return torch.cat([k.diagonal(dim1=-2, dim2=-1), k[:, iu[0], iu[1]] * 2**0.5], dim=1)
 
     g = torch.Generator().manual_seed(B)
     x = torch.randn(6, B, 7, generator=g, dtype=torch.float64).relu()
