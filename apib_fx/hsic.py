@@ -236,6 +236,21 @@ def _unit_centred_vectors(f: Tensor, kind: str) -> Tensor:
     return out
 
 
+def _self_gram(k: Tensor, leaf: int = 256) -> Tensor:
+    """k kᵀ computing each off-diagonal block once (a quarter less work per halving; torch has
+    no symmetric rank-k product). Symmetric up to the rounding of the diagonal blocks."""
+    C = k.shape[0]
+    if C <= leaf:
+        return k @ k.T
+    h = C // 2
+    G = torch.empty(C, C, dtype=k.dtype, device=k.device)
+    G[:h, :h] = _self_gram(k[:h], leaf)
+    G[h:, h:] = _self_gram(k[h:], leaf)
+    G[:h, h:] = k[:h] @ k[h:].T
+    G[h:, :h] = G[:h, h:].T
+    return G
+
+
 class HSICStats:
     """Gram-form statistics (G, b) of one channel group.
 
@@ -275,7 +290,7 @@ class HSICStats:
             raise ValueError(f"need at least 2 samples per batch to centre kernels, got B = {x.shape[0]}")
         with torch.no_grad():
             k = self._vectors(x.detach().transpose(0, 1))  # (C, P)
-            G = k @ k.T  # symmetric up to rounding; gram() symmetrises the sum once
+            G = _self_gram(k)
         return k, G
 
     def add(self, x: Tensor, y: Tensor, consumer: Hashable = 0,

@@ -351,3 +351,12 @@ def test_solvers_restore_thread_count_when_run_concurrently():
             assert float((fit - nonneg_lasso(G, b, 0.1)).abs().max()) == 0.0
     finally:
         torch.set_num_threads(before)
+
+
+def test_self_gram_blocks_match_the_plain_product():
+    from apib_fx.hsic import _self_gram
+
+    k = torch.randn(601, 45, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    G = _self_gram(k, leaf=100)
+    assert float((G - k @ k.T).abs().max()) < 1e-12
+    assert torch.equal(G[:300, 300:], G[300:, :300].T)
