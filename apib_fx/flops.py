@@ -7,8 +7,10 @@ are these MACs: ResNet-50 at 1x3x224x224 is about 4.1e9.
 """
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any, Union, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,8 @@ _ADDMM = {torch.addmm, Tensor.addmm, torch.baddbmm, Tensor.baddbmm}
 
 # Everything the counter below charges MACs for, as fx call_function / call_method targets.
 MAC_TARGETS: frozenset = frozenset(
-    _CONV | _MATMUL | _ADDMM | {F.linear, torch.einsum, F.scaled_dot_product_attention}
+    _CONV | _MATMUL | _ADDMM
+    | {F.linear, torch.einsum, F.scaled_dot_product_attention, F.multi_head_attention_forward}
     | {"matmul", "mm", "bmm", "addmm", "baddbmm", "__matmul__", "__rmatmul__"}
 )
 
@@ -79,6 +82,34 @@ def _einsum_macs(equation: str, operands: Sequence[Tensor]) -> int:
     return macs
 
 
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+def _mha_macs(*args: Any, **kwargs: Any) -> int:
+    """MACs of ``F.multi_head_attention_forward`` (what ``nn.MultiheadAttention`` runs op by op):
+    the q, k and v projections, q kᵀ and attention · v over all heads, and the output projection.
+    A composite function: a function mode does not see the products inside it."""
+    a = _MHA_SIGNATURE.bind(*args, **kwargs).arguments
+    query, key = a["query"], a["key"]
+    batch = query.shape[1] if query.dim() == 3 else 1
+    L, S, E = query.shape[0], key.shape[0], a["embed_dim_to_check"]
+    if a.get("use_separate_proj_weight", False):
+        wq, wk, wv = a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"]
+        proj = L * wq.numel() + S * (wk.numel() + wv.numel())
+    else:
+        proj = (L + 2 * S) * a["in_proj_weight"].numel() // 3
+    static_k, static_v = a.get("static_k"), a.get("static_v")
+    if static_k is not None:  # given per head, not projected
+        proj -= S * (E * key.shape[-1])
+        S = static_k.shape[1]
+    if static_v is not None:
+        proj -= key.shape[0] * (E * a["value"].shape[-1])
+    S += (a["bias_k"] is not None) + bool(a["add_zero_attn"])
+    attention = 2 * L * S * E  # q kᵀ and weights · v, all heads together
+    out = L * a["out_proj_weight"].numel()
+    return batch * (proj + attention + out)
+
+
 class _MacCounter(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
@@ -101,6 +132,8 @@ class _MacCounter(TorchFunctionMode):
         elif func is torch.einsum:
             operands = args[1:] if len(args) > 2 or not isinstance(args[1], (list, tuple)) else args[1]
             self.macs += _einsum_macs(args[0], operands)
+        elif func is F.multi_head_attention_forward:
+            self.macs += _mha_macs(*args, **kwargs)
         elif func is F.scaled_dot_product_attention:
             q, k, v = args[:3]
             # q k^T and (attn) v: L*S*E + L*S*Ev per batch-head
@@ -109,13 +142,30 @@ class _MacCounter(TorchFunctionMode):
         return out
 
 
+@contextmanager
+def unfused_attention() -> Iterator[None]:
+    """Run ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` on their op-by-op path.
+
+    In eval mode without gradients they otherwise take a fused kernel
+    (``aten._native_multi_head_attention``) whose projections and attention products no counter
+    sees: torch's ``FlopCounterMode`` reports 0 MACs for a whole attention layer. The flag is
+    process-wide; it is restored on exit."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 def count_flops(model: nn.Module, example_inputs: Union[Tensor, Sequence[Tensor]]) -> int:
     """MACs of one forward pass of ``model`` on ``example_inputs`` (all samples of the batch),
-    in eval mode; the model is left as it was."""
+    in eval mode; the model is left as it was. Fused attention layers are counted op by op (see
+    :func:`unfused_attention`)."""
     from .trace import as_inputs, eval_mode
 
     inputs = as_inputs(example_inputs)
     counter = _MacCounter()
-    with eval_mode(model), torch.no_grad(), counter:
+    with eval_mode(model), torch.no_grad(), unfused_attention(), counter:
         model(*inputs)
     return int(counter.macs)

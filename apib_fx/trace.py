@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .flops import MAC_TARGETS, _MacCounter
+from .flops import MAC_TARGETS, _MacCounter, unfused_attention
 from .graph import ChannelGraph
 from .labels import LabelSpace, compress, flatten_values, is_labels, unlabeled
 from .rules import DEFAULT_LEAF_MODULES, RuleContext, module_rule, opaque, rule_for
@@ -199,7 +199,8 @@ def trace(model: nn.Module, example_inputs: Inputs, *, leaf_modules: Sequence[ty
     with eval_mode(model), torch.no_grad():
         gm = symbolic_trace(model, leaf_modules)
         try:
-            ShapeAndMacsProp(gm).propagate(*inputs)
+            with unfused_attention():  # so the opaque attention layers' MACs are counted
+                ShapeAndMacsProp(gm).propagate(*inputs)
         except Exception as e:
             cause = e.__cause__ or e
             first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__

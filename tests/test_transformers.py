@@ -3,10 +3,13 @@ ops allow, and a FLOPs model that includes the attention arithmetic of ops witho
 (torchvision's wrapped ``shifted_window_attention``, MaxViT's ``einsum``) as a constant."""
 import pytest
 import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import MaxVit, SwinTransformer, VisionTransformer
 
 import apib_fx
+from apib_fx.flops import unfused_attention
 from apib_fx.testing import check_exact
 
 
@@ -37,13 +40,21 @@ def _x(batch=2):
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
+def _flop_counter_macs(model, *inputs):
+    """torch's FlopCounterMode ÷ 2, on the op-by-op attention path: it has no formula for the fused
+    attention layer (``aten._native_multi_head_attention``) nor for the CPU flash kernel of
+    ``F.scaled_dot_product_attention``, so both would count as 0."""
+    with unfused_attention(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, \
+            torch.no_grad():
+        model(*inputs)
+    return counter.get_total_flops() // 2
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_flops_model_counts_opaque_attention(name):
     model, x = _model(name), _x(1)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
     graph = apib_fx.trace(model, x)
-    assert graph.flops() == apib_fx.count_flops(model, x) == counter.get_total_flops() // 2
+    assert graph.flops() == apib_fx.count_flops(model, x) == _flop_counter_macs(model, x)
     gen = torch.Generator().manual_seed(3)
     keep = {g.index: torch.randperm(g.channels, generator=gen)[: int(torch.randint(1, g.channels + 1, (1,), generator=gen))]
             for g in graph.prunable_groups}
@@ -101,3 +112,37 @@ def test_pruned_transformer_exports_with_parity(name, tmp_path):
     pruned = apib_fx.prune(model, 0.1, x, num_calib=8, batch_size=8, progress=False)
     path = apib_fx.export_onnx(pruned, tmp_path / "m.onnx", x[:1])
     assert path.parity["batch_sizes"] == [1, 3] and path.parity["max_diff"] <= 1e-4 * path.parity["scale"]
+
+
+class _Attend(nn.Module):
+    def __init__(self, call, **kwargs):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(**kwargs)
+        self.call = call
+
+    def forward(self, q, k, v):
+        return self.attn(q, k, v, **self.call)[0]
+
+
+@pytest.mark.parametrize("kwargs, shapes, call", [
+    (dict(embed_dim=64, num_heads=4, batch_first=True), [(2, 10, 64)] * 3, dict(need_weights=False)),
+    (dict(embed_dim=64, num_heads=4), [(10, 2, 64)] * 3, {}),
+    (dict(embed_dim=64, num_heads=4, kdim=24, vdim=40, batch_first=True), [(2, 10, 64), (2, 7, 24), (2, 7, 40)], {}),
+    (dict(embed_dim=64, num_heads=8, bias=False, add_bias_kv=True, add_zero_attn=True), [(10, 64), (6, 64), (6, 64)],
+     dict(average_attn_weights=False)),
+])
+def test_multihead_attention_macs(kwargs, shapes, call):
+    """nn.MultiheadAttention takes a fused kernel in eval mode that torch's own counter reads as 0
+    MACs: count_flops and the trace count the projections and both attention products."""
+    torch.manual_seed(0)
+    model = _Attend(call, **kwargs).eval()
+    q, k, v = (torch.randn(s) for s in shapes)
+    E, H = kwargs["embed_dim"], kwargs["num_heads"]
+    batch = q.shape[0 if kwargs.get("batch_first") else 1] if q.dim() == 3 else 1
+    L, S = q.shape[-2 if kwargs.get("batch_first") else 0], k.shape[-2 if kwargs.get("batch_first") else 0]
+    S_attn = S + kwargs.get("add_bias_kv", False) + kwargs.get("add_zero_attn", False)
+    by_hand = batch * (L * E * E + S * E * k.shape[-1] + S * E * v.shape[-1]  # q, k, v projections
+                       + 2 * (E // H) * H * L * S_attn  # q kᵀ and weights · v over H heads
+                       + L * E * E)  # output projection
+    assert apib_fx.count_flops(model, (q, k, v)) == by_hand == _flop_counter_macs(model, q, k, v)
+    assert apib_fx.trace(model, (q, k, v)).flops() == by_hand
