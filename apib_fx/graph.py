@@ -59,11 +59,13 @@ class ChannelGroup:
 
     @property
     def name(self) -> str:
-        """A readable handle: the first producer's parameter, else the first member's."""
+        """A readable handle: the first producer's parameter, else the first member's; ``@k`` when
+        its slice starts at position k (q, k and v packed into one attention weight)."""
         for role in ("out", "pass", "in"):
             for m in self.members:
                 if m.role == role:
-                    return f"{m.param}[{m.dim}]"
+                    first = int(m.positions.min()) if m.positions.numel() else 0
+                    return f"{m.param}[{m.dim}]" + (f"@{first}" if first else "")
         return f"group{self.index}"
 
     def __repr__(self) -> str:

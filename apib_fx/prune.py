@@ -29,7 +29,8 @@ class GroupRow:
     channels_before: int
     channels_after: int
     prunable: bool
-    reason: Optional[str] = None
+    reason: Optional[str] = None  # why not prunable
+    note: Optional[str] = None  # what the scoring said of it (e.g. nothing to score against)
 
 
 @dataclass
@@ -56,7 +57,7 @@ class PruneReport:
         for g in self.groups:
             if only_pruned and g.channels_after == g.channels_before:
                 continue
-            note = "" if g.prunable else f"fixed: {g.reason}"
+            note = (g.note or "") if g.prunable else f"fixed: {g.reason}"
             rows.append(f"| {g.index} | {g.name} | {g.channels_before} | {g.channels_after} | {note} |")
         return "\n".join(rows)
 
@@ -215,7 +216,8 @@ def prune(
         timings=timings,
         bn_recalibrated=recalibrated,
         groups=[
-            GroupRow(g.index, g.name, g.channels, result.channels.get(g.index, g.channels), g.prunable, g.reason)
+            GroupRow(g.index, g.name, g.channels, result.channels.get(g.index, g.channels), g.prunable, g.reason,
+                     scores.notes.get(g.index))
             for g in graph.groups
         ],
     )

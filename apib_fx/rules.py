@@ -408,16 +408,31 @@ def spatial(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
     return compress(x).expand(ctx.out_shape)
 
 
+def _linear(ctx: RuleContext, x: Tensor, w: str, out_features: int, bias: Optional[str]) -> Tensor:
+    ctx.space.bind(w, 1, _channel_ids(ctx, x, -1), "in")
+    out = ctx.space.param_ids(w, 0, out_features)
+    if bias is not None:
+        ctx.space.bind(bias, 0, out, "pass")
+    out_shape = ctx.out_shape
+    ctx.space.add_flops(math.prod(out_shape) // out_features, [(w, 0), (w, 1)])
+    return along(out, -1, out_shape)
+
+
 def linear(ctx: RuleContext, x: Tensor) -> Tensor:
     m: nn.Linear = ctx.module
-    w = ctx.param("weight")
-    ctx.space.bind(w, 1, _channel_ids(ctx, x, -1), "in")
-    out = ctx.space.param_ids(w, 0, m.out_features)
-    if m.bias is not None:
-        ctx.space.bind(ctx.param("bias"), 0, out, "pass")
-    out_shape = ctx.out_shape
-    ctx.space.add_flops(math.prod(out_shape) // m.out_features, [(w, 0), (w, 1)])
-    return along(out, -1, out_shape)
+    return _linear(ctx, x, ctx.param("weight"), m.out_features,
+                   ctx.param("bias") if m.bias is not None else None)
+
+
+def linear_fn(ctx: RuleContext, x: Tensor, weight: Any, bias: Any = None) -> Tensor:
+    """``F.linear(x, self.weight, self.bias)`` on parameters read by ``get_attr``: as nn.Linear.
+    A weight computed in the graph has no parameter to slice: its inputs stay whole."""
+    names = [ctx.arg_node(1, "weight"), ctx.arg_node(2, "bias")]
+    if not is_labels(x) or any(isinstance(n, fx.Node) and n.op != "get_attr" for n in names) \
+            or not isinstance(names[0], fx.Node):
+        return opaque(ctx, x, weight, bias)
+    return _linear(ctx, x, names[0].target, weight.shape[0],
+                   names[1].target if isinstance(names[1], fx.Node) else None)
 
 
 def conv(ctx: RuleContext, x: Tensor) -> Tensor:
@@ -691,6 +706,19 @@ def rewrite_getitem(node: fx.Node, module: Any, keep: KeepView) -> None:
     node.args = (src, tuple(new_items) if isinstance(index, tuple) else new_items[0])
 
 
+def rewrite_unflatten(node: fx.Node, module: Any, keep: KeepView) -> None:
+    """``unflatten(dim, sizes)``: literal sizes of resized axes become their new sizes."""
+    new = _new_sizes(node, keep)
+    old = list(node.meta["tensor_meta"].shape) if "tensor_meta" in node.meta else None
+    args = list(node.args)
+    if new is None or old is None or new == old or len(args) < 3:
+        return
+    dim = args[1] % (len(old) - len(args[2]) + 1)  # in the input's rank
+    sizes = [s if s == -1 or new[dim + i] == old[dim + i] else new[dim + i] for i, s in enumerate(args[2])]
+    args[2] = type(args[2])(sizes)
+    node.args = tuple(args)
+
+
 def rewrite_layer_norm_fn(node: fx.Node, module: Any, keep: KeepView) -> None:
     sizes = _new_sizes(node, keep)
     if sizes is None:
@@ -747,6 +775,7 @@ SPATIAL = Rule(spatial)
 SOFTMAX = Rule(softmax)
 MATMUL = Rule(matmul)
 SDPA = Rule(sdpa, freeze_sdpa_scale)
+UNFLATTEN = Rule(relabel, rewrite_unflatten)
 
 _ACTIVATIONS = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Tanh,
@@ -787,6 +816,7 @@ RULES: dict[Any, Rule] = {
     nn.Conv2d: Rule(conv, resize_conv, input_axis=1),
     nn.Conv3d: Rule(conv, resize_conv, input_axis=1),
     nn.Linear: Rule(linear, resize_linear, input_axis=-1),
+    F.linear: Rule(linear_fn, input_axis=-1),
     # per-channel state
     nn.BatchNorm1d: Rule(channel_affine("weight", "bias", "running_mean", "running_var"),
                          resize_channels("num_features")),
@@ -808,6 +838,7 @@ RULES: dict[Any, Rule] = {
     torch.split: SPLIT, "split": SPLIT, torch.chunk: SPLIT, "chunk": SPLIT,
     torch.tensor_split: SPLIT, "tensor_split": SPLIT, torch.unbind: Rule(unbind), "unbind": Rule(unbind),
     torch.reshape: RESHAPE, "reshape": RESHAPE, "view": RESHAPE, "expand": Rule(relabel, rewrite_shape_args),
+    torch.unflatten: UNFLATTEN, "unflatten": UNFLATTEN,
     "expand_as": SHAPE, "view_as": SHAPE, "reshape_as": SHAPE,
     torch.permute: SHAPE, "permute": SHAPE, torch.transpose: SHAPE, "transpose": SHAPE,
     torch.swapaxes: SHAPE, "swapaxes": SHAPE, torch.movedim: SHAPE, "movedim": SHAPE,

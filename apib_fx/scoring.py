@@ -68,11 +68,17 @@ def find_consumers(graph: ChannelGraph) -> dict[str, list[Consumer]]:
     by_node: dict[str, list[Consumer]] = {}
     slots: dict[int, int] = {}
     for node in graph.module.graph.nodes:
-        if node.op != "call_module":
+        if node.op == "call_module":
+            rule = rule_for(node, graph.module.get_submodule(node.target))
+            weight = f"{node.target}.weight"
+        elif node.op == "call_function":  # F.linear(x, self.weight): the weight is read by get_attr
+            rule = rule_for(node)
+            w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            weight = w.target if isinstance(w, fx.Node) and w.op == "get_attr" else None
+        else:
             continue
-        module = graph.module.get_submodule(node.target)
-        rule = rule_for(node, module)
-        if rule is None or rule.input_axis is None or not isinstance(node.args[0], fx.Node):
+        if rule is None or rule.input_axis is None or weight is None or not node.args \
+                or not isinstance(node.args[0], fx.Node):
             continue
         labels = graph.node_labels.get(node.args[0].name)
         if labels is None:
@@ -82,7 +88,7 @@ def find_consumers(graph: ChannelGraph) -> dict[str, list[Consumer]]:
         groups = torch.full_like(ids, NONE)
         groups[on] = graph.id_group[ids[on]]
         for g in groups[on].unique().tolist():
-            if (f"{node.target}.weight", g) not in in_params:
+            if (weight, g) not in in_params:
                 continue  # e.g. a depthwise conv: it carries channels, it does not mix them
             pos = torch.nonzero(groups == g).flatten()
             cls = graph.id_class[ids[pos]]
@@ -195,7 +201,7 @@ def score_apib(
             # Nothing reads these channels through weights (rare): keep them unless forced.
             primary[g.index] = torch.full((g.channels,), float("inf"), dtype=torch.float64)
             secondary[g.index] = torch.zeros(g.channels, dtype=torch.float64)
-            notes[g.index] = "no consumer layer to score against; kept whole"
+            notes[g.index] = "kept whole: no layer reads these channels through weights (APIB has no output to score them against)"
             continue
         G, b = stats[g.index].gram()
         path = nonneg_lasso_path(G, b)

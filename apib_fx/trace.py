@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from . import attention
 from .flops import MAC_TARGETS, _MacCounter, unfused_attention
 from .graph import ChannelGraph
 from .labels import LabelSpace, compress, flatten_values, is_labels, unlabeled
@@ -65,6 +66,9 @@ class _Tracer(fx.Tracer):
                 or super().is_leaf_module(m, qualname))
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if (isinstance(m, nn.MultiheadAttention) and not isinstance(m, self.leaf_types)
+                and attention.expandable(m, args, kwargs)):
+            return attention.expand(m, args, kwargs)  # its ops, so head widths can be pruned
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:

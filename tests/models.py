@@ -343,3 +343,17 @@ class SelfAttentionSDPA(SelfAttention):
         x = x + self.proj(out)
         x = x + self.fc2(torch.relu(self.fc1(x)))
         return self.head(x.mean(1))
+
+
+class UnflattenGroups(nn.Module):
+    """Channels split into (groups, width) by ``unflatten`` with literal sizes and shuffled (as in
+    ShuffleNet): the width is pruned the same in every group and the literal follows."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 12, 1)
+        self.b = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x).unflatten(1, (3, 4)).transpose(1, 2)  # (B, 4, 3, H, W)
+        return self.b(torch.flatten(y, 1, 2))

@@ -184,6 +184,19 @@ def test_sizes_computed_from_channel_counts_follow_the_pruning():
     assert not _group_of(g, "a.weight")[0].prunable and not _group_of(g, "b.weight")[0].prunable
 
 
+def test_unflatten_literal_sizes_follow_the_pruning():
+    model = _model(M.UnflattenGroups)
+    x = torch.randn(2, 3, 5, 5)
+    g = apib_fx.trace(model, x)
+    (a,) = _group_of(g, "a.weight")
+    assert a.prunable and a.channels == 4  # the width inside each of the 3 groups
+    keep = {a.index: torch.tensor([0, 2, 3])}
+    pruned = apib_fx.apply(model, g, keep)
+    assert pruned.a.weight.shape[0] == 9 and "(3, 3)" in pruned.code
+    _pruned_matches_reference(model, g, keep, x)
+    assert g.flops({a.index: 3}) == apib_fx.count_flops(pruned, x)
+
+
 def _group_of(graph, param, role="out"):
     return [gr for gr in graph.groups if any(m.param == param and m.role == role for m in gr.members)]
 

@@ -146,3 +146,106 @@ def test_multihead_attention_macs(kwargs, shapes, call):
                        + L * E * E)  # output projection
     assert apib_fx.count_flops(model, (q, k, v)) == by_hand == _flop_counter_macs(model, q, k, v)
     assert apib_fx.trace(model, (q, k, v)).flops() == by_hand
+
+
+class _SelfAttend(nn.Module):
+    """Self-attention then a classifier; also returns the attention weights when asked for."""
+
+    def __init__(self, call, embed_dim=32, num_heads=4, **kwargs):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(embed_dim, num_heads, **kwargs)
+        self.fc = nn.Linear(embed_dim, 6)
+        self.call = call
+
+    def forward(self, x):
+        out, weights = self.attn(x, x, x, **self.call)
+        return self.fc(out) if weights is None else (self.fc(out), weights)
+
+
+def _attention_modules(gm):
+    return [n for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.MultiheadAttention)]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("shape", ["batched", "unbatched"])
+@pytest.mark.parametrize("call", [dict(need_weights=False), {}, dict(average_attn_weights=False)])
+def test_self_attention_is_written_out_and_its_heads_prune_exactly(batch_first, shape, call):
+    torch.manual_seed(0)
+    model = _SelfAttend(call, batch_first=batch_first).eval()
+    x = torch.randn((2, 7, 32) if batch_first else (7, 2, 32)) if shape == "batched" else torch.randn(7, 32)
+    graph = apib_fx.trace(model, x)
+    assert not _attention_modules(graph.module)
+    # Unpruned, the written-out ops compute what the module computes (weights included).
+    with torch.no_grad():
+        want, got = model(x), apib_fx.apply(model, graph, {})(x)
+    for a, b in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
+        assert a.shape == b.shape and float((a - b).abs().max()) < 1e-6
+    # q/k share positions per head (8 of head_dim 8 across 4 heads), v goes with out_proj's inputs.
+    heads = [g for g in graph.prunable_groups if "in_proj_weight" in g.name]
+    assert [(g.name, g.channels) for g in heads] == [("attn.in_proj_weight[0]", 8), ("attn.in_proj_weight[0]@64", 8)]
+    report = check_exact(model, x, graph=graph)
+    assert report.exact_expected and report.max_diff <= 1e-5, report
+    assert report.flops_model == report.flops_after < report.flops_before
+    assert graph.flops() == apib_fx.count_flops(model, x)
+
+
+@pytest.mark.parametrize("case", ["cross", "mask", "bias_kv", "dropout", "leaf"])
+def test_attention_calls_the_written_out_form_cannot_reproduce_stay_whole(case):
+    torch.manual_seed(0)
+    kwargs = dict(add_bias_kv=True) if case == "bias_kv" else dict(dropout=0.1) if case == "dropout" else {}
+
+    class Model(_SelfAttend):
+        def forward(self, x):
+            if case == "cross":
+                out = self.attn(x, x * 2, x, need_weights=False)[0]
+            elif case == "mask":
+                out = self.attn(x, x, x, need_weights=False, key_padding_mask=torch.zeros(2, 7, dtype=torch.bool))[0]
+            else:
+                out = self.attn(x, x, x, need_weights=False)[0]
+            return self.fc(out)
+
+    model = Model({}, batch_first=True, **kwargs).eval()
+    x = torch.randn(2, 7, 32)
+    leaf = (nn.MultiheadAttention,) if case == "leaf" else ()
+    graph = apib_fx.trace(model, x, leaf_modules=leaf)
+    assert len(_attention_modules(graph.module)) == 1
+    assert not any("in_proj" in m.param for g in graph.prunable_groups for m in g.members)
+    assert graph.flops() == apib_fx.count_flops(model, x)
+    report = check_exact(model, x, graph=graph)
+    assert report.exact_expected and report.max_diff <= 1e-5
+
+
+class _EmbedAttend(nn.Module):
+    """A prunable stream (a Linear embedding) read by self-attention's packed projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(10, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.fc = nn.Linear(32, 6)
+
+    def forward(self, x):
+        h = torch.relu(self.emb(x))
+        return self.fc(self.attn(h, h, h, need_weights=False)[0])
+
+
+def test_apib_scores_attention_through_its_projections():
+    from apib_fx.scoring import find_consumers
+
+    torch.manual_seed(0)
+    model, x = _EmbedAttend().eval(), torch.randn(32, 7, 10)
+    graph = apib_fx.trace(model, x[:1])
+    stream = next(g for g in graph.groups if g.name == "emb.weight[0]")
+    qk = next(g for g in graph.groups if g.name == "attn.in_proj_weight[0]")
+    v = next(g for g in graph.groups if g.name == "attn.in_proj_weight[0]@64")
+    readers = {c.group: name for name, cs in find_consumers(graph).items() for c in cs}
+    # the packed projection is an F.linear on a get_attr weight; v is read by out_proj
+    assert readers[stream.index] == "linear" and readers[v.index] == "attn_out_proj"
+    assert qk.index not in readers  # q kᵀ has no weights: APIB keeps q/k whole, and says so
+    before = apib_fx.count_flops(model, x[:1])
+    pruned = apib_fx.prune(model, 0.4, x, progress=False)
+    assert abs(1 - apib_fx.count_flops(pruned, x[:1]) / before - 0.4) <= 0.005
+    rows = {r.index: r for r in pruned.apib_report.groups}
+    assert rows[qk.index].channels_after == qk.channels and "kept whole" in rows[qk.index].note
+    assert "kept whole" in pruned.apib_report.table()

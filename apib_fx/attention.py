@@ -1,0 +1,79 @@
+"""``nn.MultiheadAttention`` written out for the trace, so its head widths can be pruned.
+
+The module packs q, k and v into one ``in_proj_weight`` and assumes every projection is
+``embed_dim`` wide, so it cannot run with fewer q/k/v channels per head. While tracing, a
+self-attention call (``attn(x, x, x)``) is recorded as the ops it computes instead: one
+``F.linear`` on the packed weight, ``chunk`` into q, k, v, heads by ``unflatten``, attention
+(``F.scaled_dot_product_attention`` with the scale frozen at 1/sqrt(head_dim), or
+softmax(q kᵀ) v when the weights are asked for) and ``out_proj``. Those ops have channel rules:
+q and k lose the same positions in every head, v and ``out_proj``'s inputs go together, and the
+parameter names stay those of the module.
+
+Calls the written-out form cannot reproduce exactly stay one opaque node: cross-attention
+(query, key and value not the same tensor), masks, ``is_causal``, ``add_bias_kv``,
+``add_zero_attn`` and attention dropout (the trace runs in eval mode and would drop it).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+
+def _bound(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> dict:
+    bound = _SIGNATURE.bind(m, *args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def expandable(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> bool:
+    """Whether :func:`expand` reproduces this call exactly (see the module docstring)."""
+    try:
+        a = _bound(m, args, kwargs)
+    except TypeError:
+        return False
+    return (
+        a["query"] is a["key"] is a["value"]
+        and a["key_padding_mask"] is None
+        and a["attn_mask"] is None
+        and not a["is_causal"]
+        and m._qkv_same_embed_dim
+        and m.bias_k is None
+        and not m.add_zero_attn
+        and m.dropout == 0.0
+    )
+
+
+def expand(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple[Any, Optional[Any]]:
+    """``m(*args, **kwargs)`` as individual ops on (fx proxy) tensors: ``(output, weights)``.
+
+    Works for batched and unbatched inputs alike (only the last axes are addressed), so the
+    trace needs no shapes.
+    """
+    a = _bound(m, args, kwargs)
+    x = a["query"]
+    heads = m.num_heads
+    scale = 1.0 / math.sqrt(m.head_dim)  # frozen: pruning head dims must not change the temperature
+    q, k, v = F.linear(x, m.in_proj_weight, m.in_proj_bias).chunk(3, dim=-1)
+
+    def to_heads(t: Any) -> Any:
+        # (..., L, E) with the batch first or second -> (..., heads, L, head_dim)
+        t = t.unflatten(-1, (heads, -1))
+        return t.transpose(-3, -2) if m.batch_first else t.movedim(0, -2)
+
+    q, k, v = to_heads(q), to_heads(k), to_heads(v)
+    weights = None
+    if a["need_weights"]:
+        attn = torch.softmax(torch.matmul(q * scale, k.transpose(-2, -1)), dim=-1)
+        out = torch.matmul(attn, v)
+        weights = attn.mean(dim=-3) if a["average_attn_weights"] else attn
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    out = out.transpose(-3, -2) if m.batch_first else out.movedim(-2, 0)
+    return m.out_proj(out.flatten(-2)), weights
