@@ -53,19 +53,18 @@ def expandable(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> bool:
 def expand(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple[Any, Optional[Any]]:
     """``m(*args, **kwargs)`` as individual ops on (fx proxy) tensors: ``(output, weights)``.
 
-    Works for batched and unbatched inputs alike (only the last axes are addressed), so the
-    trace needs no shapes.
+    Works for batched and unbatched inputs alike, so the trace needs no shapes.
     """
     a = _bound(m, args, kwargs)
-    x = a["query"]
+    # Batch first: (L, N, E) -> (N, L, E); an unbatched (L, E) is left as it is (transpose(0, 0)).
+    # Only the last axes are addressed below, and no dim is negative where ONNX needs it positive.
+    x = a["query"] if m.batch_first else a["query"].transpose(0, -2)
     heads = m.num_heads
     scale = 1.0 / math.sqrt(m.head_dim)  # frozen: pruning head dims must not change the temperature
     q, k, v = F.linear(x, m.in_proj_weight, m.in_proj_bias).chunk(3, dim=-1)
 
-    def to_heads(t: Any) -> Any:
-        # (..., L, E) with the batch first or second -> (..., heads, L, head_dim)
-        t = t.unflatten(-1, (heads, -1))
-        return t.transpose(-3, -2) if m.batch_first else t.movedim(0, -2)
+    def to_heads(t: Any) -> Any:  # (..., L, E) -> (..., heads, L, head_dim)
+        return t.unflatten(-1, (heads, -1)).transpose(-3, -2)
 
     q, k, v = to_heads(q), to_heads(k), to_heads(v)
     weights = None
@@ -75,5 +74,5 @@ def expand(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple[Any, Op
         weights = attn.mean(dim=-3) if a["average_attn_weights"] else attn
     else:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    out = out.transpose(-3, -2) if m.batch_first else out.movedim(-2, 0)
-    return m.out_proj(out.flatten(-2)), weights
+    out = m.out_proj(out.transpose(-3, -2).flatten(-2))
+    return (out if m.batch_first else out.transpose(0, -2)), weights

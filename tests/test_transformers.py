@@ -249,3 +249,16 @@ def test_apib_scores_attention_through_its_projections():
     rows = {r.index: r for r in pruned.apib_report.groups}
     assert rows[qk.index].channels_after == qk.channels and "kept whole" in rows[qk.index].note
     assert "kept whole" in pruned.apib_report.table()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("call", [dict(need_weights=False), {}])
+def test_pruned_self_attention_exports_with_parity(batch_first, call, tmp_path):
+    torch.manual_seed(0)
+    model = _SelfAttend(call, batch_first=batch_first).eval()
+    x = torch.randn((4, 7, 32) if batch_first else (7, 4, 32))
+    pruned = apib_fx.prune(model, 0.3, x, method="l1", progress=False)
+    heads = [r for r in pruned.apib_report.groups if "in_proj_weight" in r.name]
+    assert any(r.channels_after < r.channels_before for r in heads)  # head dims were removed
+    path = apib_fx.export_onnx(pruned, tmp_path / "m.onnx", x[:1] if batch_first else x[:, :1])
+    assert path.parity["max_diff"] <= 1e-4 * path.parity["scale"]
