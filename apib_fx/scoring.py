@@ -198,7 +198,7 @@ def score_apib(
     groups = graph.prunable_groups
     for g in tqdm(groups, desc="apib: lasso paths", unit="group", disable=not progress):
         if g.index not in scored:
-            # Nothing reads these channels through weights (rare): keep them unless forced.
+            # Nothing reads these channels through weights (q and k of attention): keep them unless forced.
             primary[g.index] = torch.full((g.channels,), float("inf"), dtype=torch.float64)
             secondary[g.index] = torch.zeros(g.channels, dtype=torch.float64)
             notes[g.index] = "kept whole: no layer reads these channels through weights (APIB has no output to score them against)"
