@@ -262,3 +262,14 @@ def test_pruned_self_attention_exports_with_parity(batch_first, call, tmp_path):
     assert any(r.channels_after < r.channels_before for r in heads)  # head dims were removed
     path = apib_fx.export_onnx(pruned, tmp_path / "m.onnx", x[:1] if batch_first else x[:, :1])
     assert path.parity["max_diff"] <= 1e-4 * path.parity["scale"]
+
+
+def test_transformer_encoder_layer_macs_are_counted():
+    """nn.TransformerEncoderLayer has a fused eval path too; it stays opaque in the trace, and its
+    arithmetic is a constant of the FLOPs model, counted op by op."""
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True).eval()
+    x = torch.randn(2, 7, 32)
+    by_hand = 2 * (7 * 32 * 96 + 2 * 7 * 7 * 32 + 7 * 32 * 32 + 7 * 32 * 64 + 7 * 64 * 32)
+    assert apib_fx.count_flops(layer, x) == by_hand == _flop_counter_macs(layer, x)
+    model = nn.Sequential(nn.Linear(32, 32), layer, nn.Linear(32, 5)).eval()
+    assert apib_fx.trace(model, x).flops() == apib_fx.count_flops(model, x) == by_hand + 2 * 7 * 32 * (32 + 5)
