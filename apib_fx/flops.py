@@ -88,7 +88,8 @@ _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 def _mha_macs(*args: Any, **kwargs: Any) -> int:
     """MACs of ``F.multi_head_attention_forward`` (what ``nn.MultiheadAttention`` runs op by op):
     the q, k and v projections, q kᵀ and attention · v over all heads, and the output projection.
-    A composite function: a function mode does not see the products inside it."""
+    A composite function: a function mode does not see the products inside it. (``static_k`` /
+    ``static_v``, which only direct callers pass, are counted as if projected.)"""
     a = _MHA_SIGNATURE.bind(*args, **kwargs).arguments
     query, key = a["query"], a["key"]
     batch = query.shape[1] if query.dim() == 3 else 1
@@ -98,12 +99,6 @@ def _mha_macs(*args: Any, **kwargs: Any) -> int:
         proj = L * wq.numel() + S * (wk.numel() + wv.numel())
     else:
         proj = (L + 2 * S) * a["in_proj_weight"].numel() // 3
-    static_k, static_v = a.get("static_k"), a.get("static_v")
-    if static_k is not None:  # given per head, not projected
-        proj -= S * (E * key.shape[-1])
-        S = static_k.shape[1]
-    if static_v is not None:
-        proj -= key.shape[0] * (E * a["value"].shape[-1])
     S += (a["bias_k"] is not None) + bool(a["add_zero_attn"])
     attention = 2 * L * S * E  # q kᵀ and weights · v, all heads together
     out = L * a["out_proj_weight"].numel()

@@ -585,9 +585,9 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
     factor), then the inactive channels; ``GA`` holds the rows of G for A (columns in the original
     order) in slots: ``slot[i]`` is the row of factor position i. A channel that enters takes slot
     n; one that leaves hands its slot to the row in slot n−1, so an event moves at most one row of
-    G, never a block. R = L⁻¹ with L Lᵀ = G_AA is
-    kept explicitly (torch refuses to run triangular
-    solves on a strided block without copying it). With Y = R[1, b_A] and (u, v) = Rᵀ Y:
+    G, never a block. R = L⁻¹ with L Lᵀ = G_AA is kept explicitly, so every solve is a small
+    mat-vec (numpy: its per-call overhead is a fraction of torch's at these sizes).
+    With Y = R[1, b_A] and (u, v) = Rᵀ Y:
         β_A(α) = v − α u,    corr_k(α) = b_k − G_kA β_A = (b_k − G_kA v) + α (G_kA u),
     so channel k enters at α = (b_k − G_kA v) / (1 − G_kA u), and j leaves at α = v_j / u_j (u_j < 0).
     """
@@ -636,7 +636,6 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
         swap(q, n)
         k = perm[n]
         if n:
-            # Small triangular mat-vecs: numpy's call overhead is a fraction of torch's.
             w = R[:n, :n] @ G[k, perm[:n]]  # L⁻¹ G_Ak, in the factor's order
             s2 = G[k, k] - float(w @ w)
         else:
