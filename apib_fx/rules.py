@@ -134,8 +134,9 @@ Rewrite = Callable[[fx.Node, Optional[nn.Module], KeepView], None]
 class Rule:
     propagate: Propagate
     rewrite: Optional[Rewrite] = None
-    # For layers that consume channels through weights (conv, linear): the axis of their input
-    # that holds the channels. Data-driven scoring reads activations there.
+    # For ops that mix the channels of their (first) input into their output: a layer through
+    # its weights (conv, linear), or a contraction (q of q kᵀ, of attention). The axis of that
+    # input holding the channels; data-driven scoring reads activations there.
     input_axis: Optional[int] = None
 
 
@@ -773,8 +774,8 @@ BROADCAST = Rule(broadcast)
 REDUCE = Rule(reduction)
 SPATIAL = Rule(spatial)
 SOFTMAX = Rule(softmax)
-MATMUL = Rule(matmul)
-SDPA = Rule(sdpa, freeze_sdpa_scale)
+MATMUL = Rule(matmul, input_axis=-1)
+SDPA = Rule(sdpa, freeze_sdpa_scale, input_axis=-1)
 UNFLATTEN = Rule(relabel, rewrite_unflatten)
 
 _ACTIVATIONS = (

@@ -1,7 +1,8 @@
 """The score pass: an importance per channel of every prunable group (higher = keep).
 
 ``apib`` (data-driven): for each group, the calibration activations at each of its consumers
-(a conv or linear that reads the channels through its weights) give one centred, unit-Frobenius
+(a conv or linear that reads the channels through its weights, or a contraction of them such as
+q in attention's q kᵀ, scored against the attention output) give one centred, unit-Frobenius
 kernel per channel and one for the consumer's output; the HSIC Lasso over them is solved along its
 whole regularisation path, and a channel's score is its *survival* α: the largest global penalty at
 which it is still selected. Pruning every channel whose survival is below α is exactly APIB with
@@ -24,7 +25,7 @@ from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
 from .graph import ChannelGraph
-from .labels import NONE, axis_ids
+from .labels import NONE, axis_ids, is_labels
 from .rules import rule_for
 
 METHODS = ("apib", "l1", "fpgm", "random")
@@ -60,35 +61,42 @@ class Consumer:
         return first if torch.equal(p, torch.arange(first, first + p.numel())) else None
 
 
+def _weight_param(node: fx.Node) -> Optional[str]:
+    """The parameter a call_function layer reads its weight from (``F.linear(x, self.weight)``), if any."""
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    return w.target if isinstance(w, fx.Node) and w.op == "get_attr" else None
+
+
 def find_consumers(graph: ChannelGraph) -> dict[str, list[Consumer]]:
-    """Consumers of each prunable group, keyed by fx node name."""
+    """Consumers of each prunable group, keyed by fx node name: layers that read the group's
+    channels through their weights, and contractions of them (q in q kᵀ), whose output the
+    channels are scored against."""
     in_params = {
         (m.param, g.index) for g in graph.prunable_groups for m in g.members if m.role == "in"
     }
+    prunable = {g.index for g in graph.prunable_groups}
     by_node: dict[str, list[Consumer]] = {}
     slots: dict[int, int] = {}
     for node in graph.module.graph.nodes:
         if node.op == "call_module":
             rule = rule_for(node, graph.module.get_submodule(node.target))
             weight = f"{node.target}.weight"
-        elif node.op == "call_function":  # F.linear(x, self.weight): the weight is read by get_attr
+        elif node.op in ("call_function", "call_method"):
             rule = rule_for(node)
-            w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-            weight = w.target if isinstance(w, fx.Node) and w.op == "get_attr" else None
+            weight = _weight_param(node)  # None: a contraction of two activations
         else:
             continue
-        if rule is None or rule.input_axis is None or weight is None or not node.args \
-                or not isinstance(node.args[0], fx.Node):
+        if rule is None or rule.input_axis is None or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         labels = graph.node_labels.get(node.args[0].name)
-        if labels is None:
+        if not is_labels(labels):
             continue
         ids = axis_ids(labels, rule.input_axis)
         on = ids != NONE
         groups = torch.full_like(ids, NONE)
         groups[on] = graph.id_group[ids[on]]
         for g in groups[on].unique().tolist():
-            if (weight, g) not in in_params:
+            if g not in prunable or (weight is not None and (weight, g) not in in_params):
                 continue  # e.g. a depthwise conv: it carries channels, it does not mix them
             pos = torch.nonzero(groups == g).flatten()
             cls = graph.id_class[ids[pos]]
@@ -198,10 +206,10 @@ def score_apib(
     groups = graph.prunable_groups
     for g in tqdm(groups, desc="apib: lasso paths", unit="group", disable=not progress):
         if g.index not in scored:
-            # Nothing reads these channels through weights (q and k of attention): keep them unless forced.
+            # Nothing mixes these channels (no layer, no contraction reads them): keep them unless forced.
             primary[g.index] = torch.full((g.channels,), float("inf"), dtype=torch.float64)
             secondary[g.index] = torch.zeros(g.channels, dtype=torch.float64)
-            notes[g.index] = "kept whole: no layer reads these channels through weights (APIB has no output to score them against)"
+            notes[g.index] = "kept whole: no layer or contraction reads these channels (APIB has no output to score them against)"
             continue
         G, b = stats[g.index].gram()
         path = nonneg_lasso_path(G, b)
