@@ -219,22 +219,24 @@ def test_attention_calls_the_written_out_form_cannot_reproduce_stay_whole(case):
 class _EmbedAttend(nn.Module):
     """A prunable stream (a Linear embedding) read by self-attention's packed projection."""
 
-    def __init__(self):
+    def __init__(self, need_weights=False):
         super().__init__()
         self.emb = nn.Linear(10, 32)
         self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
         self.fc = nn.Linear(32, 6)
+        self.need_weights = need_weights
 
     def forward(self, x):
         h = torch.relu(self.emb(x))
-        return self.fc(self.attn(h, h, h, need_weights=False)[0])
+        return self.fc(self.attn(h, h, h, need_weights=self.need_weights)[0])
 
 
-def test_apib_scores_attention_through_its_projections():
+@pytest.mark.parametrize("need_weights, contraction", [(False, "scaled_dot_product_attention"), (True, "matmul")])
+def test_apib_scores_attention_through_its_projections(need_weights, contraction):
     from apib_fx.scoring import find_consumers
 
     torch.manual_seed(0)
-    model, x = _EmbedAttend().eval(), torch.randn(32, 7, 10)
+    model, x = _EmbedAttend(need_weights).eval(), torch.randn(32, 7, 10)
     graph = apib_fx.trace(model, x[:1])
     stream = next(g for g in graph.groups if g.name == "emb.weight[0]")
     qk = next(g for g in graph.groups if g.name == "attn.in_proj_weight[0]")
@@ -242,14 +244,18 @@ def test_apib_scores_attention_through_its_projections():
     readers = {c.group: name for name, cs in find_consumers(graph).items() for c in cs}
     # the packed projection is an F.linear on a get_attr weight; q (with k) is contracted by the
     # attention, whose output it is scored against; v is read by out_proj
-    assert readers == {stream.index: "linear", qk.index: "scaled_dot_product_attention",
+    assert readers == {stream.index: "linear", qk.index: contraction,
                        v.index: "attn_out_proj", next(g.index for g in graph.groups if g.name == "attn.out_proj.weight[0]"): "fc"}
     before = apib_fx.count_flops(model, x[:1])
     pruned = apib_fx.prune(model, 0.4, x, progress=False)
     assert abs(1 - apib_fx.count_flops(pruned, x[:1]) / before - 0.4) <= 0.005
-    rows = {r.index: r for r in pruned.apib_report.groups}
-    assert all(r.note is None for r in rows.values())
-    assert rows[qk.index].channels_after < qk.channels  # APIB removes q/k head dims too
+    assert all(r.note is None for r in pruned.apib_report.groups)
+    # every prunable group, q/k included, gets a finite APIB score for each channel
+    from apib_fx.scoring import score_apib
+
+    scores = score_apib(graph, graph.module, [x], progress=False)
+    assert all(bool(torch.isfinite(s).all()) for s in scores.primary.values())
+    assert set(scores.primary) == {g.index for g in graph.prunable_groups}
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
