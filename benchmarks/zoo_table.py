@@ -1,6 +1,8 @@
 """Prune a random 30% of every prunable group of every torchvision CNN and check exactness.
 
     python benchmarks/zoo_table.py [--models resnet18,densenet121] [--out benchmarks/results/zoo.md]
+    python benchmarks/zoo_table.py --models vit_b_16,swin_t,maxvit_t --size 224 \
+        --out benchmarks/results/transformers.md      # vision transformers (fixed input sizes)
 
 Prints (and writes) a table: groups, prunable groups, exact?, FLOPs (MACs) before/after, and
 whether the FLOPs model (ChannelGraph.flops) equals count_flops of the rebuilt model.
@@ -22,6 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(CNN_ZOO))
     ap.add_argument("--out", default="benchmarks/results/zoo.md")
+    ap.add_argument("--size", type=int, default=None, help="input size for every model (default: the zoo's small sizes)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = ["| model | groups | prunable | exact | max diff | MACs before | MACs after | FLOPs model = count | trace s |",
@@ -29,7 +32,7 @@ def main() -> None:
     print(rows[0]); print(rows[1])
     for name in args.models.split(","):
         model = zoo_model(name)
-        size = zoo_input_size(name)
+        size = args.size or zoo_input_size(name)
         x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
         t = time.perf_counter()
         graph = apib_fx.trace(model, x)
@@ -45,8 +48,9 @@ def main() -> None:
         gc.collect()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    note = (f"Inputs: batch 2 at {zoo_input_size('resnet18')}x{zoo_input_size('resnet18')} "
-            "(inception_v3: 75x75); MACs for the whole batch; 30% of every prunable group removed at random.\n\n")
+    sizes = f"{args.size}x{args.size}" if args.size else (
+        f"{zoo_input_size('resnet18')}x{zoo_input_size('resnet18')} (inception_v3: 75x75)")
+    note = f"Inputs: batch 2 at {sizes}; MACs for the whole batch; 30% of every prunable group removed at random.\n\n"
     out.write_text(note + "\n".join(rows) + "\n")
     print(f"written {out}")
 
