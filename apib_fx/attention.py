@@ -57,7 +57,8 @@ def expand(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple[Any, Op
     """
     a = _bound(m, args, kwargs)
     # Batch first: (L, N, E) -> (N, L, E); an unbatched (L, E) is left as it is (transpose(0, 0)).
-    # Only the last axes are addressed below, and no dim is negative where ONNX needs it positive.
+    # Below only the last axes are addressed, by transposes: movedim with negative dims exports
+    # to an ONNX Transpose with a negative perm, which ONNX Runtime rejects.
     x = a["query"] if m.batch_first else a["query"].transpose(0, -2)
     heads = m.num_heads
     scale = 1.0 / math.sqrt(m.head_dim)  # frozen: pruning head dims must not change the temperature
