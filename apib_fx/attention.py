@@ -32,12 +32,8 @@ def _bound(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> dict:
     return bound.arguments
 
 
-def expandable(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> bool:
-    """Whether :func:`expand` reproduces this call exactly (see the module docstring)."""
-    try:
-        a = _bound(m, args, kwargs)
-    except TypeError:
-        return False
+def _exact(m: nn.MultiheadAttention, a: dict) -> bool:
+    """Whether the written-out form reproduces this call exactly (see the module docstring)."""
     return (
         a["query"] is a["key"] is a["value"]
         and a["key_padding_mask"] is None
@@ -50,12 +46,18 @@ def expandable(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> bool:
     )
 
 
-def expand(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple[Any, Optional[Any]]:
-    """``m(*args, **kwargs)`` as individual ops on (fx proxy) tensors: ``(output, weights)``.
+def write_out(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Optional[tuple[Any, Optional[Any]]]:
+    """``m(*args, **kwargs)`` as individual ops on (fx proxy) tensors: ``(output, weights)``, or
+    None when that would not be exact and the call must stay one node.
 
     Works for batched and unbatched inputs alike, so the trace needs no shapes.
     """
-    a = _bound(m, args, kwargs)
+    try:
+        a = _bound(m, args, kwargs)
+    except TypeError:
+        return None
+    if not _exact(m, a):
+        return None
     # Batch first: (L, N, E) -> (N, L, E); an unbatched (L, E) is left as it is (transpose(0, 0)).
     # Below only the last axes are addressed, by transposes: movedim with negative dims exports
     # to an ONNX Transpose with a negative perm, which ONNX Runtime rejects.

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from . import attention
 from .labels import (
     NONE,
     ChannelSize,
@@ -138,6 +139,10 @@ class Rule:
     # its weights (conv, linear), or a contraction (q of q kᵀ, of attention). The axis of that
     # input holding the channels; data-driven scoring reads activations there.
     input_axis: Optional[int] = None
+    # For modules the tracer should record as the ops they compute rather than one node (so
+    # their inner widths get rules): ``expand(module, args, kwargs)`` returns the outputs computed
+    # on the tracer's proxies, or None to keep this call one node (then ``propagate`` applies).
+    expand: Optional[Callable[[nn.Module, tuple, dict], Any]] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -818,6 +823,7 @@ RULES: dict[Any, Rule] = {
     nn.Conv3d: Rule(conv, resize_conv, input_axis=1),
     nn.Linear: Rule(linear, resize_linear, input_axis=-1),
     F.linear: Rule(linear_fn, input_axis=-1),
+    nn.MultiheadAttention: Rule(opaque, expand=attention.write_out),  # self-attention: head dims
     # per-channel state
     nn.BatchNorm1d: Rule(channel_affine("weight", "bias", "running_mean", "running_var"),
                          resize_channels("num_features")),

@@ -8,7 +8,6 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from . import attention
 from .flops import MAC_TARGETS, _MacCounter, unfused_attention
 from .graph import ChannelGraph
 from .labels import LabelSpace, compress, flatten_values, is_labels, unlabeled
@@ -66,9 +65,11 @@ class _Tracer(fx.Tracer):
                 or super().is_leaf_module(m, qualname))
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
-        if (isinstance(m, nn.MultiheadAttention) and not isinstance(m, self.leaf_types)
-                and attention.expandable(m, args, kwargs)):
-            return attention.expand(m, args, kwargs)  # its ops, so head widths can be pruned
+        rule = module_rule(type(m))
+        if rule is not None and rule.expand is not None and not isinstance(m, self.leaf_types):
+            out = rule.expand(m, args, kwargs)  # the ops it computes, so its inner widths get rules
+            if out is not None:
+                return out
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -122,7 +123,8 @@ class ShapeAndMacsProp(ShapeProp):
 
     def _measured(self, n: fx.Node) -> bool:
         if n.op == "call_module":
-            return rule_for(n, self.fetch_attr(n.target)) is None
+            rule = rule_for(n, self.fetch_attr(n.target))
+            return rule is None or rule.propagate is opaque
         if n.op not in ("call_function", "call_method"):
             return False
         try:
