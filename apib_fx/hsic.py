@@ -598,6 +598,7 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
     UVs = np.zeros((2, C))  # (u, v) in slot order, for the correlations
     bp = bs.copy()
     perm = np.arange(C)
+    pos = np.arange(C)  # inverse of perm: each channel's position
     R = np.zeros((C, C))
     Y = np.zeros((C, 2))
     UV = np.zeros((C, 2))
@@ -605,7 +606,6 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
     bmax = float(bs[live].max())
     alpha = bmax
     tie = 1e-12 * bmax
-    blocked = np.zeros(C, dtype=bool)  # numerically dependent on the current active set
     surv = np.zeros(C)
     left = np.zeros(C, dtype=bool)
     alphas = [alpha]
@@ -624,6 +624,7 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
             return
         bp[i], bp[j] = bp[j], bp[i]
         perm[i], perm[j] = perm[j], perm[i]
+        pos[perm[i]], pos[perm[j]] = i, j
 
     def refresh() -> None:
         # Recompute Y and (u, v) from R: the rank-one updates drift slowly.
@@ -698,35 +699,38 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
         _rotate_left(slot, p, n)
         _rotate_left(bp, p, n)
         _rotate_left(perm, p, n)
+        pos[perm[p:n]] = np.arange(p, n)
         _rotate_left(UV, p, n)
         n -= 1
         Y[n] = 0.0
         UV[n] = 0.0
 
+    # Entering candidates are scored over all C channels in their own order (no gathers per
+    # event): ``cand`` marks live, inactive, unblocked channels.
+    active = np.zeros(C, dtype=bool)
+    cand = live.copy()
+    ent = np.empty(C)
     for _ in range(max_steps):
-        inact = perm[n:]
         if n:
             u, v = UV[:n, 0], UV[:n, 1]
             UVs[:, slot[:n]] = UV[:n].T
-            aq = (UVs[:, :n] @ GA[:n])[:, inact]
+            aq = UVs[:, :n] @ GA[:n]
             den = 1.0 - aq[0]
-            num = bp[n:] - aq[1]
-            dtol = 1e-11 * max(1.0, float(np.abs(u).sum()))
+            num = bs - aq[1]
+            ok = cand & (den > 1e-11 * max(1.0, float(np.abs(u).sum())))
         else:
             u = v = np.zeros(0)
-            den = np.ones(C)
-            num = bp.copy()
-            dtol = 0.0
-        ok = live[inact] & ~blocked[inact] & (den > dtol)
-        ent = np.full(C - n, -math.inf)
-        ent[ok] = np.minimum(num[ok] / den[ok], alpha)
-        if last_dropped >= 0:
-            ent[(inact == last_dropped) & (ent >= alpha - tie)] = -math.inf
+            den, num, ok = np.ones(C), bs, cand
+        ent.fill(-math.inf)
+        np.divide(num, den, out=ent, where=ok)
+        np.minimum(ent, alpha, out=ent)
+        if last_dropped >= 0 and ent[last_dropped] >= alpha - tie:
+            ent[last_dropped] = -math.inf
         out = np.full(n, -math.inf)
         neg = u < 0
         out[neg] = np.minimum(v[neg] / u[neg], alpha)
-        if last_added >= 0 and n:
-            out[(perm[:n] == last_added) & (out >= alpha - tie)] = -math.inf
+        if last_added >= 0 and n and out[pos[last_added]] >= alpha - tie:
+            out[pos[last_added]] = -math.inf
         best_in = float(ent.max(initial=-math.inf))
         best_out = float(out.max(initial=-math.inf))
         best = max(best_in, best_out)
@@ -746,20 +750,20 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
             coefs[-1][ch] = 0.0  # it is leaving at exactly this α, not at v − αu's rounding (~1e-18)
             drop(p)
             left[ch] = True
+            active[ch] = False
+            cand = live & ~active  # a deletion unblocks every channel
             last_dropped, last_added = ch, -1
-            blocked[:] = False
             since_refresh += 1
         else:
-            cands = np.flatnonzero(ent >= best - tie)
-            q = n + int(cands[np.argmin(inact[cands])])
-            ch = int(perm[q])
-            if add(q):
+            ch = int(np.flatnonzero(ent >= best - tie)[0])  # ties: lowest channel index
+            cand[ch] = False
+            if add(int(pos[ch])):
+                active[ch] = True
                 if surv[ch] == 0.0:
                     surv[ch] = alpha
                 last_added, last_dropped = ch, -1
                 since_refresh += 1
-            else:
-                blocked[ch] = True
+            # else: numerically dependent on the active set, blocked until a deletion
         if since_refresh >= 64:
             refresh()
             since_refresh = 0
