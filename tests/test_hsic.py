@@ -360,3 +360,17 @@ def test_self_gram_blocks_match_the_plain_product():
     G = _self_gram(k, leaf=100)
     assert float((G - k @ k.T).abs().max()) < 1e-12
     assert torch.equal(G[:300, 300:], G[300:, :300].T)
+
+
+def test_path_with_an_active_set_beyond_the_initial_factor_size():
+    """The inverse factor starts at 256 x 256 and grows: a path where most of 600 channels enter."""
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(600, 40, generator=g, dtype=torch.float64)
+    G = torch.eye(600, dtype=torch.float64) + 0.01 * a @ a.T
+    b = torch.rand(600, generator=g, dtype=torch.float64) + 0.5
+    path = nonneg_lasso_path(G, b)
+    assert int((path.coefs > 0).sum(dim=1).max()) > 300  # the active set went well past 256
+    al = path.alphas.numpy()
+    for alpha in np.geomspace(al[0] * 0.99, al[-1] * 10, 6):
+        assert kkt_residual(G, b, alpha, path.coef_at(alpha)) < 1e-8
+        assert float((path.coef_at(alpha) - nonneg_lasso(G, b, alpha)).abs().max()) < 1e-6
