@@ -238,9 +238,10 @@ def _unit_centred_vectors(f: Tensor, kind: str) -> Tensor:
 
 def _self_gram(k: Tensor, leaf: int = 256) -> Tensor:
     """k kᵀ computing each off-diagonal block once (a quarter less work per halving; torch has
-    no symmetric rank-k product). Symmetric up to the rounding of the diagonal blocks."""
+    no symmetric rank-k product). Symmetric up to the rounding of the diagonal blocks. With short
+    vectors (B < 32) the product is bound by writing G, and the block copies would cost more."""
     C = k.shape[0]
-    if C <= leaf:
+    if C <= leaf or k.shape[1] < 512:
         return k @ k.T
     h = C // 2
     G = torch.empty(C, C, dtype=k.dtype, device=k.device)
@@ -318,15 +319,14 @@ class HSICStats:
             slot[2] += 1
 
     def gram(self) -> tuple[Tensor, Tensor]:
-        """(G, b): Σ over consumers of the batch means. float64 on the CPU, shapes (C, C) and (C,)."""
+        """(G, b): Σ over consumers of the batch means. float64 on the CPU, shapes (C, C) and (C,);
+        G is symmetric up to rounding (the solvers symmetrise it)."""
         if not self._sums:
             raise RuntimeError("HSICStats.gram(): no batches were added")
-        G = torch.zeros(self.channels, self.channels, dtype=torch.float64)
-        b = torch.zeros(self.channels, dtype=torch.float64)
+        G = b = None
         for sG, sb, n in self._sums.values():
-            G += sG.cpu() / n
-            b += sb.cpu() / n
-        _symmetrize(G.numpy())
+            mG, mb = sG.cpu().double() / n, sb.cpu().double() / n
+            G, b = (mG, mb) if G is None else (G.add_(mG), b.add_(mb))
         return G, b
 
 
@@ -349,7 +349,7 @@ def _symmetrize(a: np.ndarray, tile: int = 128) -> np.ndarray:
 
 
 def _problem(G, b) -> tuple[np.ndarray, np.ndarray]:
-    """Validate and convert (G, b) to a float64 numpy copy, symmetrising G."""
+    """Validate and convert (G, b) to float64 numpy: a symmetrised copy of G (the caller's is not touched)."""
     Gn = np.array(G.detach().cpu().double().numpy() if isinstance(G, Tensor) else G, dtype=np.float64)
     bn = (b.detach().cpu().double().numpy() if isinstance(b, Tensor) else np.asarray(b, dtype=np.float64))
     bn = bn.reshape(-1).copy()
