@@ -38,23 +38,29 @@ def main() -> None:
     data = torch.randn(args.num_calib, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)).to(dev)
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
 
-    with torch.no_grad():  # warm-up, then one plain forward over the calibration images
+    with torch.no_grad():  # warm-up, then a plain forward over the calibration images (median of 3)
         model(data[:2])
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for b in data.split(args.batch_size):
-            model(b)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        forward = time.perf_counter() - t
+        passes = []
+        for _ in range(3):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            for b in data.split(args.batch_size):
+                model(b)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            passes.append(time.perf_counter() - t)
+        forward = sorted(passes)[1]
 
     lines = [f"{args.model} {args.size}x{args.size}, {args.num_calib} calibration images, batch "
              f"{args.batch_size}, device {device_name}, torch {torch.__version__}",
-             f"plain forward over the calibration images: {forward:.2f} s", ""]
+             f"plain forward over the calibration images: {forward:.2f} s (median of 3: "
+             f"{', '.join(f'{p:.2f}' for p in passes)})",
+             "last column: everything but the calibration forward and BN re-estimation, over the plain "
+             "forward (the 1.5x aim is 0.5 here; it does not depend on how fast the forward ran this time)", ""]
     head = ("| target | method | achieved | total s | trace | forward | kernels+Gram | lasso | search | rewrite "
-            "| BN re-estimation | (total − BN) / forward |")
-    lines += [head, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| BN re-estimation | (total − BN) / forward | (total − BN − forward) / forward |")
+    lines += [head, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     print("\n".join(lines), flush=True)
     for target in [float(t) for t in args.targets.split(",")]:
         for method in ("apib", "l1", "fpgm"):
@@ -66,15 +72,17 @@ def main() -> None:
             tm = r.timings
             cells = [f"{tm.get(k, 0.0):.2f}" if k in tm else "-"
                      for k in ("trace", "forward", "kernels", "lasso", "search", "rewrite", "recalibrate")]
+            own = total - tm.get("recalibrate", 0.0)
             row = (f"| {target:.2f} | {method} | {r.flops_reduction:.3f} | {total:.2f} | " + " | ".join(cells)
-                   + f" | {(total - tm.get('recalibrate', 0.0)) / forward:.2f} |")
+                   + f" | {own / forward:.2f} | {(own - tm.get('forward', 0.0)) / forward:.2f} |")
             print(row, flush=True)
             lines.append(row)
         if not args.skip_tp:
             try:
                 _, achieved, once, total = tp_magnitude(model, data[:1], target)
                 row = (f"| {target:.2f} | Torch-Pruning magnitude (one prune; {total:.1f} s with the ratio "
-                       f"bisection) | {achieved:.3f} | {once:.2f} | - | - | - | - | - | - | - | {once / forward:.2f} |")
+                       f"bisection) | {achieved:.3f} | {once:.2f} | - | - | - | - | - | - | - | {once / forward:.2f} "
+                       f"| {once / forward:.2f} |")
             except Exception as e:
                 row = f"| {target:.2f} | Torch-Pruning magnitude | error: {type(e).__name__}: {e} |"
             print(row, flush=True)
