@@ -12,7 +12,6 @@ from torch import Tensor, nn
 
 from .calib import CalibData, CalibrationError, calibration_batches
 from .flops import count_flops
-from .graph import ChannelGraph
 from .rewrite import apply
 from .scoring import METHODS, score_apib, score_data_free
 from .recalibrate import recalibrate_bn

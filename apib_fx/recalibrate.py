@@ -8,7 +8,7 @@ within a point of the unpruned model (see benchmarks/compare_methods.py). No wei
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from typing import Iterable, Union
 
 import torch
 from torch import Tensor, nn

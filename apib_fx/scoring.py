@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor, fx, nn
@@ -27,6 +27,9 @@ from tqdm.auto import tqdm
 from .graph import ChannelGraph
 from .labels import NONE, axis_ids, is_labels
 from .rules import rule_for
+
+if TYPE_CHECKING:
+    from .hsic import HSICStats
 
 METHODS = ("apib", "l1", "fpgm", "random")
 

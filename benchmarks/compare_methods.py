@@ -9,7 +9,6 @@ budget, measure again. Prints mean ± std over seeds and writes benchmarks/resul
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 from pathlib import Path
