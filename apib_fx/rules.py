@@ -193,12 +193,22 @@ def _relabeled(space: LabelSpace, value: Any) -> Any:
 # Propagation rules
 
 
-def opaque(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
-    """An op with no channel rule: whatever channels it reads cannot be removed."""
-    for v in flatten_values((args, kwargs)):
-        if is_labels(v) and has_labels(v):
-            ctx.space.block(v, f"consumed by {ctx.op_name}, which has no channel rule")
-    return ctx.unlabeled_output()
+def kept_whole(why: str) -> Propagate:
+    """Propagation of an op whose channels cannot be removed: they are blocked with ``why``.
+    Marked ``keeps_whole``, so the trace measures the op's MACs as a constant."""
+
+    def rule(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
+        for v in flatten_values((args, kwargs)):
+            if is_labels(v) and has_labels(v):
+                ctx.space.block(v, f"consumed by {ctx.op_name}, {why}")
+        return ctx.unlabeled_output()
+
+    rule.keeps_whole = True  # type: ignore[attr-defined]
+    return rule
+
+
+opaque = kept_whole("which has no channel rule")
+opaque.__doc__ = "An op with no channel rule: whatever channels it reads cannot be removed."
 
 
 def passthrough(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
@@ -823,7 +833,10 @@ RULES: dict[Any, Rule] = {
     nn.Conv3d: Rule(conv, resize_conv, input_axis=1),
     nn.Linear: Rule(linear, resize_linear, input_axis=-1),
     F.linear: Rule(linear_fn, input_axis=-1),
-    nn.MultiheadAttention: Rule(opaque, expand=attention.write_out),  # self-attention: head dims
+    nn.MultiheadAttention: Rule(  # self-attention is written out (head dims); other calls stay whole
+        kept_whole("which is written out (head dims prunable) only for plain self-attention: no "
+                   "cross-attention, masks, is_causal, add_bias_kv, add_zero_attn, dropout or "
+                   "leaf_modules entry"), expand=attention.write_out),
     # per-channel state
     nn.BatchNorm1d: Rule(channel_affine("weight", "bias", "running_mean", "running_var"),
                          resize_channels("num_features")),

@@ -124,7 +124,7 @@ class ShapeAndMacsProp(ShapeProp):
     def _measured(self, n: fx.Node) -> bool:
         if n.op == "call_module":
             rule = rule_for(n, self.fetch_attr(n.target))
-            return rule is None or rule.propagate is opaque
+            return rule is None or getattr(rule.propagate, "keeps_whole", False)
         if n.op not in ("call_function", "call_method"):
             return False
         try:

@@ -197,6 +197,7 @@ def test_attention_calls_the_written_out_form_cannot_reproduce_stay_whole(case):
 
     class Model(_SelfAttend):
         def forward(self, x):
+            x = self.emb(x)  # a producer, so the kept-whole call has channels to block
             if case == "cross":
                 out = self.attn(x, x * 2, x, need_weights=False)[0]
             elif case == "mask":
@@ -206,11 +207,14 @@ def test_attention_calls_the_written_out_form_cannot_reproduce_stay_whole(case):
             return self.fc(out)
 
     model = Model({}, batch_first=True, **kwargs).eval()
+    model.emb = nn.Linear(32, 32)
     x = torch.randn(2, 7, 32)
     leaf = (nn.MultiheadAttention,) if case == "leaf" else ()
     graph = apib_fx.trace(model, x, leaf_modules=leaf)
     assert len(_attention_modules(graph.module)) == 1
     assert not any("in_proj" in m.param for g in graph.prunable_groups for m in g.members)
+    (emb,) = [g for g in graph.groups if g.name == "emb.weight[0]"]
+    assert not emb.prunable and "only for plain self-attention" in emb.reason
     assert graph.flops() == apib_fx.count_flops(model, x)
     report = check_exact(model, x, graph=graph)
     assert report.exact_expected and report.max_diff <= 1e-5
