@@ -79,3 +79,40 @@ def write_out(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Optional[t
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     out = m.out_proj(out.transpose(-3, -2).flatten(-2))
     return (out if m.batch_first else out.transpose(0, -2)), weights
+
+
+_LAYER_SIGNATURE = inspect.signature(nn.TransformerEncoderLayer.forward)
+_ENCODER_SIGNATURE = inspect.signature(nn.TransformerEncoder.forward)
+
+
+def write_out_encoder_layer(m: nn.TransformerEncoderLayer, args: tuple, kwargs: dict) -> Optional[Any]:
+    """``nn.TransformerEncoderLayer`` without masks, as its submodule calls (its forward first
+    branches on tensor properties for a fused path, which fx cannot trace). Its feed-forward width
+    and, through ``self_attn``, its head dims then get rules; dropout stays a module, so training
+    behaves as before."""
+    try:
+        a = _LAYER_SIGNATURE.bind(m, *args, **kwargs).arguments
+    except TypeError:
+        return None
+    if a.get("src_mask") is not None or a.get("src_key_padding_mask") is not None or a.get("is_causal", False):
+        return None
+    x = a["src"]
+    if m.norm_first:
+        x = x + m._sa_block(m.norm1(x), None, None)
+        return x + m._ff_block(m.norm2(x))
+    x = m.norm1(x + m._sa_block(x, None, None))
+    return m.norm2(x + m._ff_block(x))
+
+
+def write_out_encoder(m: nn.TransformerEncoder, args: tuple, kwargs: dict) -> Optional[Any]:
+    """``nn.TransformerEncoder`` without masks: its layers in turn, then its norm."""
+    try:
+        a = _ENCODER_SIGNATURE.bind(m, *args, **kwargs).arguments
+    except TypeError:
+        return None
+    if a.get("mask") is not None or a.get("src_key_padding_mask") is not None or a.get("is_causal"):
+        return None
+    x = a["src"]
+    for layer in m.layers:
+        x = layer(x)
+    return m.norm(x) if m.norm is not None else x

@@ -837,6 +837,10 @@ RULES: dict[Any, Rule] = {
         kept_whole("which is written out (head dims prunable) only for plain self-attention: no "
                    "cross-attention, masks, is_causal, add_bias_kv, add_zero_attn, dropout or "
                    "leaf_modules entry"), expand=attention.write_out),
+    nn.TransformerEncoderLayer: Rule(kept_whole("which is written out only without masks or is_causal"),
+                                     expand=attention.write_out_encoder_layer),
+    nn.TransformerEncoder: Rule(kept_whole("which is written out only without masks or is_causal"),
+                                expand=attention.write_out_encoder),
     # per-channel state
     nn.BatchNorm1d: Rule(channel_affine("weight", "bias", "running_mean", "running_var"),
                          resize_channels("num_features")),

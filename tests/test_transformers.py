@@ -276,11 +276,68 @@ def test_pruned_self_attention_exports_with_parity(batch_first, call, tmp_path):
 
 
 def test_transformer_encoder_layer_macs_are_counted():
-    """nn.TransformerEncoderLayer has a fused eval path too; it stays opaque in the trace, and its
-    arithmetic is a constant of the FLOPs model, counted op by op."""
+    """nn.TransformerEncoderLayer has a fused eval path too: counted op by op, by count_flops and
+    by the FLOPs model of the trace."""
     layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True).eval()
     x = torch.randn(2, 7, 32)
     by_hand = 2 * (7 * 32 * 96 + 2 * 7 * 7 * 32 + 7 * 32 * 32 + 7 * 32 * 64 + 7 * 64 * 32)
     assert apib_fx.count_flops(layer, x) == by_hand == _flop_counter_macs(layer, x)
     model = nn.Sequential(nn.Linear(32, 32), layer, nn.Linear(32, 5)).eval()
     assert apib_fx.trace(model, x).flops() == apib_fx.count_flops(model, x) == by_hand + 2 * 7 * 32 * (32 + 5)
+
+
+def _encoder(norm_first, dropout, batch_first=True):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=dropout, batch_first=batch_first, norm_first=norm_first)
+    encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(32), enable_nested_tensor=False)
+    return nn.Sequential(nn.Linear(10, 32), encoder, nn.Linear(32, 5)).eval()
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_transformer_encoder_is_written_out_and_prunes_exactly(norm_first, dropout):
+    """nn.TransformerEncoder / nn.TransformerEncoderLayer branch on tensor properties before
+    their fused path, so fx cannot trace them; written out as their submodule calls, their
+    feed-forward widths prune exactly, and so do the head dims when attention has no dropout."""
+    from apib_fx.testing import zeroed_reference
+
+    model, x = _encoder(norm_first, dropout), torch.randn(3, 7, 10)
+    graph = apib_fx.trace(model, x)
+    types = {type(graph.module.get_submodule(n.target)) for n in graph.module.graph.nodes if n.op == "call_module"}
+    assert not types & {nn.TransformerEncoder, nn.TransformerEncoderLayer}
+    with torch.no_grad():
+        assert float((apib_fx.apply(model, graph, {})(x) - model(x)).abs().max()) < 1e-5
+    names = {g.name for g in graph.prunable_groups}
+    assert {"1.layers.0.linear1.weight[0]", "1.layers.1.linear1.weight[0]"} <= names
+    assert ("1.layers.0.self_attn.in_proj_weight[0]@64" in names) == (dropout == 0.0)
+    keep = {g.index: torch.arange(0, g.channels, 2) for g in graph.prunable_groups if g.exact}
+    pruned, ref = apib_fx.apply(model, graph, keep), zeroed_reference(model, graph, keep)
+    with torch.no_grad():
+        assert float((pruned(x) - ref(x)).abs().max()) < 1e-5
+    assert graph.flops({g: len(k) for g, k in keep.items()}) == apib_fx.count_flops(pruned, x) \
+        < apib_fx.count_flops(model, x)
+
+
+def test_transformer_encoder_with_a_mask_stays_whole():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _encoder(False, 0.0)
+
+        def forward(self, x):
+            h = self.inner[0](x)
+            mask = torch.zeros(7, 7, dtype=torch.bool)
+            return self.inner[2](self.inner[1](h, mask=mask))
+
+    model, x = Masked().eval(), torch.randn(3, 7, 10)
+    graph = apib_fx.trace(model, x)
+    (stream,) = [g for g in graph.groups if g.name == "inner.0.weight[0]"]
+    assert not stream.prunable and "without masks" in stream.reason
+    assert graph.flops() == apib_fx.count_flops(model, x)
+
+
+def test_pruned_transformer_encoder_exports_with_parity(tmp_path):
+    model, x = _encoder(False, 0.1), torch.randn(4, 7, 10)
+    pruned = apib_fx.prune(model, 0.3, x, progress=False)
+    path = apib_fx.export_onnx(pruned, tmp_path / "m.onnx", x[:1])
+    assert path.parity["max_diff"] <= 1e-4 * path.parity["scale"]
