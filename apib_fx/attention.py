@@ -96,6 +96,8 @@ def write_out_encoder_layer(m: nn.TransformerEncoderLayer, args: tuple, kwargs: 
         return None
     if a.get("src_mask") is not None or a.get("src_key_padding_mask") is not None or a.get("is_causal", False):
         return None
+    if not (hasattr(m, "_sa_block") and hasattr(m, "_ff_block")):  # torch's own helpers; keep whole if renamed
+        return None
     x = a["src"]
     if m.norm_first:
         x = x + m._sa_block(m.norm1(x), None, None)
