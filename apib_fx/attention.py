@@ -12,6 +12,9 @@ parameter names stay those of the module.
 Calls the written-out form cannot reproduce exactly stay one opaque node: cross-attention
 (query, key and value not the same tensor), masks, ``is_causal``, ``add_bias_kv``,
 ``add_zero_attn`` and attention dropout (the trace runs in eval mode and would drop it).
+
+``nn.TransformerEncoder`` and ``nn.TransformerEncoderLayer``, which fx cannot trace at all, are
+written out as their submodule calls the same way when called without masks.
 """
 from __future__ import annotations
 
@@ -26,8 +29,12 @@ from torch import nn
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
 
-def _bound(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> dict:
-    bound = _SIGNATURE.bind(m, *args, **kwargs)
+def _arguments(signature: inspect.Signature, m: nn.Module, args: tuple, kwargs: dict) -> Optional[dict]:
+    """The call's arguments by name, defaults included; None if they do not fit the signature."""
+    try:
+        bound = signature.bind(m, *args, **kwargs)
+    except TypeError:
+        return None
     bound.apply_defaults()
     return bound.arguments
 
@@ -52,11 +59,8 @@ def write_out(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Optional[t
 
     Works for batched and unbatched inputs alike, so the trace needs no shapes.
     """
-    try:
-        a = _bound(m, args, kwargs)
-    except TypeError:
-        return None
-    if not _exact(m, a):
+    a = _arguments(_SIGNATURE, m, args, kwargs)
+    if a is None or not _exact(m, a):
         return None
     # Batch first: (L, N, E) -> (N, L, E); an unbatched (L, E) is left as it is (transpose(0, 0)).
     # Below only the last axes are addressed, by transposes: movedim with negative dims exports
@@ -90,11 +94,8 @@ def write_out_encoder_layer(m: nn.TransformerEncoderLayer, args: tuple, kwargs: 
     branches on tensor properties for a fused path, which fx cannot trace). Its feed-forward width
     and, through ``self_attn``, its head dims then get rules; dropout stays a module, so training
     behaves as before."""
-    try:
-        a = _LAYER_SIGNATURE.bind(m, *args, **kwargs).arguments
-    except TypeError:
-        return None
-    if a.get("src_mask") is not None or a.get("src_key_padding_mask") is not None or a.get("is_causal", False):
+    a = _arguments(_LAYER_SIGNATURE, m, args, kwargs)
+    if a is None or a["src_mask"] is not None or a["src_key_padding_mask"] is not None or a["is_causal"]:
         return None
     if not (hasattr(m, "_sa_block") and hasattr(m, "_ff_block")):  # torch's own helpers; keep whole if renamed
         return None
@@ -108,11 +109,8 @@ def write_out_encoder_layer(m: nn.TransformerEncoderLayer, args: tuple, kwargs: 
 
 def write_out_encoder(m: nn.TransformerEncoder, args: tuple, kwargs: dict) -> Optional[Any]:
     """``nn.TransformerEncoder`` without masks: its layers in turn, then its norm."""
-    try:
-        a = _ENCODER_SIGNATURE.bind(m, *args, **kwargs).arguments
-    except TypeError:
-        return None
-    if a.get("mask") is not None or a.get("src_key_padding_mask") is not None or a.get("is_causal"):
+    a = _arguments(_ENCODER_SIGNATURE, m, args, kwargs)
+    if a is None or a["mask"] is not None or a["src_key_padding_mask"] is not None or a["is_causal"]:
         return None
     x = a["src"]
     for layer in m.layers:
