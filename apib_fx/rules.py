@@ -47,6 +47,20 @@ except ImportError:  # pragma: no cover
     StochasticDepth = None
 
 
+def node_arg(node: fx.Node, index: int, kwarg: Optional[str] = None) -> Any:
+    """Argument ``index`` of a call node (or keyword ``kwarg``), None if absent."""
+    if kwarg is not None and kwarg in node.kwargs:
+        return node.kwargs[kwarg]
+    return node.args[index] if index < len(node.args) else None
+
+
+def weight_param(node: fx.Node) -> Optional[str]:
+    """The parameter a functional layer reads its weight from (``F.linear(x, self.weight)``: a
+    ``get_attr`` node), None if the weight is computed or absent."""
+    w = node_arg(node, 1, "weight")
+    return w.target if isinstance(w, fx.Node) and w.op == "get_attr" else None
+
+
 @dataclass
 class RuleContext:
     """What a rule may look at besides its arguments."""
@@ -74,9 +88,7 @@ class RuleContext:
         return f"{self.node.target}.{attr}" if self.node.target else attr
 
     def arg_node(self, index: int, kwarg: Optional[str] = None) -> Any:
-        if kwarg is not None and kwarg in self.node.kwargs:
-            return self.node.kwargs[kwarg]
-        return self.node.args[index] if index < len(self.node.args) else None
+        return node_arg(self.node, index, kwarg)
 
     def unlabeled_output(self) -> Any:
         """Unlabeled values shaped like this node's output (tensor, or nested tuples)."""
@@ -443,12 +455,10 @@ def linear(ctx: RuleContext, x: Tensor) -> Tensor:
 def linear_fn(ctx: RuleContext, x: Tensor, weight: Any, bias: Any = None) -> Tensor:
     """``F.linear(x, self.weight, self.bias)`` on parameters read by ``get_attr``: as nn.Linear.
     A weight computed in the graph has no parameter to slice: its inputs stay whole."""
-    names = [ctx.arg_node(1, "weight"), ctx.arg_node(2, "bias")]
-    if not is_labels(x) or any(isinstance(n, fx.Node) and n.op != "get_attr" for n in names) \
-            or not isinstance(names[0], fx.Node):
+    w, b = weight_param(ctx.node), ctx.arg_node(2, "bias")
+    if not is_labels(x) or w is None or (isinstance(b, fx.Node) and b.op != "get_attr"):
         return opaque(ctx, x, weight, bias)
-    return _linear(ctx, x, names[0].target, weight.shape[0],
-                   names[1].target if isinstance(names[1], fx.Node) else None)
+    return _linear(ctx, x, w, weight.shape[0], b.target if isinstance(b, fx.Node) else None)
 
 
 def conv(ctx: RuleContext, x: Tensor) -> Tensor:
@@ -792,6 +802,7 @@ SOFTMAX = Rule(softmax)
 MATMUL = Rule(matmul, input_axis=-1)
 SDPA = Rule(sdpa, freeze_sdpa_scale, input_axis=-1)
 UNFLATTEN = Rule(relabel, rewrite_unflatten)
+_UNMASKED_ONLY = kept_whole("which is written out only without masks or is_causal")
 
 _ACTIVATIONS = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Tanh,
@@ -837,10 +848,8 @@ RULES: dict[Any, Rule] = {
         kept_whole("which is written out (head dims prunable) only for plain self-attention: no "
                    "cross-attention, masks, is_causal, add_bias_kv, add_zero_attn, dropout or "
                    "leaf_modules entry"), expand=attention.write_out),
-    nn.TransformerEncoderLayer: Rule(kept_whole("which is written out only without masks or is_causal"),
-                                     expand=attention.write_out_encoder_layer),
-    nn.TransformerEncoder: Rule(kept_whole("which is written out only without masks or is_causal"),
-                                expand=attention.write_out_encoder),
+    nn.TransformerEncoderLayer: Rule(_UNMASKED_ONLY, expand=attention.write_out_encoder_layer),
+    nn.TransformerEncoder: Rule(_UNMASKED_ONLY, expand=attention.write_out_encoder),
     # per-channel state
     nn.BatchNorm1d: Rule(channel_affine("weight", "bias", "running_mean", "running_var"),
                          resize_channels("num_features")),

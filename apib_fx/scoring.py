@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .graph import ChannelGraph
 from .labels import NONE, axis_ids, is_labels
-from .rules import rule_for
+from .rules import rule_for, weight_param
 
 if TYPE_CHECKING:
     from .hsic import HSICStats
@@ -64,12 +64,6 @@ class Consumer:
         return first if torch.equal(p, torch.arange(first, first + p.numel())) else None
 
 
-def _weight_param(node: fx.Node) -> Optional[str]:
-    """The parameter a call_function layer reads its weight from (``F.linear(x, self.weight)``), if any."""
-    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    return w.target if isinstance(w, fx.Node) and w.op == "get_attr" else None
-
-
 def find_consumers(graph: ChannelGraph) -> dict[str, list[Consumer]]:
     """Consumers of each prunable group, keyed by fx node name: layers that read the group's
     channels through their weights, and contractions of them (q in q kᵀ), whose output the
@@ -86,7 +80,7 @@ def find_consumers(graph: ChannelGraph) -> dict[str, list[Consumer]]:
             weight = f"{node.target}.weight"
         elif node.op in ("call_function", "call_method"):
             rule = rule_for(node)
-            weight = _weight_param(node)  # None: a contraction of two activations
+            weight = weight_param(node)  # None: a contraction of two activations
         else:
             continue
         if rule is None or rule.input_axis is None or not node.args or not isinstance(node.args[0], fx.Node):
