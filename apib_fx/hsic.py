@@ -294,21 +294,28 @@ class HSICStats:
             G = _self_gram(k)
         return k, G
 
+    def output_terms(self, y: Tensor) -> Tensor:
+        """The output kernel of one batch, (B, ...) -> (B(B+1)/2,): what :meth:`add` regresses on.
+        A layer reading several groups (a conv after a concat) computes it once for all of them."""
+        with torch.no_grad():
+            return self._vectors(y.detach().reshape(1, y.shape[0], -1))[0]
+
     def add(self, x: Tensor, y: Tensor, consumer: Hashable = 0,
-            terms: Optional[tuple[Tensor, Tensor]] = None) -> None:
+            terms: Optional[tuple[Tensor, Tensor]] = None, output: Optional[Tensor] = None) -> None:
         """Add one calibration batch seen by one consumer.
 
         ``x``: (B, C, m), each sample's C channels with m features each (flattened by the caller).
         ``y``: (B, n) or (B, ...), the consumer's output for the same samples. ``consumer``: any
         hashable slot; repeated slots are averaged over batches, distinct slots are summed.
-        ``terms``: :meth:`channel_terms` of ``x`` when already computed for another consumer.
+        ``terms``: :meth:`channel_terms` of ``x`` when already computed for another consumer;
+        ``output``: :meth:`output_terms` of ``y`` when already computed (same kernel kind).
         """
         k, G = terms if terms is not None else self.channel_terms(x)
         B = x.shape[0]
         if y.shape[0] != B:
             raise ValueError(f"y has {y.shape[0]} samples, x has {B}")
         with torch.no_grad():
-            l = self._vectors(y.detach().reshape(1, B, -1))[0]  # (P,)
+            l = output if output is not None else self.output_terms(y)  # (P,)
             b = k @ l
         slot = self._sums.get(consumer)
         if slot is None:

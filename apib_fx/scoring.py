@@ -149,6 +149,9 @@ class ConsumerCapture(fx.Interpreter):
             x = self.env[n.args[0]]
             b = x.shape[0]
             y = out.reshape(b, -1).float()
+            # A layer reading several groups (a conv after a concat) regresses each on the same
+            # output: its kernel is computed once.
+            output = self.stats[todo[0].group].output_terms(y) if len(todo) > 1 else None
             for c, key in zip(todo, self._keys[n.name]):
                 moved = x.movedim(c.axis, 1)
                 first = c.start
@@ -164,7 +167,7 @@ class ConsumerCapture(fx.Interpreter):
                     self._left[key] -= 1
                     if self._left[key] == 0:
                         del self._shared[key]
-                self.stats[c.group].add(feats, y, consumer=c.slot, terms=terms)
+                self.stats[c.group].add(feats, y, consumer=c.slot, terms=terms, output=output)
             self.kernel_seconds += time.perf_counter() - start
         return out
 

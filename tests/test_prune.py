@@ -126,6 +126,28 @@ def test_layers_reading_the_same_tensor_share_channel_kernels(monkeypatch):
         assert torch.equal(shared.primary[g], alone.primary[g]) and torch.equal(shared.secondary[g], alone.secondary[g])
 
 
+def test_a_layer_reading_several_groups_computes_its_output_kernel_once(monkeypatch):
+    from apib_fx.hsic import HSICStats
+    from apib_fx.scoring import find_consumers, score_apib
+
+    model = zoo_model("densenet121", num_classes=10)  # every dense-layer conv reads a concat of groups
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    graph = apib_fx.trace(model, x[:1])
+    consumers = find_consumers(graph)
+    assert max(len(todo) for todo in consumers.values()) > 2
+    calls = []
+    real = HSICStats.output_terms
+    monkeypatch.setattr(HSICStats, "output_terms", lambda self, y: calls.append(1) or real(self, y))
+    cached = score_apib(graph, graph.module, [x], progress=False)
+    assert len(calls) == len(consumers)  # one per consumer layer and batch, not one per group
+    real_add = HSICStats.add
+    monkeypatch.setattr(HSICStats, "add", lambda self, x, y, consumer=0, terms=None, output=None:
+                        real_add(self, x, y, consumer, terms))  # recomputed per group
+    fresh = score_apib(graph, graph.module, [x], progress=False)
+    for g in cached.primary:
+        assert torch.equal(cached.primary[g], fresh.primary[g]) and torch.equal(cached.secondary[g], fresh.secondary[g])
+
+
 def test_apib_end_to_end_drops_dead_channels():
     model = DupDead()
     x = _digits()
