@@ -15,6 +15,7 @@ without an entry is *opaque*: its channels are kept whole, with the reason recor
 """
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from dataclasses import dataclass
@@ -492,18 +493,62 @@ def conv(ctx: RuleContext, x: Tensor) -> Tensor:
     return along(out, 1, out_shape)
 
 
+def _bind_per_channel(ctx: RuleContext, x: Tensor, axis: int, tensors: dict[str, Any]) -> Tensor:
+    """Bind each per-channel tensor (qualified name -> value) to ``x``'s channels along ``axis``."""
+    ids = _channel_ids(ctx, x, axis) if x.dim() > 1 else axis_ids(x, 0)
+    for name, t in tensors.items():
+        if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == ids.numel():
+            ctx.space.bind(name, 0, ids, "pass")
+    return x
+
+
 def channel_affine(*params: str, axis: int = 1) -> Propagate:
     """Per-channel state along ``axis`` (BatchNorm, affine InstanceNorm, PReLU): exact to prune."""
 
     def rule(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        ids = _channel_ids(ctx, x, axis) if x.dim() > 1 else axis_ids(x, 0)
-        for p in params:
-            t = getattr(ctx.module, p, None)
-            if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == ids.numel():
-                ctx.space.bind(ctx.param(p), 0, ids, "pass")
-        return x
+        return _bind_per_channel(ctx, x, axis, {ctx.param(p): getattr(ctx.module, p, None) for p in params})
 
     return rule
+
+
+_BN_STATE = ("weight", "bias", "running_mean", "running_var")
+
+
+def batch_norm_of(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
+    """``module``'s BatchNorm alone, run as ``nn.BatchNorm`` runs it (batch statistics and running
+    statistics updates in training mode, the running ones in eval mode). The trace puts it in place
+    of ``F.batch_norm`` calls that a BatchNorm subclass makes on its own state in its own forward
+    (timm's ``BatchNormAct2d``: BatchNorm, then dropout and activation), see
+    :func:`apib_fx.trace.module_batch_norms`."""
+    return nn.modules.batchnorm._BatchNorm.forward(module, x)
+
+
+def module_batch_norm(ctx: RuleContext, module: nn.Module, x: Tensor) -> Tensor:
+    path = ctx.arg_node(0).target
+    return _bind_per_channel(ctx, x, 1, {f"{path}.{p}": getattr(module, p, None) for p in _BN_STATE})
+
+
+def resize_module_batch_norm(node: fx.Node, module: Any, keep: KeepView) -> None:
+    owner = node.graph.owning_module.get_submodule(node.args[0].target)
+    resize_channels("num_features")(node, owner, keep)
+
+
+def batch_norm_fn(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, ...)`` on state read by
+    ``get_attr``: per-channel, exact to prune. State computed in the graph keeps them whole."""
+    values = _BATCH_NORM_SIGNATURE.bind(x, *args, **kwargs).arguments
+    nodes = _BATCH_NORM_SIGNATURE.bind(*ctx.node.args, **ctx.node.kwargs).arguments
+    tensors = {}
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        n = nodes.get(key)
+        if isinstance(n, fx.Node):
+            if n.op != "get_attr":
+                return opaque(ctx, x, *args, **kwargs)
+            tensors[n.target] = values[key]
+    return _bind_per_channel(ctx, x, 1, tensors)
+
+
+_BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 
 
 def _normalized(ctx: RuleContext, x: Tensor, k: int, weights: list[Optional[str]]) -> Tensor:
@@ -860,6 +905,8 @@ RULES: dict[Any, Rule] = {
     nn.InstanceNorm2d: Rule(channel_affine("weight", "bias", "running_mean", "running_var"),
                             resize_channels("num_features")),
     nn.PReLU: Rule(channel_affine("weight"), resize_channels("num_parameters", ("weight",))),
+    F.batch_norm: Rule(batch_norm_fn),
+    batch_norm_of: Rule(module_batch_norm, resize_module_batch_norm),
     # normalisations that mix channels
     nn.LayerNorm: Rule(layer_norm, resize_layer_norm),
     F.layer_norm: Rule(layer_norm_fn, rewrite_layer_norm_fn),

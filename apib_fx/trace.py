@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence, Union
+import inspect
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .flops import MAC_TARGETS, _MacCounter, unfused_attention
 from .graph import ChannelGraph
 from .labels import LabelSpace, compress, flatten_values, is_labels, unlabeled
-from .rules import DEFAULT_LEAF_MODULES, RuleContext, module_rule, opaque, rule_for
+from .rules import DEFAULT_LEAF_MODULES, RuleContext, batch_norm_of, module_rule, opaque, rule_for
 
 Inputs = Union[Tensor, Sequence[Tensor]]
 
@@ -54,7 +57,9 @@ class _Tracer(fx.Tracer):
 
     # GraphModule unpickling re-creates its tracer with no arguments: default to the engine's leaves.
     def __init__(self, leaf_types: tuple[type, ...] = tuple(DEFAULT_LEAF_MODULES)):
-        super().__init__()
+        # batch_norm_of stays one call when a pruned GraphModule is unpickled (which re-traces
+        # its code with this class): traced into, it would branch on the input's rank.
+        super().__init__(autowrap_functions=(batch_norm_of,))
         self.leaf_types = leaf_types
         self.failed_in: list[tuple[str, str]] = []
 
@@ -102,7 +107,68 @@ def symbolic_trace(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.Gr
             f"can be kept opaque with leaf_modules=(...)."
         ) from e
     name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    return fx.GraphModule(tracer.root, module_batch_norms(graph, tracer.root), name)
+
+
+_BATCH_NORM = inspect.signature(F.batch_norm)
+
+
+def _batch_norm_owner(root: nn.Module, node: fx.Node) -> Optional[str]:
+    """The BatchNorm module whose own state and settings an eval-mode ``F.batch_norm`` call uses
+    (its qualified name), or None."""
+    try:
+        a = _BATCH_NORM.bind(*node.args, **node.kwargs).arguments
+    except TypeError:
+        return None
+    mean = a.get("running_mean")
+    if not (isinstance(mean, fx.Node) and mean.op == "get_attr" and mean.target.endswith(".running_mean")):
+        return None
+    path = mean.target[: -len(".running_mean")]
+    try:
+        module = root.get_submodule(path)
+    except AttributeError:
+        return None
+    if not (isinstance(module, _BatchNorm) and module.track_running_stats):
+        return None
+
+    def reads(key: str, attr: str) -> bool:
+        n = a.get(key)
+        if getattr(module, attr, None) is None:
+            return n is None
+        return isinstance(n, fx.Node) and n.op == "get_attr" and n.target == f"{path}.{attr}"
+
+    momentum = 0.0 if module.momentum is None else module.momentum
+    same = (reads("running_var", "running_var") and reads("weight", "weight") and reads("bias", "bias")
+            and a.get("training", False) is False and a.get("momentum", 0.1) == momentum
+            and a.get("eps", 1e-5) == module.eps)
+    return path if same else None
+
+
+def module_batch_norms(graph: fx.Graph, root: nn.Module) -> fx.Graph:
+    """Replace ``F.batch_norm`` calls a BatchNorm subclass makes on its own state (timm's
+    ``BatchNormAct2d``: BatchNorm, then dropout and activation, in one forward) by
+    :func:`~apib_fx.rules.batch_norm_of` that module. Why: tracing runs in eval mode, so the call
+    was recorded with ``training=False``: the traced (and pruned) model would never use batch
+    statistics nor update its running ones, in fine-tuning or BatchNorm re-estimation. As a call
+    of the module's BatchNorm it follows ``train()`` / ``eval()`` again. ``root``: the traced
+    module. In place; returns ``graph``."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not F.batch_norm:
+            continue
+        path = _batch_norm_owner(root, node)
+        if path is None:
+            continue
+        state = [n for n in node.all_input_nodes if n.op == "get_attr"]
+        with graph.inserting_before(node):
+            owner = graph.get_attr(path)
+            new = graph.call_function(batch_norm_of, (owner, node.args[0]))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        for n in state:
+            if not n.users:
+                graph.erase_node(n)
+    return graph
 
 
 class ShapeAndMacsProp(ShapeProp):

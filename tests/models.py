@@ -357,3 +357,60 @@ class UnflattenGroups(nn.Module):
     def forward(self, x):
         y = self.a(x).unflatten(1, (3, 4)).transpose(1, 2)  # (B, 4, 3, H, W)
         return self.b(torch.flatten(y, 1, 2))
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """A BatchNorm subclass whose own forward adds an activation (the norm-act layers of model
+    libraries such as timm): fx traces into it and sees ``F.batch_norm`` on the module's state."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative average
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch = self.training or self.running_mean is None
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         use_batch, factor, self.eps)
+        return self.act(y)
+
+
+class NormAct(nn.Module):
+    """Convs with norm-act layers, a residual add and an SE gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = BatchNormAct(16)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = BatchNormAct(16)
+        self.se1 = nn.Conv2d(16, 4, 1)
+        self.se2 = nn.Conv2d(4, 16, 1)
+        self.head = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        x = self.bn1(self.stem(x))
+        y = self.bn2(self.conv(x))
+        y = y * torch.sigmoid(self.se2(F.relu(self.se1(y.mean((2, 3), keepdim=True)))))
+        return self.head(x + y)
+
+
+class FunctionalBatchNorm(nn.Module):
+    """``F.batch_norm`` on a plain module's own parameters and buffers (not a BatchNorm module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(12) + 0.5)
+        self.beta = nn.Parameter(torch.randn(12))
+        self.register_buffer("mean", torch.randn(12))
+        self.register_buffer("var", torch.rand(12) + 0.5)
+        self.out = nn.Conv2d(12, 8, 1)
+
+    def forward(self, x):
+        y = F.batch_norm(self.conv(x), self.mean, self.var, self.gamma, self.beta, False, 0.1, 1e-5)
+        return self.out(F.relu(y))

@@ -22,6 +22,8 @@ CASES = [
     (M.SelfAttention, (2, 5, 16)),
     (M.SelfAttentionMergeC, (2, 5, 16)),
     (M.SelfAttentionSDPA, (2, 5, 16)),
+    (M.NormAct, (2, 3, 8, 8)),
+    (M.FunctionalBatchNorm, (2, 3, 8, 8)),
 ]
 
 
@@ -307,3 +309,78 @@ def test_apply_rejects_bad_keep(keep, error):
 def test_bad_example_inputs():
     with pytest.raises(TypeError, match="example_inputs"):
         apib_fx.trace(M.LeNet(), [1, 2, 3])
+
+
+def _bn_rows(graph, keep, name):
+    """Positions of BatchNorm ``name``'s kept channels in the unpruned layer."""
+    (group,) = [g for g in graph.groups if any(m.param == f"{name}.running_mean" for m in g.members)]
+    (member,) = [m for m in group.members if m.param == f"{name}.running_mean"]
+    return member.index(keep.get(group.index, torch.arange(group.channels)))
+
+
+def test_norm_act_layers_follow_train_mode_after_trace_and_apply(tmp_path):
+    """A BatchNorm subclass calling F.batch_norm in its own forward was traced in eval mode
+    (training=False recorded): the pruned model must still use batch statistics, update its
+    running ones in training mode, be re-estimated by recalibrate_bn, export and reload."""
+    import torch.nn.functional as F
+
+    from apib_fx.rules import batch_norm_of
+    from apib_fx.testing import zeroed_reference
+
+    model = _model(M.NormAct)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    graph = apib_fx.trace(model, x[:1])
+    calls = [n.target for n in graph.module.graph.nodes if n.op == "call_function"]
+    assert calls.count(batch_norm_of) == 2 and F.batch_norm not in calls
+    keep = random_keep(graph, 0.4, seed=0)
+    assert {g for g in keep} >= {g.index for g in graph.prunable_groups}
+    pruned = apib_fx.apply(model, graph, keep)
+    assert pruned.bn1.num_features == pruned.bn1.weight.numel() < 16
+
+    ref = zeroed_reference(model, graph, keep)
+    pruned.train()
+    ref.train()
+    with torch.no_grad():
+        got, want = pruned(x), ref(x)
+    # batch statistics are per channel: training mode is exact too
+    assert (got - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max()))
+    for name in ("bn1", "bn2"):
+        rows = _bn_rows(graph, keep, name)
+        moved = pruned.get_submodule(name).running_mean
+        assert not torch.equal(moved, before[f"{name}.running_mean"][rows])
+        assert torch.allclose(moved, ref.get_submodule(name).running_mean[rows], atol=1e-6)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # input untouched
+
+    assert apib_fx.recalibrate_bn(pruned, [x]) == 2
+    apib_fx.recalibrate_bn(ref, [x])
+    for name in ("bn1", "bn2"):
+        rows = _bn_rows(graph, keep, name)
+        assert torch.allclose(pruned.get_submodule(name).running_var,
+                              ref.get_submodule(name).running_var[rows], atol=1e-6)
+
+    pruned.eval()
+    onnx_path = apib_fx.export_onnx(pruned, tmp_path / "m.onnx", x[:2])
+    assert onnx_path.parity["max_diff"] <= 1e-4 * onnx_path.parity["scale"]
+    apib_fx.save(pruned, tmp_path / "m.apibfx")
+    again = apib_fx.load(tmp_path / "m.apibfx").eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), pruned(x))
+
+
+def test_functional_batch_norm_on_computed_state_stays_whole():
+    class Computed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 6, 1)
+            self.w = torch.nn.Parameter(torch.rand(6))
+            self.out = torch.nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            import torch.nn.functional as F
+            y = F.batch_norm(self.conv(x), None, None, self.w * 2, None, True)
+            return self.out(y)
+
+    graph = apib_fx.trace(Computed(), torch.randn(2, 3, 4, 4))
+    (group,) = [g for g in graph.groups if any(m.param == "conv.weight" and m.role == "out" for m in g.members)]
+    assert not group.prunable and "batch_norm" in group.reason
