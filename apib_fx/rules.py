@@ -388,18 +388,74 @@ def broadcast(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
             # q broadcasts along p's channel axes (a scalar, a per-sample scale): no conflict.
             if not bool(missing.any()) or not all(q_real[a] > 1 for a in p_axes):
                 continue
-            if (
-                isinstance(q_arg, fx.Node)
-                and q_arg.op == "get_attr"
-                and len(p_axes) == 1
-                and not bool((q != NONE).any())
-            ):
+            param = _parameter_of(q_arg) if len(p_axes) == 1 and not bool((q != NONE).any()) else None
+            if param is not None:
                 # A parameter used elementwise (ConvNeXt's layer_scale): it is per-channel state.
-                dim = p_axes[0] - (nd - q_dim)
-                space.bind(q_arg.target, dim, axis_ids(p, p_axes[0]), "pass")
+                # Read directly, it lines up with the output; reshaped first (``gamma.view(1, -1,
+                # 1, 1)``), only a vector can, along its one axis.
+                name, shape = param
+                if q_arg.op == "get_attr":  # (its shape lines up with the output's)
+                    dim = p_axes[0] - (nd - q_dim)
+                elif len(shape) == 1 and shape[0] == q_real[p_axes[0]]:
+                    dim = 0
+                else:
+                    space.block(p[missing], f"meet values without a prunable channel in {ctx.op_name}")
+                    continue
+                space.bind(name, dim, axis_ids(p, p_axes[0]), "pass")
             else:
                 space.block(p[missing], f"meet values without a prunable channel in {ctx.op_name}")
     return out.expand(out_shape) if tuple(common) != tuple(out_shape) else out
+
+
+# Ops that only give a parameter another view: size-1 axes added or removed, a dtype or device.
+_PARAM_VIEWS = {"view", "reshape", "unsqueeze", "squeeze", "to", "float", "half", "type_as",
+                torch.reshape, torch.unsqueeze, torch.squeeze, operator.getitem}
+
+
+def _parameter_of(node: Any) -> Optional[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of the parameter or buffer ``node`` reads, directly (``get_attr``) or through
+    views that only add or drop size-1 axes (``gamma.view(1, -1, 1, 1)``, ``gamma[:, None, None]``,
+    ``gamma.view(C, 1, 1)`` of a vector of C: :func:`rewrite_shape_args` updates that C)."""
+    literals: list[Any] = []
+    while isinstance(node, fx.Node) and node.op in ("call_method", "call_function"):
+        if node.target not in _PARAM_VIEWS or not node.args:
+            return None
+        rest = list(node.args[1:]) + list(node.kwargs.values())
+        if node.target in ("view", "reshape", torch.reshape):
+            literals += rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+        elif node.target is operator.getitem:
+            index = rest[0] if isinstance(rest[0], tuple) else (rest[0],)
+            if not all(i is None or i is Ellipsis or i == slice(None) for i in index):
+                return None
+        elif any(isinstance(v, fx.Node) for v in rest):
+            return None
+        node = node.args[0]
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) and node.op == "get_attr" else None
+    if meta is None:
+        return None
+    shape = tuple(meta.shape)
+    allowed = {1, -1} | ({shape[0]} if len(shape) == 1 else set())
+    if not all(isinstance(v, int) and v in allowed for v in literals):
+        return None
+    return node.target, shape
+
+
+def _resize_parameter_view(node: fx.Node) -> bool:
+    """A view of a 1-D parameter written with its length (``scale.view(C, 1, 1)``): C follows
+    the sliced parameter. True if ``node`` is such a view (then nothing else is to be done)."""
+    param = _parameter_of(node)
+    if param is None or node.target not in ("view", "reshape", torch.reshape):
+        return False
+    name, old = param
+    owner_name, _, attr = name.rpartition(".")
+    root = node.graph.owning_module
+    new = getattr(root.get_submodule(owner_name) if owner_name else root, attr).shape
+    if len(old) == 1 and new[0] != old[0]:
+        args = list(node.args)
+        packed = len(args) == 2 and isinstance(args[1], (tuple, list))
+        shape = [new[0] if s == old[0] else s for s in (args[1] if packed else args[1:])]
+        node.args = (args[0], type(args[1])(shape)) if packed else (args[0], *shape)
+    return True
 
 
 def _dims_arg(args: tuple, kwargs: dict, nd: int) -> Optional[list[int]]:
@@ -437,6 +493,24 @@ def spatial(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
     return compress(x).expand(ctx.out_shape)
 
 
+def pad(ctx: RuleContext, x: Tensor, pad: Any, *args: Any, **kwargs: Any) -> Any:
+    """``F.pad``: channels untouched as long as no axis that carries them is padded."""
+    sizes = list(pad)
+    padded = {x.dim() - 1 - i for i in range(len(sizes) // 2) if sizes[2 * i] or sizes[2 * i + 1]}
+    if padded & set(varying_axes(x)):
+        return opaque(ctx, x, pad, *args, **kwargs)
+    return compress(x).expand(ctx.out_shape)
+
+
+def roll(ctx: RuleContext, x: Tensor, shifts: Any, dims: Any = None) -> Any:
+    """``torch.roll`` (Swin's shifted windows): channels untouched if none of the rolled axes
+    carries them."""
+    axes = [dims] if isinstance(dims, int) else list(dims) if dims is not None else None
+    if axes is None or {a % x.dim() for a in axes} & set(varying_axes(x)):
+        return opaque(ctx, x, shifts, dims)
+    return x
+
+
 def _linear(ctx: RuleContext, x: Tensor, w: str, out_features: int, bias: Optional[str]) -> Tensor:
     ctx.space.bind(w, 1, _channel_ids(ctx, x, -1), "in")
     out = ctx.space.param_ids(w, 0, out_features)
@@ -462,12 +536,11 @@ def linear_fn(ctx: RuleContext, x: Tensor, weight: Any, bias: Any = None) -> Ten
     return _linear(ctx, x, w, weight.shape[0], b.target if isinstance(b, fx.Node) else None)
 
 
-def conv(ctx: RuleContext, x: Tensor) -> Tensor:
-    m: nn.modules.conv._ConvNd = ctx.module
-    w = ctx.param("weight")
+def _conv(ctx: RuleContext, x: Tensor, w: str, w_shape: tuple[int, ...], groups: int,
+          bias: Optional[str]) -> Tensor:
     space = ctx.space
-    g, cin, cout = m.groups, m.in_channels, m.out_channels
-    ipg, opg = cin // g, cout // g
+    g, cout = groups, w_shape[0]
+    ipg, opg = w_shape[1], cout // groups
     xin = _channel_ids(ctx, x, 1)
     if g == 1:
         space.bind(w, 1, xin, "in")
@@ -485,12 +558,60 @@ def conv(ctx: RuleContext, x: Tensor) -> Tensor:
         space.bind(w, 1, xin[:ipg], "in")
         out = space.param_ids(w, 0, cout)
         space.link(out.view(g, opg), out[:opg].expand(g, opg))
-    if m.bias is not None:
-        space.bind(ctx.param("bias"), 0, out, "pass")
+    if bias is not None:
+        space.bind(bias, 0, out, "pass")
     out_shape = ctx.out_shape
     spatial_out = math.prod(out_shape[2:]) * out_shape[0]
-    space.add_flops(spatial_out * math.prod(m.kernel_size), [(w, 0), (w, 1)])
+    space.add_flops(spatial_out * math.prod(w_shape[2:]), [(w, 0), (w, 1)])
     return along(out, 1, out_shape)
+
+
+def conv(ctx: RuleContext, x: Tensor) -> Tensor:
+    m: nn.modules.conv._ConvNd = ctx.module
+    bias = ctx.param("bias") if m.bias is not None else None
+    return _conv(ctx, x, ctx.param("weight"), tuple(m.weight.shape), m.groups, bias)
+
+
+def _conv_signature(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
+                    dilation: Any = 1, groups: int = 1) -> None:
+    """F.conv1d/2d/3d's signature (builtins: ``inspect`` cannot read it)."""
+
+
+_CONV_SIGNATURE = inspect.signature(_conv_signature)
+
+
+def conv_fn(ctx: RuleContext, x: Tensor, weight: Any, *args: Any, **kwargs: Any) -> Tensor:
+    """``F.conv2d(x, self.weight, ...)`` on a parameter or buffer read by ``get_attr`` (a fixed
+    blur filter, a functional layer): as the Conv module. A computed weight (standardised
+    weights) has no parameter to slice: its inputs stay whole."""
+    a = _CONV_SIGNATURE.bind(*ctx.node.args, **ctx.node.kwargs).arguments
+    w, b = weight_param(ctx.node), a.get("bias")
+    if not is_labels(x) or w is None or (isinstance(b, fx.Node) and b.op != "get_attr"):
+        return opaque(ctx, x, weight, *args, **kwargs)
+    return _conv(ctx, x, w, tuple(weight.shape), int(a.get("groups", 1)),
+                 b.target if isinstance(b, fx.Node) else None)
+
+
+def rewrite_conv_fn(node: fx.Node, module: Any, keep: KeepView) -> None:
+    """A depthwise functional conv's ``groups`` literal follows its pruned filter count."""
+    a = _CONV_SIGNATURE.bind(*node.args, **node.kwargs).arguments
+    groups, w = a.get("groups", 1), weight_param(node)
+    if w is None or not isinstance(groups, int) or groups == 1:
+        return
+    owner_name, _, attr = w.rpartition(".")
+    owner = node.graph.owning_module.get_submodule(owner_name)
+    shape = getattr(owner, attr).shape
+    ipg = shape[1]
+    if ipg != 1:
+        return  # grouped: the group count never changes
+    old = keep.labels(node)
+    opg = old.shape[1] // groups if old is not None and old.dim() > 1 else 1
+    new_groups = shape[0] // opg
+    if new_groups != groups:
+        if len(node.args) > 6:
+            node.args = node.args[:6] + (new_groups,) + node.args[7:]
+        else:
+            node.kwargs = {**node.kwargs, "groups": new_groups}
 
 
 def _bind_per_channel(ctx: RuleContext, x: Tensor, axis: int, tensors: dict[str, Any]) -> Tensor:
@@ -585,17 +706,33 @@ def layer_norm_fn(ctx: RuleContext, x: Tensor, normalized_shape: Any, *args: Any
     return _normalized(ctx, x, len(tuple(normalized_shape)), names)
 
 
+def _group_norm(ctx: RuleContext, x: Tensor, num_groups: int, weights: list[str]) -> Tensor:
+    ids = _channel_ids(ctx, x, 1)
+    per = ids.numel() // num_groups
+    # Every group must keep the same number of channels: position j of each group goes together.
+    ctx.space.link(ids.view(num_groups, per), ids[:per].expand(num_groups, per))
+    ctx.space.mark_mixed(x, f"{ctx.op_name} normalises across them")
+    for name in weights:
+        ctx.space.bind(name, 0, ids, "pass")
+    return x
+
+
 def group_norm(ctx: RuleContext, x: Tensor) -> Tensor:
     m: nn.GroupNorm = ctx.module
-    ids = _channel_ids(ctx, x, 1)
-    per = ids.numel() // m.num_groups
-    # Every group must keep the same number of channels: position j of each group goes together.
-    ctx.space.link(ids.view(m.num_groups, per), ids[:per].expand(m.num_groups, per))
-    ctx.space.mark_mixed(x, f"{ctx.op_name} normalises across them")
-    if m.affine:
-        for p in ("weight", "bias"):
-            ctx.space.bind(ctx.param(p), 0, ids, "pass")
-    return x
+    return _group_norm(ctx, x, m.num_groups, [ctx.param(p) for p in ("weight", "bias")] if m.affine else [])
+
+
+def group_norm_fn(ctx: RuleContext, x: Tensor, num_groups: int, *args: Any, **kwargs: Any) -> Tensor:
+    """``F.group_norm(x, groups, self.weight, self.bias)`` on ``get_attr`` parameters (timm's
+    GroupNorm1): as nn.GroupNorm."""
+    names = []
+    for i, key in ((2, "weight"), (3, "bias")):
+        n = ctx.arg_node(i, key)
+        if isinstance(n, fx.Node):
+            if n.op != "get_attr":
+                return opaque(ctx, x, num_groups, *args, **kwargs)
+            names.append(n.target)
+    return _group_norm(ctx, x, int(num_groups), names)
 
 
 def _channels_along(space: LabelSpace, t: Tensor, axis: int) -> Tensor:
@@ -639,6 +776,31 @@ def freeze_sdpa_scale(node: fx.Node, module: Any, keep: KeepView) -> None:
         node.kwargs = {**node.kwargs, "scale": scale}
 
 
+def _pair_batch_axes(ctx: RuleContext, a: Tensor, b: Tensor, nd: int) -> None:
+    """The batch axes of a matrix product pair up elementwise, as in a broadcast: channels on one
+    (heads mixed by a layer, as in talking-heads attention) must meet the same channels on the
+    other operand, or a size-1 axis; against a fixed-size axis they are kept whole."""
+    space = ctx.space
+    sides = []
+    for t in (a, b):
+        lead = nd - t.dim()
+        varying = {ax + lead for ax in space.class_varying_axes(t) if ax < t.dim() - 2}
+        sides.append((t, lead, varying))
+    for (t, lead, varying), (u, u_lead, u_varying) in ((sides[0], sides[1]), (sides[1], sides[0])):
+        for ax in sorted(varying):
+            u_ax = ax - u_lead
+            if u_ax < 0 or u.shape[u_ax] == 1:
+                continue  # the other side broadcasts along it
+            if ax in u_varying:
+                ids, u_ids = axis_ids(t, ax - lead), axis_ids(u, u_ax)
+                if ids.numel() == u_ids.numel():
+                    on = (ids != NONE) & (u_ids != NONE)
+                    space.link(ids[on], u_ids[on])
+                    continue
+            space.block(t, f"meet a batch axis without the same channels in {ctx.op_name}")
+            return
+
+
 def matmul(ctx: RuleContext, a: Any, b: Any) -> Any:
     """(..., M, K) @ (..., K, N): the contraction channels of both sides go together; M comes from
     ``a`` and N from ``b``. The sizes enter FLOPs as activation axes."""
@@ -646,8 +808,19 @@ def matmul(ctx: RuleContext, a: Any, b: Any) -> Any:
         return opaque(ctx, a, b)
     space = ctx.space
     out_shape = ctx.out_shape
-    ka, kb = compress(a).select(-2, 0), compress(b).select(-1, 0)
-    space.link(*torch.broadcast_tensors(ka, kb))
+    ka, kb = torch.broadcast_tensors(compress(a).select(-2, 0), compress(b).select(-1, 0))
+    space.link(ka, kb)
+    # Contracted against values without these channels: a parameter matrix (x @ W) reads them
+    # like a Linear layer; anything else of fixed size (a relative-position table) keeps them.
+    w = ctx.arg_node(1)
+    for ids, other, t, axis in ((ka, kb, a, a.dim() - 1), (kb, ka, b, b.dim() - 2)):
+        lone = (ids != NONE) & (other == NONE)
+        if axis not in space.class_varying_axes(t) or not bool(lone.any()):
+            continue  # (labels constant along the contracted axis belong to another axis)
+        if ids is ka and isinstance(w, fx.Node) and w.op == "get_attr" and b.dim() == 2 and bool((kb == NONE).all()):
+            space.bind(w.target, 0, axis_ids(a, -1), "in")
+        else:
+            space.block(ids[lone], f"contracted with values without these channels in {ctx.op_name}")
     rows = compress(a).narrow(-1, 0, 1).expand(*a.shape[:-1], 1)
     cols = compress(b).narrow(-2, 0, 1).expand(*b.shape[:-2], 1, b.shape[-1])
     # Channels on the contracted axis are summed away. Where an operand's labels also vary along
@@ -662,6 +835,7 @@ def matmul(ctx: RuleContext, a: Any, b: Any) -> Any:
                 rows = unlabeled(rows.shape)
             else:
                 cols = unlabeled(cols.shape)
+    _pair_batch_axes(ctx, a, b, len(out_shape))
     rows, cols = torch.broadcast_tensors(rows, cols)
     both = (compress(rows) != NONE) & (compress(cols) != NONE)
     if bool(both.any()):
@@ -713,6 +887,8 @@ def _new_sizes(node: fx.Node, keep: KeepView) -> Optional[list[int]]:
 def rewrite_shape_args(node: fx.Node, module: Any, keep: KeepView) -> None:
     """``view``/``reshape``/``expand``: replace literal sizes of resized axes, and sizes computed
     from channel counts (recorded by :func:`reshape`) by the new size of their axis."""
+    if _resize_parameter_view(node):
+        return
     sizes = _new_sizes(node, keep)
     old = list(node.meta["tensor_meta"].shape) if "tensor_meta" in node.meta else None
     channel_sized = set(node.meta.get("apib_channel_sized", ()))
@@ -764,6 +940,8 @@ def rewrite_getitem(node: fx.Node, module: Any, keep: KeepView) -> None:
         item = items[i]
         if axis in varying and isinstance(item, slice):
             kept = keep.kept_along(labels, axis)
+            if bool(kept.all()):
+                continue  # channels vary along this axis (tokens of two producers), none go
             n = kept.numel()
             prefix = torch.cat([torch.zeros(1, dtype=torch.long), kept.long().cumsum(0)])
 
@@ -889,6 +1067,9 @@ RULES: dict[Any, Rule] = {
     nn.Conv3d: Rule(conv, resize_conv, input_axis=1),
     nn.Linear: Rule(linear, resize_linear, input_axis=-1),
     F.linear: Rule(linear_fn, input_axis=-1),
+    F.conv1d: Rule(conv_fn, rewrite_conv_fn, input_axis=1),
+    F.conv2d: Rule(conv_fn, rewrite_conv_fn, input_axis=1),
+    F.conv3d: Rule(conv_fn, rewrite_conv_fn, input_axis=1),
     nn.MultiheadAttention: Rule(  # self-attention is written out (head dims); other calls stay whole
         kept_whole("which is written out (head dims prunable) only for plain self-attention: no "
                    "cross-attention, masks, is_causal, add_bias_kv, add_zero_attn, dropout or "
@@ -911,6 +1092,7 @@ RULES: dict[Any, Rule] = {
     nn.LayerNorm: Rule(layer_norm, resize_layer_norm),
     F.layer_norm: Rule(layer_norm_fn, rewrite_layer_norm_fn),
     nn.GroupNorm: Rule(group_norm, resize_channels("num_channels", ("weight",))),
+    F.group_norm: Rule(group_norm_fn),
     # shape ops
     nn.Flatten: Rule(flatten_module),
     torch.flatten: SHAPE, "flatten": SHAPE,
@@ -935,7 +1117,7 @@ RULES: dict[Any, Rule] = {
     # spatial ops
     F.max_pool1d: SPATIAL, F.max_pool2d: SPATIAL, F.avg_pool1d: SPATIAL, F.avg_pool2d: SPATIAL,
     F.adaptive_avg_pool1d: SPATIAL, F.adaptive_avg_pool2d: SPATIAL, F.adaptive_max_pool2d: SPATIAL,
-    F.interpolate: SPATIAL,
+    F.interpolate: SPATIAL, F.pad: Rule(pad), torch.roll: Rule(roll), "roll": Rule(roll),
     # matrix products
     F.scaled_dot_product_attention: SDPA,
     torch.matmul: MATMUL, operator.matmul: MATMUL, "matmul": MATMUL, torch.bmm: MATMUL, "bmm": MATMUL,
@@ -947,6 +1129,14 @@ RULES.update({f: PASS for f in _UNARY_METHODS})
 RULES.update({f: BROADCAST for f in _BINARY})
 if StochasticDepth is not None:
     RULES[StochasticDepth] = PASS
+# Layers of libraries apib_fx does not import, keyed by their qualified class name (exact class).
+RULES.update({
+    # timm: stochastic depth stays a module (traced in eval mode, it would vanish from the graph)
+    "timm.layers.drop.DropPath": PASS,
+    # timm: TensorFlow "same" padding computed from the input size (fx cannot trace the branch):
+    # a conv whose padding is spatial, so the conv's rule holds
+    "timm.layers.conv2d_same.Conv2dSame": Rule(conv, resize_conv, input_axis=1),
+})
 
 # Modules the tracer keeps whole by default: their forward is not traceable or not worth tracing.
 DEFAULT_LEAF_MODULES: tuple[type, ...] = tuple(t for t in (StochasticDepth,) if t is not None)
@@ -960,6 +1150,9 @@ def register_rule(op: Any, rule: Rule) -> None:
 def module_rule(module_type: type) -> Optional[Rule]:
     """The rule of a module class: its own, or a base class's if it did not replace ``forward``
     (torchvision's ``Conv3DSimple(nn.Conv3d)`` is a Conv3d; a subclass with its own forward is not)."""
+    by_name = RULES.get(f"{module_type.__module__}.{module_type.__qualname__}")
+    if by_name is not None:
+        return by_name
     for cls in module_type.__mro__:
         if cls in RULES:
             return RULES[cls] if module_type.forward is cls.forward else None

@@ -414,3 +414,123 @@ class FunctionalBatchNorm(nn.Module):
     def forward(self, x):
         y = F.batch_norm(self.conv(x), self.mean, self.var, self.gamma, self.beta, False, 0.1, 1e-5)
         return self.out(F.relu(y))
+
+
+class BlurPool(nn.Module):
+    """A fixed depthwise blur filter applied with F.pad and F.conv2d (anti-aliased downsampling)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 12, 3, padding=1)
+        blur = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("filt", (blur[:, None] * blur[None, :] / 16).expand(12, 1, 3, 3).clone())
+        self.conv2 = nn.Conv2d(12, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.filt, stride=2, groups=12)
+        return self.conv2(x)
+
+
+class LayerScales(nn.Module):
+    """Per-channel scales written three ways: ``view(1, -1, 1, 1)``, ``[:, None, None]``, and
+    ``view(C, 1, 1)`` with C a literal."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv3 = nn.Conv2d(c, c, 3, padding=1)
+        self.g1 = nn.Parameter(torch.rand(c) + 0.5)
+        self.g2 = nn.Parameter(torch.rand(c) + 0.5)
+        self.g3 = nn.Parameter(torch.rand(c) + 0.5)
+        self.shape = (c, 1, 1)
+        self.out = nn.Conv2d(c, 8, 1)
+
+    def forward(self, x):
+        x = self.conv1(x) * self.g1.view(1, -1, 1, 1)
+        x = self.conv2(x) * self.g2[:, None, None]
+        x = self.conv3(x).mul(self.g3.view(self.shape))
+        return self.out(x)
+
+
+class RolledChannelsLast(nn.Module):
+    """Channels-last tokens rolled and padded along their spatial axes (Swin's shifted windows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 2, stride=2)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        x = self.conv(x).permute(0, 2, 3, 1)
+        x = torch.roll(x, shifts=(1, 1), dims=(1, 2))
+        x = F.pad(x, (0, 0, 1, 1, 1, 1))
+        return self.fc(x)
+
+
+class TalkingHeads(SelfAttention):
+    """Attention logits mixed across heads by a Linear over the heads axis (CaiT's talking
+    heads), then multiplied with v, whose heads are fixed: the heads axis meets v's heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj_l = nn.Linear(self.heads, self.heads)
+
+    def forward(self, x):
+        x = self.embed(x)
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = self.proj_l((q @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        out = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, -1)
+        x = x + self.proj(out)
+        return self.head(x.mean(1))
+
+
+class RelativePosition(SelfAttention):
+    """q also contracted with a fixed table (relative-position logits): q/k head dims stay."""
+
+    def __init__(self, tokens=5):
+        super().__init__()
+        self.rel = nn.Parameter(torch.randn(tokens, 32 // self.heads))
+
+    def forward(self, x):
+        x = self.embed(x)
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q @ k.transpose(-2, -1) + q @ self.rel.transpose(-1, -2)).softmax(dim=-1)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(B, N, -1))
+        return self.head(x.mean(1))
+
+
+class ParameterMatmul(nn.Module):
+    """``x @ self.w`` with a parameter matrix: the parameter's rows read x's channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 24)
+        self.w = nn.Parameter(torch.randn(24, 12) / 5)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(x)) @ self.w)
+
+
+class ClassTokenSlice(nn.Module):
+    """A class token from one layer concatenated before tokens from another, split off again by a
+    length read at run time (PiT): channels vary along the token axis, which keeps its length."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Linear(16, 12)
+        self.tok = nn.Linear(16, 12)
+        self.mix = nn.Linear(12, 12)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x):
+        cls_tokens = self.cls(x[:, :1])
+        n = cls_tokens.shape[1]
+        t = self.mix(torch.cat((cls_tokens, self.tok(x)), dim=1))
+        return self.head(t[:, :n].squeeze(1) + t[:, n:].mean(1))

@@ -24,6 +24,13 @@ CASES = [
     (M.SelfAttentionSDPA, (2, 5, 16)),
     (M.NormAct, (2, 3, 8, 8)),
     (M.FunctionalBatchNorm, (2, 3, 8, 8)),
+    (M.BlurPool, (2, 3, 8, 8)),
+    (M.LayerScales, (2, 3, 8, 8)),
+    (M.RolledChannelsLast, (2, 3, 8, 8)),
+    (M.TalkingHeads, (2, 5, 16)),
+    (M.RelativePosition, (2, 5, 16)),
+    (M.ParameterMatmul, (2, 16)),
+    (M.ClassTokenSlice, (2, 6, 16)),
 ]
 
 
@@ -384,3 +391,110 @@ def test_functional_batch_norm_on_computed_state_stays_whole():
     graph = apib_fx.trace(Computed(), torch.randn(2, 3, 4, 4))
     (group,) = [g for g in graph.groups if any(m.param == "conv.weight" and m.role == "out" for m in g.members)]
     assert not group.prunable and "batch_norm" in group.reason
+
+
+def test_blur_pool_depthwise_functional_conv_keeps_its_groups_in_step():
+    model = _model(M.BlurPool)
+    x = torch.randn(2, 3, 8, 8)
+    graph = apib_fx.trace(model, x)
+    (group,) = [g for g in graph.prunable_groups if any(m.param == "filt" for m in g.members)]
+    assert {m.role for m in group.members if m.param == "filt"} == {"pass"}
+    pruned = apib_fx.apply(model, graph, {group.index: torch.tensor([0, 3, 5, 6, 7, 11])})
+    (call,) = [n for n in pruned.graph.nodes if n.target is torch.nn.functional.conv2d]
+    assert call.kwargs.get("groups", call.args[6] if len(call.args) > 6 else None) == 6
+    assert tuple(pruned.filt.shape) == (6, 1, 3, 3)
+
+
+def test_layer_scales_are_sliced_and_a_literal_view_size_follows():
+    model = _model(M.LayerScales)
+    x = torch.randn(2, 3, 8, 8)
+    graph = apib_fx.trace(model, x)
+    keep = random_keep(graph, 0.3, seed=0)
+    pruned = apib_fx.apply(model, graph, keep)
+    for name in ("g1", "g2", "g3"):
+        assert getattr(pruned, name).numel() < 16
+    with torch.no_grad():
+        pruned(x)  # view(C, 1, 1) with the new C
+
+
+def test_roll_or_pad_along_channels_keeps_them_whole():
+    import torch.nn.functional as F
+
+    class RollChannels(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 6, 1)
+            self.out = torch.nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            return self.out(torch.roll(self.conv(x), 1, 1))
+
+    class PadChannels(RollChannels):
+        def forward(self, x):
+            return self.out(F.pad(self.conv(x), (0, 0, 0, 0, 0, 0))[:, :6] + F.pad(self.conv(x)[:, :5], (0, 0, 0, 0, 0, 1)))
+
+    for cls, op in ((RollChannels, "roll"), (PadChannels, "pad")):
+        graph = apib_fx.trace(cls(), torch.randn(1, 3, 4, 4))
+        (group,) = [g for g in graph.groups if any(m.param == "conv.weight" and m.role == "out" for m in g.members)]
+        assert not group.prunable and op in group.reason, (cls.__name__, group.reason)
+
+
+def test_functional_conv_on_a_computed_weight_stays_whole():
+    import torch.nn.functional as F
+
+    class StdConv(torch.nn.Module):  # weight standardisation: the conv's weight is computed
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 6, 1)
+            self.w = torch.nn.Parameter(torch.randn(4, 6, 3, 3))
+
+        def forward(self, x):
+            w = self.w - self.w.mean(dim=(1, 2, 3), keepdim=True)
+            return F.conv2d(self.conv(x), w, padding=1)
+
+    graph = apib_fx.trace(StdConv(), torch.randn(1, 3, 4, 4))
+    (group,) = [g for g in graph.groups if any(m.param == "conv.weight" and m.role == "out" for m in g.members)]
+    assert not group.prunable and "conv2d" in group.reason
+
+
+def test_functional_group_norm_is_prunable_but_not_exact():
+    import torch.nn.functional as F
+
+    class GN(torch.nn.Module):  # F.group_norm on its own parameters (timm's GroupNorm1)
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.weight = torch.nn.Parameter(torch.rand(8) + 0.5)
+            self.bias = torch.nn.Parameter(torch.randn(8))
+            self.out = torch.nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.out(F.group_norm(self.conv(x), 2, self.weight, self.bias))
+
+    model, x = GN(), torch.randn(2, 3, 6, 6)
+    g = apib_fx.trace(model, x)
+    (group,) = [gr for gr in g.groups if any(m.param == "conv.weight" for m in gr.members)]
+    assert group.prunable and not group.exact and "group_norm" in group.note
+    assert {("weight", "pass"), ("bias", "pass")} <= {(m.param, m.role) for m in group.members}
+    report = check_exact(model, x, graph=g, fraction=0.5)
+    assert report.shapes_ok and report.finite and report.flops_model == report.flops_after
+    pruned = apib_fx.apply(model, g, random_keep(g, 0.5))
+    assert pruned.weight.numel() % 2 == 0  # both groups keep the same width
+
+
+@pytest.mark.parametrize("cls,param,words", [
+    (M.TalkingHeads, "proj_l.weight", "matmul"),  # (exactness of the rest: test_exact)
+    (M.RelativePosition, "qkv.weight", "contracted with values without these channels"),
+])
+def test_products_with_fixed_axes_keep_channels_whole(cls, param, words):
+    graph = apib_fx.trace(_model(cls), torch.randn(2, 5, 16))
+    fixed = [g for g in graph.groups if any(m.param == param and m.role == "out" for m in g.members) and not g.prunable]
+    assert fixed and any(words in g.reason for g in fixed), [g.reason for g in fixed]
+    if param == "proj_l.weight":  # the heads it mixes meet v's fixed heads
+        assert all(not g.prunable for g in graph.groups if any(m.param == param for m in g.members))
+
+
+def test_parameter_matrix_reads_channels_as_a_linear_layer():
+    graph = apib_fx.trace(_model(M.ParameterMatmul), torch.randn(2, 16))
+    (group,) = [g for g in graph.prunable_groups if any(m.param == "fc.weight" for m in g.members)]
+    assert ("w", 0, "in") in {(m.param, m.dim, m.role) for m in group.members}
