@@ -1,0 +1,79 @@
+"""timm's models (random weights): its layers (norm-act BatchNorm, "same"-padded convs, blur
+pooling, layer scales, DropPath, functional GroupNorm) prune exactly through their ops' rules."""
+import pytest
+import torch
+
+import apib_fx
+from apib_fx.testing import check_exact, fill_zero_weights
+
+timm = pytest.importorskip("timm")
+
+# Every group of these is prunable except the classifier's outputs.
+FAST = ["efficientnet_b0", "tf_efficientnet_b0", "mobilenetv3_large_100", "resnetblur18",
+        "poolformer_s12", "regnety_008"]
+SLOW = ["resnet50d", "efficientnetv2_rw_t", "densenet121", "cspdarknet53", "mixnet_s", "rexnet_100",
+        "ghostnet_100", "hrnet_w18_small_v2", "dla34", "res2net50_26w_4s", "resnest14d", "xception41",
+        "vovnet39a", "ese_vovnet19b_dw", "dpn68", "selecsls42b", "tresnet_m", "repvgg_a0",
+        "hgnet_tiny", "hgnetv2_b0", "fastvit_t8", "mobilenetv4_conv_small", "lcnet_050", "tinynet_a",
+        "mnasnet_100", "fbnetc_100", "seresnext26d_32x4d", "gernet_s", "regnetx_002",
+        "cspresnet50", "darknet53", "resnetrs50", "densenetblur121d", "regnetz_b16",
+        "inception_next_tiny", "rdnet_tiny", "efficientformer_l1", "convnext_tiny",
+        "swin_tiny_patch4_window7_224", "deit_tiny_patch16_224", "pit_ti_224", "botnet26t_256",
+        "levit_128s", "starnet_s050"]
+MODELS = [pytest.param(n) for n in FAST] + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW]
+# These also keep some groups whole, with a reason: relative-position tables contracted with q/k
+# (BoTNet, Swin), class and position tokens added to the stream (DeiT, PiT), a softmax over
+# split-attention branches (ResNeSt).
+PARTLY_FIXED = {"swin_tiny_patch4_window7_224", "botnet26t_256", "deit_tiny_patch16_224",
+                "pit_ti_224", "resnest14d"}
+
+
+def timm_model(name: str, **kwargs) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = fill_zero_weights(timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval())
+    cfg = model.pretrained_cfg
+    fixed = cfg.get("fixed_input_size", False) or name.startswith(("botnet", "levit"))
+    size = cfg.get("input_size", (3, 224, 224))[-1] if fixed else 64
+    return model, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_timm_exact(name):
+    model, x = timm_model(name)
+    graph = apib_fx.trace(model, x)
+    fixed = [g for g in graph.groups if not g.prunable]
+    assert len(graph.prunable_groups) >= 5
+    if name not in PARTLY_FIXED:
+        assert all("output" in g.reason for g in fixed), [g.reason for g in fixed]
+    report = check_exact(model, x, graph=graph)
+    assert report.shapes_ok and report.finite
+    if report.exact_expected:
+        assert report.max_diff <= 1e-5, report
+    assert report.flops_model == report.flops_after < report.flops_before
+
+
+def test_drop_path_stays_a_module_in_the_pruned_model():
+    """Traced in eval mode, timm's DropPath would vanish from the graph and fine-tuning the pruned
+    model would run without stochastic depth: it is kept as a module."""
+    from timm.layers import DropPath
+
+    model, x = timm_model("resnet18", drop_path_rate=0.9, zero_init_last=False)  # branches not zero
+    graph = apib_fx.trace(model, x)
+    pruned = apib_fx.apply(model, graph, {g.index: torch.arange(g.channels // 2) for g in graph.prunable_groups})
+    called = [pruned.get_submodule(n.target) for n in pruned.graph.nodes if n.op == "call_module"]
+    n_drop = sum(isinstance(m, DropPath) for m in model.modules())
+    assert n_drop > 0 and sum(isinstance(m, DropPath) for m in called) == n_drop
+    pruned.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        outs = [pruned(x) for _ in range(4)]
+    assert not all(torch.equal(outs[0], o) for o in outs[1:])  # paths dropped at random in training
+
+
+def test_apib_prunes_a_timm_model_to_target():
+    model, x = timm_model("efficientnet_b0")
+    data = torch.randn(32, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    pruned = apib_fx.prune(model, 0.4, data, num_calib=32, batch_size=16, progress=False)
+    report = pruned.apib_report
+    assert abs(report.flops_reduction - 0.4) <= 0.005
+    assert report.flops_after == apib_fx.count_flops(pruned, x[:1]) * 1
