@@ -1,15 +1,15 @@
 """The trace pass: model -> torch.fx graph -> shapes -> channel labels -> :class:`ChannelGraph`."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 import inspect
+from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .flops import MAC_TARGETS, _MacCounter, unfused_attention
 from .graph import ChannelGraph
