@@ -614,6 +614,13 @@ def rewrite_conv_fn(node: fx.Node, module: Any, keep: KeepView) -> None:
             node.kwargs = {**node.kwargs, "groups": new_groups}
 
 
+def _read_state(*args: Any) -> Optional[list[fx.Node]]:
+    """The ``get_attr`` nodes among a functional layer's state arguments (absent ones skipped),
+    or None if any is computed in the graph: then there is no parameter to slice."""
+    nodes = [a for a in args if isinstance(a, fx.Node)]
+    return nodes if all(n.op == "get_attr" for n in nodes) else None
+
+
 def _bind_per_channel(ctx: RuleContext, x: Tensor, axis: int, tensors: dict[str, Any]) -> Tensor:
     """Bind each per-channel tensor (qualified name -> value) to ``x``'s channels along ``axis``."""
     ids = _channel_ids(ctx, x, axis) if x.dim() > 1 else axis_ids(x, 0)
@@ -659,14 +666,11 @@ def batch_norm_fn(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Ten
     ``get_attr``: per-channel, exact to prune. State computed in the graph keeps them whole."""
     values = _BATCH_NORM_SIGNATURE.bind(x, *args, **kwargs).arguments
     nodes = _BATCH_NORM_SIGNATURE.bind(*ctx.node.args, **ctx.node.kwargs).arguments
-    tensors = {}
-    for key in ("running_mean", "running_var", "weight", "bias"):
-        n = nodes.get(key)
-        if isinstance(n, fx.Node):
-            if n.op != "get_attr":
-                return opaque(ctx, x, *args, **kwargs)
-            tensors[n.target] = values[key]
-    return _bind_per_channel(ctx, x, 1, tensors)
+    keys = [k for k in ("running_mean", "running_var", "weight", "bias") if isinstance(nodes.get(k), fx.Node)]
+    state = _read_state(*(nodes[k] for k in keys))
+    if state is None:
+        return opaque(ctx, x, *args, **kwargs)
+    return _bind_per_channel(ctx, x, 1, {n.target: values[k] for n, k in zip(state, keys)})
 
 
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
@@ -696,14 +700,10 @@ def layer_norm(ctx: RuleContext, x: Tensor) -> Tensor:
 
 
 def layer_norm_fn(ctx: RuleContext, x: Tensor, normalized_shape: Any, *args: Any, **kwargs: Any) -> Tensor:
-    names = []
-    for i, key in ((2, "weight"), (3, "bias")):
-        n = ctx.arg_node(i, key)
-        if isinstance(n, fx.Node):
-            if n.op != "get_attr":
-                return opaque(ctx, x)
-            names.append(n.target)
-    return _normalized(ctx, x, len(tuple(normalized_shape)), names)
+    state = _read_state(ctx.arg_node(2, "weight"), ctx.arg_node(3, "bias"))
+    if state is None:
+        return opaque(ctx, x)
+    return _normalized(ctx, x, len(tuple(normalized_shape)), [n.target for n in state])
 
 
 def _group_norm(ctx: RuleContext, x: Tensor, num_groups: int, weights: list[str]) -> Tensor:
@@ -725,14 +725,10 @@ def group_norm(ctx: RuleContext, x: Tensor) -> Tensor:
 def group_norm_fn(ctx: RuleContext, x: Tensor, num_groups: int, *args: Any, **kwargs: Any) -> Tensor:
     """``F.group_norm(x, groups, self.weight, self.bias)`` on ``get_attr`` parameters (timm's
     GroupNorm1): as nn.GroupNorm."""
-    names = []
-    for i, key in ((2, "weight"), (3, "bias")):
-        n = ctx.arg_node(i, key)
-        if isinstance(n, fx.Node):
-            if n.op != "get_attr":
-                return opaque(ctx, x, num_groups, *args, **kwargs)
-            names.append(n.target)
-    return _group_norm(ctx, x, int(num_groups), names)
+    state = _read_state(ctx.arg_node(2, "weight"), ctx.arg_node(3, "bias"))
+    if state is None:
+        return opaque(ctx, x, num_groups, *args, **kwargs)
+    return _group_norm(ctx, x, int(num_groups), [n.target for n in state])
 
 
 def _channels_along(space: LabelSpace, t: Tensor, axis: int) -> Tensor:
