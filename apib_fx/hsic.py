@@ -210,8 +210,11 @@ def _unit_centred_vectors(f: Tensor, kind: str) -> Tensor:
         d2.sub_(off, alpha=2.0)
         if bool(close.any()):
             idx = torch.nonzero(close).squeeze(1)
-            fc = f.index_select(0, idx)
-            fc = fc - fc.mean(dim=1, keepdim=True)
+            if idx.numel() == n:  # all of them (an output kernel): one copy, no gather
+                fc = f - f.mean(dim=1, keepdim=True)
+            else:
+                fc = f.index_select(0, idx)
+                fc -= fc.mean(dim=1, keepdim=True)  # into the gathered copy: one allocation less
             dc = fc @ fc.transpose(-1, -2)
             d2[idx] = pairs.spread(dc.diagonal(dim1=-2, dim2=-1)).sub_(
                 dc.flatten(1).index_select(1, pairs.flat), alpha=2.0)
