@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import Iterable, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from .inplace import inplace_arithmetic
 
 
 def recalibrate_bn(
@@ -30,6 +32,9 @@ def recalibrate_bn(
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     flags = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in norms]
+    # A traced model runs with its residual adds in place (no gradients here): one fresh feature
+    # map less per add, as in the user's original model.
+    run = inplace_arithmetic(model)[0] if isinstance(model, fx.GraphModule) else model
     seen = 0
     try:
         model.eval()
@@ -41,7 +46,7 @@ def recalibrate_bn(
             for b in batches:
                 if b.shape[0] < 2:
                     continue  # one sample has no batch variance
-                model(b.to(device))
+                run(b.to(device))
                 seen += 1
     finally:
         for m, flag in flags:

@@ -25,6 +25,7 @@ from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
 from .graph import ChannelGraph
+from .inplace import inplace_arithmetic
 from .labels import NONE, axis_ids, is_labels
 from .rules import rule_for, weight_param
 
@@ -190,7 +191,8 @@ def score_apib(
 
     consumers = find_consumers(graph)
     stats = {g.index: HSICStats(g.channels, kernel=kernel) for g in graph.prunable_groups}
-    capture = ConsumerCapture(module, consumers, stats)
+    # Residual adds into their operand, as the user's own model does (no gradients here).
+    capture = ConsumerCapture(inplace_arithmetic(module)[0], consumers, stats)
     device = batches[0].device
     start = time.perf_counter()
     with torch.no_grad():
