@@ -105,6 +105,7 @@ def prune(
     progress: bool = True,
     seed: int = 0,
     recalibrate: bool = True,
+    workers: Optional[int] = None,
 ) -> nn.Module:
     """Remove ``flops_target`` of the model's FLOPs (MACs) by structured channel pruning.
 
@@ -116,6 +117,8 @@ def prune(
     multiples of it (or whole). ``device``: where calibration runs (default: the model's device).
     ``recalibrate``: when ``calib_data`` is given, re-estimate the pruned model's BatchNorm
     statistics on it (:func:`apib_fx.recalibrate_bn`); no effect on synthetic data.
+    ``workers``: processes that solve APIB's Lasso paths (default: the CPU cores available, at
+    most 8; 1 solves them in this process). Results do not depend on it.
 
     Returns a new ``torch.fx.GraphModule``; ``model`` is untouched. ``result.apib_report`` is a
     :class:`PruneReport`.
@@ -136,6 +139,8 @@ def prune(
         raise ValueError(f"min_channels must be a positive integer, got {min_channels!r}")
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
     if not 0 < tolerance < 1:
         raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
 
@@ -177,7 +182,7 @@ def prune(
         if run_device != model_device:
             module = copy.deepcopy(module).to(run_device)
         with eval_mode(module):
-            scores = score_apib(graph, module, [b.to(run_device) for b in batches], kernel, progress)
+            scores = score_apib(graph, module, [b.to(run_device) for b in batches], kernel, progress, workers)
     else:
         scores = score_data_free(graph, model, method, seed)
     timings.update(scores.timings)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
+from ._fork import fork_map
 from .graph import ChannelGraph
 from .inplace import inplace_arithmetic
 from .labels import NONE, axis_ids, is_labels
@@ -184,10 +185,12 @@ def score_apib(
     batches: list[Tensor],
     kernel: str = "laplace",
     progress: bool = True,
+    workers: Optional[int] = None,
 ) -> Scores:
     """APIB survival-α scores from calibration ``batches`` run through ``module`` (the traced
-    graph, on the device the batches are on)."""
-    from .hsic import HSICStats, nonneg_lasso_path
+    graph, on the device the batches are on). ``workers``: processes for the Lasso paths
+    (default: the CPU cores available, at most 8)."""
+    from .hsic import HSICStats
 
     consumers = find_consumers(graph)
     stats = {g.index: HSICStats(g.channels, kernel=kernel) for g in graph.prunable_groups}
@@ -205,20 +208,33 @@ def score_apib(
     start = time.perf_counter()
     primary, secondary, notes = {}, {}, {}
     scored = {c.group for cs in consumers.values() for c in cs}
-    groups = graph.prunable_groups
-    for g in tqdm(groups, desc="apib: lasso paths", unit="group", disable=not progress):
-        if g.index not in scored:
+    problems = {}
+    for g in graph.prunable_groups:
+        if g.index in scored:
+            problems[g.index] = stats[g.index].gram()
+            secondary[g.index] = problems[g.index][1].double().cpu()
+        else:
             # Nothing mixes these channels (no layer, no contraction reads them): keep them unless forced.
             primary[g.index] = torch.full((g.channels,), float("inf"), dtype=torch.float64)
             secondary[g.index] = torch.zeros(g.channels, dtype=torch.float64)
             notes[g.index] = "kept whole: no layer or contraction reads these channels (APIB has no output to score them against)"
-            continue
-        G, b = stats[g.index].gram()
-        path = nonneg_lasso_path(G, b)
-        primary[g.index] = path.survival.double().cpu()
-        secondary[g.index] = b.double().cpu()
+    del stats, capture
+    with tqdm(total=len(problems), desc="apib: lasso paths", unit="group", disable=not progress) as bar:
+        # Independent per group and bound by Python: spread over processes (the cost of a path
+        # grows about as the square of its width).
+        survival = fork_map(_survival, problems, {g: float(G.shape[0]) ** 2 for g, (G, _) in problems.items()},
+                            workers, done=lambda _: bar.update())
+    primary.update((g, torch.from_numpy(s)) for g, s in survival.items())
+    primary = {g.index: primary[g.index] for g in graph.prunable_groups}  # group order, as before
     timings["lasso"] = time.perf_counter() - start
     return Scores(primary, secondary, timings, notes)
+
+
+def _survival(problem: tuple[Tensor, Tensor]):
+    """A group's APIB scores (numpy, so a forked worker never builds torch objects to send)."""
+    from .hsic import nonneg_lasso_path
+
+    return nonneg_lasso_path(*problem).survival.numpy()
 
 
 def _out_slices(graph: ChannelGraph, group_index: int, params: dict[str, Tensor]) -> Tensor:

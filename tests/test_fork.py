@@ -1,0 +1,105 @@
+"""Lasso paths spread over forked processes: same results as in-process, and failures recovered."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import apib_fx
+from apib_fx import _fork
+from apib_fx._fork import _balance, fork_map
+from apib_fx.hsic import nonneg_lasso_path
+from apib_fx.testing import zoo_model
+
+linux_only = pytest.mark.skipif(not _fork._can_fork(), reason="workers fork only on Linux")
+
+
+def _problems(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(n):
+        C = 8 + 9 * i
+        k = torch.randn(C, 40, generator=g, dtype=torch.float64)
+        k = k / k.norm(dim=1, keepdim=True)
+        out[i] = (k @ k.T, (k @ torch.randn(40, generator=g, dtype=torch.float64)).abs())
+    return out
+
+
+def _survival(problem):
+    return nonneg_lasso_path(*problem).survival.numpy()
+
+
+def _pid(_):
+    return os.getpid()
+
+
+def test_balance_is_longest_first_and_deterministic():
+    cost = {"a": 5.0, "b": 4.0, "c": 3.0, "d": 3.0, "e": 1.0}
+    parts = _balance(cost, 2)
+    assert parts == [["a", "d"], ["b", "c", "e"]]
+    assert sorted(k for p in _balance(cost, 8) for k in p) == sorted(cost)
+    assert len(_balance(cost, 8)) == 5  # no empty shares
+
+
+@linux_only
+@pytest.mark.parametrize("workers", [2, 3])
+def test_forked_results_equal_in_process_ones(workers):
+    problems = _problems()
+    cost = {k: float(G.shape[0]) ** 2 for k, (G, _) in problems.items()}
+    seen = []
+    here = fork_map(_survival, problems, cost, workers=1)
+    there = fork_map(_survival, problems, cost, workers=workers, done=seen.append)
+    assert here.keys() == there.keys() and sorted(seen) == sorted(problems)
+    for k in problems:
+        assert np.array_equal(here[k], there[k])
+    # The work really left this process.
+    pids = fork_map(_pid, problems, cost, workers=workers)
+    assert len(set(pids.values())) == workers and os.getpid() in pids.values()
+
+
+@linux_only
+def test_a_failing_child_share_is_redone_here():
+    parent = os.getpid()
+
+    def flaky(job):
+        if os.getpid() != parent:
+            raise RuntimeError("lost in the child")
+        return job * 2
+
+    jobs = {i: i for i in range(5)}
+    with pytest.warns(RuntimeWarning, match="worker process"):
+        assert fork_map(flaky, jobs, {i: 1.0 for i in jobs}, workers=3) == {i: 2 * i for i in jobs}
+    # A child killed outright (no Python cleanup, no result) is recovered the same way.
+
+    def dies(job):
+        if os.getpid() != parent:
+            os._exit(3)
+        return -job
+
+    with pytest.warns(RuntimeWarning, match="worker process"):
+        assert fork_map(dies, jobs, {i: 1.0 for i in jobs}, workers=2) == {i: -i for i in jobs}
+
+
+def test_one_worker_never_forks(monkeypatch):
+    def no_fork():
+        raise AssertionError("forked")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    jobs = {i: i for i in range(4)}
+    assert fork_map(lambda j: j + 1, jobs, {}, workers=1) == {i: i + 1 for i in jobs}
+    with pytest.raises(ValueError, match="workers"):
+        fork_map(lambda j: j, jobs, {}, workers=0)
+
+
+@linux_only
+def test_prune_scores_do_not_depend_on_workers():
+    model = zoo_model("resnet18", num_classes=10)
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    one = apib_fx.prune(model, 0.4, x, num_calib=16, batch_size=8, progress=False, workers=1)
+    two = apib_fx.prune(model, 0.4, x, num_calib=16, batch_size=8, progress=False, workers=2)
+    assert [r.channels_after for r in one.apib_report.groups] == [r.channels_after for r in two.apib_report.groups]
+    assert one.apib_report.alpha == two.apib_report.alpha
+    for (k, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="workers"):
+        apib_fx.prune(model, 0.4, x, num_calib=16, progress=False, workers=0)
