@@ -32,13 +32,29 @@ def _validated(graph: ChannelGraph, keep: Mapping[int, Any]) -> dict[int, Tensor
     return out
 
 
-def _slice_tensor(owner: nn.Module, attr: str, dim: int, index: Tensor) -> None:
-    old = getattr(owner, attr)
-    new = old.detach().index_select(dim, index).clone()
-    if isinstance(old, nn.Parameter):
-        setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
-    else:
-        owner._buffers[attr] = new
+def _sliced_copies(graph: ChannelGraph, keep_ids: Tensor) -> dict[int, Tensor]:
+    """id(original tensor) -> its pruned copy, for every parameter and buffer that loses rows.
+
+    Handed to ``deepcopy`` as its memo, so the copy of the model gets the pruned tensors in place
+    of the originals: they are never copied whole first (half the peak memory of a rewrite), and
+    a tensor shared by several modules stays shared."""
+    tensors = dict(graph.module.named_parameters(remove_duplicate=False))
+    tensors.update(graph.module.named_buffers(remove_duplicate=False))
+    indices: dict[str, list[tuple[int, Tensor]]] = {}
+    for param, dim in graph.sliced_params():
+        index = graph.positions_kept(param, dim, keep_ids)
+        if index is not None:
+            indices.setdefault(param, []).append((dim, index))
+    memo: dict[int, Tensor] = {}
+    for param, cuts in indices.items():
+        old = tensors[param]
+        new = old.detach()
+        for dim, index in cuts:
+            new = new.index_select(dim, index.to(new.device))  # a new tensor: never aliases ``old``
+        if isinstance(old, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=old.requires_grad)
+        memo[id(old)] = new
+    return memo
 
 
 def apply(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Any]) -> fx.GraphModule:
@@ -48,15 +64,8 @@ def apply(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Any]) -> fx.
     never modified. The result is a ``torch.fx.GraphModule`` in ``model``'s training mode.
     """
     keep = _validated(graph, keep)
-    gm = copy.deepcopy(graph.module)
     keep_ids = graph.keep_ids(keep)
-    for param, dim in graph.sliced_params():
-        index = graph.positions_kept(param, dim, keep_ids)
-        if index is None:
-            continue
-        owner_name, _, attr = param.rpartition(".")
-        owner = gm.get_submodule(owner_name) if owner_name else gm
-        _slice_tensor(owner, attr, dim, index)
+    gm = copy.deepcopy(graph.module, _sliced_copies(graph, keep_ids))
     view = KeepView(graph.node_labels, keep_ids)
     for node in gm.graph.nodes:
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
