@@ -189,6 +189,9 @@ class LabelSpace:
     mixed: list[tuple[Tensor, str]] = field(default_factory=list)
     bindings: dict[tuple[str, int], ParamBinding] = field(default_factory=dict)
     flops_terms: list[FlopsTerm] = field(default_factory=list)
+    # Tied tensors (one Parameter under several names): every name -> the first one, as in
+    # ``named_parameters()``, so tied weights unify their channels like a shared module does.
+    aliases: dict[str, str] = field(default_factory=dict)
 
     def fresh(self, n: int) -> Tensor:
         ids = torch.arange(self.size, self.size + n, dtype=torch.long)
@@ -243,7 +246,7 @@ class LabelSpace:
     def param_ids(self, name: str, dim: int, size: int, role: str = "out") -> Tensor:
         """Ids of the positions of ``name`` along ``dim``; the same ids on every call, so a module
         called twice produces the same channels."""
-        key = (name, dim)
+        key = (self.aliases.get(name, name), dim)
         if key not in self.bindings:
             self.bindings[key] = ParamBinding(self.fresh(size), role)
         return self.bindings[key].labels
@@ -252,11 +255,11 @@ class LabelSpace:
         """Positions of ``name`` along ``dim`` carry ``labels``. Binding twice (a shared module)
         unifies the two call sites position by position."""
         labels = labels.reshape(-1).contiguous()
-        key = (name, dim)
+        key = (self.aliases.get(name, name), dim)
         if key in self.bindings:
             self.unify(self.bindings[key].labels, labels)
         else:
             self.bindings[key] = ParamBinding(labels, role)
 
     def add_flops(self, coef: int, dims: list[tuple[str, int]]) -> None:
-        self.flops_terms.append(FlopsTerm(int(coef), list(dims)))
+        self.flops_terms.append(FlopsTerm(int(coef), [(self.aliases.get(n, n), d) for n, d in dims]))

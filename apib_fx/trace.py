@@ -257,6 +257,17 @@ def _stored(value: Any) -> Any:
     return None
 
 
+def tensor_aliases(module: nn.Module) -> dict[str, str]:
+    """Names of tied parameters and buffers -> the name ``named_parameters()`` reports for them."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        canonical = first.setdefault(id(t), name)
+        if canonical != name:
+            aliases[name] = canonical
+    return aliases
+
+
 def trace(model: nn.Module, example_inputs: Inputs, *, leaf_modules: Sequence[type] = ()) -> ChannelGraph:
     """Build the channel-dependency graph of ``model``.
 
@@ -280,7 +291,7 @@ def trace(model: nn.Module, example_inputs: Inputs, *, leaf_modules: Sequence[ty
             raise InputShapeError(
                 f"the model does not run on example inputs of shape {shapes}: {first}"
             ) from e
-    space = LabelSpace()
+    space = LabelSpace(aliases=tensor_aliases(gm))
     prop = ChannelPropagation(gm, space)
     prop.run(*(unlabeled(t.shape) for t in inputs))
     return ChannelGraph(gm, space, prop.node_labels, inputs)

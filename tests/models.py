@@ -534,3 +534,18 @@ class ClassTokenSlice(nn.Module):
         n = cls_tokens.shape[1]
         t = self.mix(torch.cat((cls_tokens, self.tok(x)), dim=1))
         return self.head(t[:, :n].squeeze(1) + t[:, n:].mean(1))
+
+
+class TiedWeights(nn.Module):
+    """Two convs sharing one weight Parameter (weight tying): their channels must move together."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.b.weight = self.mid.weight
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.b(torch.relu(self.mid(torch.relu(self.a(x))))))

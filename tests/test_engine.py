@@ -31,6 +31,7 @@ CASES = [
     (M.RelativePosition, (2, 5, 16)),
     (M.ParameterMatmul, (2, 16)),
     (M.ClassTokenSlice, (2, 6, 16)),
+    (M.TiedWeights, (2, 3, 8, 8)),
 ]
 
 
@@ -498,3 +499,16 @@ def test_parameter_matrix_reads_channels_as_a_linear_layer():
     graph = apib_fx.trace(_model(M.ParameterMatmul), torch.randn(2, 16))
     (group,) = [g for g in graph.prunable_groups if any(m.param == "fc.weight" for m in g.members)]
     assert ("w", 0, "in") in {(m.param, m.dim, m.role) for m in group.members}
+
+
+def test_tied_weights_stay_tied_and_move_together():
+    model = _model(M.TiedWeights)
+    graph = apib_fx.trace(model, torch.randn(1, 3, 8, 8))
+    # The tie makes mid's input, mid's output and b's output one set of channels, named as
+    # named_parameters() names the shared weight.
+    (group,) = graph.prunable_groups
+    assert {(m.param, m.dim) for m in group.members} >= {("mid.weight", 0), ("mid.weight", 1), ("b.bias", 0)}
+    assert not any(m.param == "b.weight" for g in graph.groups for m in g.members)
+    pruned = apib_fx.apply(model, graph, {group.index: torch.tensor([0, 2, 5])})
+    assert pruned.b.weight is pruned.mid.weight and pruned.mid.weight.shape == (3, 3, 3, 3)
+    assert model.b.weight is model.mid.weight and model.mid.weight.shape == (8, 8, 3, 3)
