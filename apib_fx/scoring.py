@@ -220,10 +220,10 @@ def score_apib(
             notes[g.index] = "kept whole: no layer or contraction reads these channels (APIB has no output to score them against)"
     del stats, capture
     with tqdm(total=len(problems), desc="apib: lasso paths", unit="group", disable=not progress) as bar:
-        # Independent per group and bound by Python: spread over processes (the cost of a path
-        # grows about as the square of its width).
-        survival = fork_map(_survival, problems, {g: float(G.shape[0]) ** 2 for g, (G, _) in problems.items()},
-                            workers, done=lambda _: bar.update())
+        # Independent per group and bound by Python: spread over processes. A path's time grows
+        # about as width^1.75 (ResNet-50's: 0.45 s at 2048 channels, 0.17 s at 1024, 0.03 s at 512).
+        cost = {g: float(G.shape[0]) ** 1.75 for g, (G, _) in problems.items()}
+        survival = fork_map(_survival, problems, cost, workers, done=lambda _: bar.update())
     primary.update((g, torch.from_numpy(s)) for g, s in survival.items())
     primary = {g.index: primary[g.index] for g in graph.prunable_groups}  # group order, as before
     timings["lasso"] = time.perf_counter() - start
