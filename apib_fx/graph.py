@@ -26,7 +26,8 @@ class Member:
     ``param``: qualified name as in ``model.named_parameters()`` / ``named_buffers()``.
     ``dim``: the dimension that shrinks. ``role``: ``"out"`` (a producer's output channels),
     ``"in"`` (a consumer's input channels) or ``"pass"`` (per-channel state: BatchNorm, biases,
-    depthwise filters, layer scales).
+    depthwise filters, layer scales). A tied tensor playing two roles (an embedding table read
+    again by a tied output layer) has a member for each.
     """
 
     param: str
@@ -163,7 +164,8 @@ class ChannelGraph:
             if binding.role == "axis":
                 continue
             param, dim = keys[k]
-            members[g].append(Member(param, dim, binding.role, p_pos, p_cls))
+            for role in (binding.role, *sorted(binding.also)):
+                members[g].append(Member(param, dim, role, p_pos, p_cls))
 
         self.groups = [
             ChannelGroup(

@@ -147,6 +147,9 @@ class ParamBinding:
 
     labels: Tensor
     role: str  # "out", "in", "pass", or "axis" (an activation axis that only enters FLOPs)
+    # Further roles of a tied tensor: an embedding table whose columns a tied output layer reads
+    # is both the producer ("out") and a consumer ("in") of the same channels.
+    also: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -257,7 +260,10 @@ class LabelSpace:
         labels = labels.reshape(-1).contiguous()
         key = (self.aliases.get(name, name), dim)
         if key in self.bindings:
-            self.unify(self.bindings[key].labels, labels)
+            binding = self.bindings[key]
+            self.unify(binding.labels, labels)
+            if role != binding.role and "axis" not in (role, binding.role):
+                binding.also.add(role)
         else:
             self.bindings[key] = ParamBinding(labels, role)
 

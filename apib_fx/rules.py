@@ -536,6 +536,33 @@ def linear_fn(ctx: RuleContext, x: Tensor, weight: Any, bias: Any = None) -> Ten
     return _linear(ctx, x, w, weight.shape[0], b.target if isinstance(b, fx.Node) else None)
 
 
+def _embedding(ctx: RuleContext, w: str, dim: int, max_norm: Any) -> Tensor:
+    # Each output vector is a row of the table: its last axis is the table's columns, channels
+    # that start here (a tied output layer reading them unifies with them through the weight).
+    out = along(ctx.space.param_ids(w, 1, dim), -1, ctx.out_shape)
+    if max_norm is not None:
+        ctx.space.mark_mixed(out, f"{ctx.op_name} rescales each row to max_norm over its columns")
+    return out
+
+
+def embedding(ctx: RuleContext, ids: Any, *args: Any, **kwargs: Any) -> Tensor:
+    m: nn.Embedding = ctx.module
+    return _embedding(ctx, ctx.param("weight"), m.embedding_dim, m.max_norm)
+
+
+def embedding_fn(ctx: RuleContext, ids: Any, weight: Any, *args: Any, **kwargs: Any) -> Any:
+    """``F.embedding(ids, self.weight, ...)`` on a parameter read by ``get_attr``."""
+    w = ctx.arg_node(1, "weight")
+    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        return opaque(ctx, ids, weight, *args, **kwargs)
+    max_norm = node_arg(ctx.node, 3, "max_norm")
+    return _embedding(ctx, w.target, weight.shape[1], max_norm)
+
+
+def resize_embedding(node: fx.Node, m: nn.Module, keep: KeepView) -> None:
+    m.num_embeddings, m.embedding_dim = m.weight.shape
+
+
 def _conv(ctx: RuleContext, x: Tensor, w: str, w_shape: tuple[int, ...], groups: int,
           bias: Optional[str]) -> Tensor:
     space = ctx.space
@@ -1063,6 +1090,8 @@ RULES: dict[Any, Rule] = {
     nn.Conv3d: Rule(conv, resize_conv, input_axis=1),
     nn.Linear: Rule(linear, resize_linear, input_axis=-1),
     F.linear: Rule(linear_fn, input_axis=-1),
+    nn.Embedding: Rule(embedding, resize_embedding),
+    F.embedding: Rule(embedding_fn),
     F.conv1d: Rule(conv_fn, rewrite_conv_fn, input_axis=1),
     F.conv2d: Rule(conv_fn, rewrite_conv_fn, input_axis=1),
     F.conv3d: Rule(conv_fn, rewrite_conv_fn, input_axis=1),

@@ -549,3 +549,22 @@ class TiedWeights(nn.Module):
 
     def forward(self, x):
         return self.head(self.b(torch.relu(self.mid(torch.relu(self.a(x))))))
+
+
+class EmbeddingTiedHead(nn.Module):
+    """Token embedding, a residual MLP, and an output layer tied to the embedding table (as in
+    language models): the embedding's columns are the residual stream's channels."""
+
+    def __init__(self, vocab=40, dim=16, hidden=24, functional=False):
+        super().__init__()
+        self.functional = functional
+        self.emb = nn.Embedding(vocab, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        x = F.embedding(ids, self.emb.weight) if self.functional else self.emb(ids)
+        x = x + self.fc2(F.relu(self.fc1(x)))
+        return self.head(x)

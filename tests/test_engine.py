@@ -1,6 +1,7 @@
 """The trace and rewrite passes on hand-written models: exact, or non-prunable with a reason."""
 import pytest
 import torch
+from torch import nn
 
 import apib_fx
 from apib_fx.testing import check_exact, random_keep
@@ -512,3 +513,31 @@ def test_tied_weights_stay_tied_and_move_together():
     pruned = apib_fx.apply(model, graph, {group.index: torch.tensor([0, 2, 5])})
     assert pruned.b.weight is pruned.mid.weight and pruned.mid.weight.shape == (3, 3, 3, 3)
     assert model.b.weight is model.mid.weight and model.mid.weight.shape == (8, 8, 3, 3)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_embedding_columns_are_channels_and_a_tied_head_follows(functional):
+    torch.manual_seed(0)
+    model = M.EmbeddingTiedHead(functional=functional).eval()
+    ids = torch.randint(0, 40, (3, 7))
+    graph = apib_fx.trace(model, ids)
+    stream = next(g for g in graph.prunable_groups if ("emb.weight", 1) in {(m.param, m.dim) for m in g.members})
+    assert stream.channels == 16
+    assert {("fc1.weight", 1), ("fc2.weight", 0)} <= {(m.param, m.dim) for m in stream.members}
+    for seed in (0, 1):
+        report = check_exact(model, ids, seed=seed, graph=graph)
+        assert report.shapes_ok and report.max_diff <= 1e-5, report
+        assert report.flops_model == report.flops_after < report.flops_before
+    pruned = apib_fx.apply(model, graph, {stream.index: torch.arange(0, 16, 2)})
+    assert pruned.head.weight is pruned.emb.weight and pruned.emb.weight.shape == (40, 8)
+    if not functional:
+        assert pruned.emb.embedding_dim == 8
+    assert pruned(ids).shape == (3, 7, 40)
+
+
+def test_embedding_max_norm_mixes_its_columns():
+    model = nn.Sequential(nn.Embedding(10, 8, max_norm=1.0), nn.Linear(8, 3))
+    graph = apib_fx.trace(model, torch.randint(0, 10, (2, 4)))
+    (group,) = graph.prunable_groups
+    report = check_exact(model, torch.randint(0, 10, (2, 4)), graph=graph)
+    assert not report.exact_expected and "max_norm" in report.note and report.shapes_ok
