@@ -34,6 +34,19 @@ def _input_of(batch: Any, i: int) -> Tensor:
     return first
 
 
+def random_inputs(example: Tensor, batch: int, generator: torch.Generator) -> Tensor:
+    """``batch`` random samples shaped like ``example``'s: Gaussian for floating point inputs;
+    for integer inputs (token ids, indices) uniform over the range of values ``example`` holds,
+    so they stay valid for the model."""
+    shape = (batch, *example.shape[1:])
+    if example.is_floating_point():
+        return torch.randn(shape, generator=generator, dtype=example.dtype)
+    if example.dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=generator).bool()
+    lo, hi = (int(example.min()), int(example.max())) if example.numel() else (0, 0)
+    return torch.randint(lo, hi + 1, shape, generator=generator).to(example.dtype)
+
+
 def calibration_batches(
     calib_data: CalibData,
     num_calib: int,
@@ -60,9 +73,7 @@ def calibration_batches(
             "scores (APIB) are only meaningful on real data",
             stacklevel=3,
         )
-        gen = torch.Generator().manual_seed(seed)
-        sample = example_inputs[0]
-        data = torch.randn((num_calib, *sample.shape), generator=gen, dtype=sample.dtype)
+        data = random_inputs(example_inputs, num_calib, torch.Generator().manual_seed(seed))
         return _cut(data, batch_size)
     if isinstance(calib_data, Tensor):
         source: Iterable[Any] = [calib_data]
@@ -77,12 +88,14 @@ def calibration_batches(
     taken: list[Tensor] = []
     count = 0
     expected = tuple(example_inputs.shape[1:]) if example_inputs is not None else None
+    integer_inputs = example_inputs is not None and not torch.is_floating_point(example_inputs)
     for i, batch in enumerate(source):
         x = _input_of(batch, i)
-        if not torch.is_floating_point(x):
+        if not torch.is_floating_point(x) and not integer_inputs:
             raise CalibrationError(
                 f"calibration batch {i} has dtype {x.dtype}; expected floating point model inputs "
-                "(did you pass labels first?)"
+                "(did you pass labels first? For a model that takes integer inputs such as token "
+                "ids, pass example_inputs of that dtype)"
             )
         if x.dim() < 2:
             raise CalibrationError(

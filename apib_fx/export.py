@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ._atomic import atomic_path
+from .calib import random_inputs
 from .labels import flatten_values
 from .trace import Inputs, as_inputs, eval_mode
 
@@ -142,7 +143,7 @@ def check_onnx_parity(
     worst: dict[str, Any] = {"max_diff": 0.0, "scale": 1.0, "batch": None, "reference": "float32"}
     with eval_mode(model), torch.no_grad():
         for b in batch_sizes:
-            fresh = tuple(torch.randn((b, *t.shape[1:]), generator=gen, dtype=t.dtype) for t in inputs)
+            fresh = tuple(random_inputs(t, b, gen) for t in inputs)
             want = [t.numpy() for t in _outputs(model(*fresh))]
             got = session.run(None, {n: t.numpy() for n, t in zip(names, fresh)})
             exact = None

@@ -319,3 +319,33 @@ def test_prune_recalibrates_on_real_data_only():
     with pytest.warns(UserWarning, match="synthetic"):
         syn = apib_fx.prune(model, 0.3, example_inputs=x[:1], num_calib=16, progress=False)
     assert syn.apib_report.bn_recalibrated == 0
+
+
+def test_token_models_prune_on_integer_inputs(tmp_path):
+    """Integer inputs (token ids): synthetic calibration stays within the example's id range, real
+    integer batches are accepted once example_inputs says the model takes integers, and the
+    result keeps its tied head, exports and reloads."""
+    torch.manual_seed(0)
+    model = M.EmbeddingTiedHead().eval()
+    ids = torch.randint(3, 40, (2, 5))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.warns(UserWarning, match="synthetic"):
+        pruned = apib_fx.prune(model, 0.3, example_inputs=ids, num_calib=16, batch_size=8, progress=False)
+    assert abs(pruned.apib_report.flops_reduction - 0.3) <= 0.005
+    assert pruned.head.weight is pruned.emb.weight and pruned.emb.weight.shape[1] < 16
+    from apib_fx.calib import random_inputs
+    drawn = random_inputs(ids, 64, torch.Generator().manual_seed(0))
+    assert drawn.dtype == ids.dtype and drawn.shape == (64, 5)
+    assert int(drawn.min()) >= 3 and int(drawn.max()) <= int(ids.max())
+    data = torch.randint(0, 40, (16, 5))
+    real = apib_fx.prune(model, 0.3, data, example_inputs=ids, num_calib=16, batch_size=8, progress=False)
+    assert abs(real.apib_report.flops_reduction - 0.3) <= 0.005
+    with pytest.raises(CalibrationError, match="token ids"):
+        apib_fx.prune(model, 0.3, data, progress=False)  # without example_inputs: looks like labels
+    path = apib_fx.export_onnx(real, tmp_path / "lm.onnx", ids)
+    assert path.exists()
+    apib_fx.save(real, tmp_path / "lm.pt")
+    again = apib_fx.load(tmp_path / "lm.pt")
+    assert again.head.weight is again.emb.weight and torch.equal(again(ids), real(ids))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
