@@ -179,6 +179,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Total path cost (sum of width^1.75) below which the paths run in this process: ~0.1 s of
+# work (ResNet-50's 2048-channel path, 623k, takes ~0.45 s), about what forking a large process costs.
+_FORK_WORTH = 150_000.0
+
+
 def score_apib(
     graph: ChannelGraph,
     module: fx.GraphModule,
@@ -223,6 +228,8 @@ def score_apib(
         # Independent per group and bound by Python: spread over processes. A path's time grows
         # about as width^1.75 (ResNet-50's: 0.45 s at 2048 channels, 0.17 s at 1024, 0.03 s at 512).
         cost = {g: float(G.shape[0]) ** 1.75 for g, (G, _) in problems.items()}
+        if workers is None and sum(cost.values()) < _FORK_WORTH:
+            workers = 1  # a few milliseconds of paths: forking would cost more than it saves
         survival = fork_map(_survival, problems, cost, workers, done=lambda _: bar.update())
     primary.update((g, torch.from_numpy(s)) for g, s in survival.items())
     primary = {g.index: primary[g.index] for g in graph.prunable_groups}  # group order, as before

@@ -11,6 +11,8 @@ from apib_fx._fork import _balance, fork_map
 from apib_fx.hsic import nonneg_lasso_path
 from apib_fx.testing import zoo_model
 
+from . import models as M
+
 linux_only = pytest.mark.skipif(not _fork._can_fork(), reason="workers fork only on Linux")
 
 
@@ -103,3 +105,17 @@ def test_prune_scores_do_not_depend_on_workers():
         assert torch.equal(a, b), k
     with pytest.raises(ValueError, match="workers"):
         apib_fx.prune(model, 0.4, x, num_calib=16, progress=False, workers=0)
+
+
+def test_small_models_solve_their_paths_in_process(monkeypatch):
+    # A few milliseconds of paths: forking a large process would cost more than it saves.
+    def no_fork():
+        raise AssertionError("forked for a tiny model")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    model = M.ResidualChain()
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    graph = apib_fx.trace(model, x[:1])
+    assert 0 < sum(g.channels ** 1.75 for g in graph.prunable_groups) < 150_000
+    pruned = apib_fx.prune(model, 0.3, x, num_calib=8, batch_size=8, progress=False, tolerance=0.05)
+    assert "lasso" in pruned.apib_report.timings and pruned.apib_report.flops_reduction > 0
