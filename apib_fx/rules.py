@@ -241,6 +241,21 @@ def relabel(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     return _relabeled(ctx.space, out)
 
 
+def concat(ctx: RuleContext, tensors: Any, dim: int = 0, **kwargs: Any) -> Any:
+    """``torch.cat``: as :func:`relabel`, on the inputs' compressed labels. Run on the broadcast
+    label views themselves, a DenseNet concat would write out (1, C, H, W) int64 labels per
+    call only to find them constant over H and W again."""
+    if kwargs or not isinstance(tensors, (tuple, list)) or not tensors or not all(is_labels(t) for t in tensors):
+        return relabel(ctx, tensors, dim, **kwargs)
+    rank = tensors[0].dim()
+    d = dim % rank
+    small = [compress(t) for t in tensors]
+    varying = {a for s in small for a in range(rank) if a != d and s.shape[a] > 1}
+    parts = [s.expand([t.shape[a] if a == d or a in varying else 1 for a in range(rank)])
+             for t, s in zip(tensors, small)]
+    return _relabeled(ctx.space, torch.cat(parts, d).expand(ctx.out_shape))
+
+
 def run_plain(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     """Python-level ops (size arithmetic, ``getattr(x, 'shape')``): evaluate; tensors become labels."""
     if not any(is_labels(v) for v in flatten_values((args, kwargs))):
@@ -1039,6 +1054,7 @@ def resize_layer_norm(node: fx.Node, m: nn.Module, keep: KeepView) -> None:
 
 PASS = Rule(passthrough)
 SHAPE = Rule(relabel)
+CAT = Rule(concat)
 RESHAPE = Rule(reshape, rewrite_shape_args)
 SPLIT = Rule(relabel, rewrite_split)
 BROADCAST = Rule(broadcast)
@@ -1121,7 +1137,7 @@ RULES: dict[Any, Rule] = {
     # shape ops
     nn.Flatten: Rule(flatten_module),
     torch.flatten: SHAPE, "flatten": SHAPE,
-    torch.cat: SHAPE, torch.concat: SHAPE, torch.stack: SHAPE,
+    torch.cat: CAT, torch.concat: CAT, torch.stack: SHAPE,
     torch.split: SPLIT, "split": SPLIT, torch.chunk: SPLIT, "chunk": SPLIT,
     torch.tensor_split: SPLIT, "tensor_split": SPLIT, torch.unbind: Rule(unbind), "unbind": Rule(unbind),
     torch.reshape: RESHAPE, "reshape": RESHAPE, "view": RESHAPE, "expand": Rule(relabel, rewrite_shape_args),
