@@ -8,7 +8,8 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import TensorMetadata
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .flops import MAC_TARGETS, _MacCounter, unfused_attention
@@ -171,21 +172,49 @@ def module_batch_norms(graph: fx.Graph, root: nn.Module) -> fx.Graph:
     return graph
 
 
-class ShapeAndMacsProp(ShapeProp):
-    """``ShapeProp`` that also records the multiply-accumulates (``node.meta["macs"]``) of nodes
-    whose arithmetic a channel rule may not account for: ops without a rule (a leaf module, a
-    wrapped attention function) and matrix products, counted by :func:`apib_fx.count_flops`'s
-    interceptor. Their inputs' channels are kept whole, so the FLOPs model takes them as a
-    constant the pruning cannot change. Other nodes run uncounted (interception costs time)."""
+def _tensor_meta(t: Tensor) -> TensorMetadata:
+    # ShapeProp's metadata without its memory-format probes (three Python-level contiguity
+    # checks per tensor, a quarter of the shape pass on MobileNetV3): nothing here reads them.
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), None, False, {})
+
+
+class ShapeAndMacsProp(fx.Interpreter):
+    """Shape propagation (``node.meta["tensor_meta"]``, ``"type"``, as torch.fx's ``ShapeProp``
+    records them, memory format left None) that also records the multiply-accumulates
+    (``node.meta["macs"]``) of nodes whose arithmetic a channel rule may not account for: ops
+    without a rule (a leaf module, a wrapped attention function) and matrix products, counted by
+    :func:`apib_fx.count_flops`'s interceptor. Their inputs' channels are kept whole, so the FLOPs
+    model takes them as a constant the pruning cannot change. Other nodes run uncounted
+    (interception costs time)."""
 
     def run_node(self, n: fx.Node) -> Any:
-        if not self._measured(n):
-            return super().run_node(n)
-        counter = _MacCounter()
-        with counter:
+        if self._measured(n):
+            counter = _MacCounter()
+            with counter:
+                out = super().run_node(n)
+            n.meta["macs"] = counter.macs
+        else:
             out = super().run_node(n)
-        n.meta["macs"] = counter.macs
+        if isinstance(out, Tensor):
+            n.meta["tensor_meta"] = _tensor_meta(out)
+        elif isinstance(out, (tuple, list, dict)):
+            found = False
+
+            def meta(v: Any) -> Any:
+                nonlocal found
+                if isinstance(v, Tensor):
+                    found = True
+                    return _tensor_meta(v)
+                return v
+
+            value = map_aggregate(out, meta)
+            if found:
+                n.meta["tensor_meta"] = value
+        n.meta["type"] = type(out)
         return out
+
+    def propagate(self, *args: Any) -> Any:
+        return self.run(*args)
 
     def _measured(self, n: fx.Node) -> bool:
         if n.op == "call_module":
