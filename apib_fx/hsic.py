@@ -567,7 +567,9 @@ def nonneg_lasso_path(G: Tensor, b: Tensor, *, min_ratio: float = 1e-9, max_step
     Starting at α = max(b) with β = 0, α decreases; a channel enters when its correlation
     b_k − (Gβ)_k reaches α, a coefficient that would turn negative leaves. Between events β is
     linear in α, so the breakpoints describe the path exactly. The path stops at
-    α = ``min_ratio``·max(b). Ties enter lowest channel index first; a channel whose kernel is
+    α = ``min_ratio``·max(b), or earlier where channels keep leaving and re-entering at one α (a
+    degenerate cycle among ties; a Gram of low rank, from few calibration samples, ends that way
+    near α = 0, silently; higher up with a warning). Ties enter lowest channel index first; a channel whose kernel is
     (numerically) a combination of the active ones, e.g. an exact duplicate, cannot enter, so of
     identical channels the lowest index survives and the others stay at zero. Dead channels
     (zero diagonal) never enter. Cost: O(C) events, each O(C·|A|) with rank-one updates of the
@@ -637,6 +639,10 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
     alphas = [alpha]
     coefs = [np.zeros(C)]
     last_added = last_dropped = -1
+    # The α of each channel's last event, and how many events at the current α touched a channel
+    # a second time (cycling, see below).
+    seen_at = np.full(C, -1.0)
+    revisits = 0
     since_refresh = 0
 
     def beta_at(a: float) -> np.ndarray:
@@ -773,12 +779,24 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
             alphas.append(best)
             coefs.append(beta_at(best))
             alpha = best
+            revisits = 0
+        if revisits > max(16, n):
+            # Channels keep leaving and re-entering at one α: a degenerate cycle among ties, as
+            # when G has low rank (fewer calibration samples than channels): a 4096-channel layer
+            # with a rank-36 Gram swapped 10,000 times at α ≈ 1e-9·max(b) until max_steps (8 s).
+            # The path ends here; channels that never entered keep survival 0.
+            if alpha > 1e-6 * bmax:
+                warnings.warn(f"nonneg_lasso_path: channels cycle among ties at alpha={alpha:.3g} "
+                              f"(scaled); the path below it is missing", RuntimeWarning, stacklevel=3)
+            break
         if best_out >= best_in:
             cands = np.flatnonzero(out >= best - tie)
             p = int(cands[np.argmin(perm[cands])])
             ch = int(perm[p])
             coefs[-1][ch] = 0.0  # it is leaving at exactly this α, not at v − αu's rounding (~1e-18)
             drop(p)
+            revisits += seen_at[ch] == alpha
+            seen_at[ch] = alpha
             left[ch] = True
             active[ch] = False
             cand = live & ~active  # a deletion unblocks every channel
@@ -788,6 +806,8 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
             ch = int(np.flatnonzero(ent >= best - tie)[0])  # ties: lowest channel index
             cand[ch] = False
             if add(int(pos[ch])):
+                revisits += seen_at[ch] == alpha
+                seen_at[ch] = alpha
                 active[ch] = True
                 if surv[ch] == 0.0:
                     surv[ch] = alpha

@@ -349,3 +349,17 @@ def test_token_models_prune_on_integer_inputs(tmp_path):
     assert again.head.weight is again.emb.weight and torch.equal(again(ids), real(ids))
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_low_rank_gram_paths_end_instead_of_cycling():
+    """Eight calibration samples give every Gram rank <= 36, far below VGG-19's 4096-wide
+    classifier layers: the paths' tails then swap tied channels in and out at one alpha. They end
+    there (the old behaviour ran 82,000 events to max_steps, 8 s, and warned)."""
+    import warnings
+
+    model = zoo_model("vgg19_bn", num_classes=10)
+    x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        pruned = apib_fx.prune(model, 0.48, x, num_calib=8, batch_size=8, progress=False)
+    assert abs(pruned.apib_report.flops_reduction - 0.48) <= 0.005
