@@ -119,3 +119,16 @@ def test_small_models_solve_their_paths_in_process(monkeypatch):
     assert 0 < sum(g.channels ** 1.75 for g in graph.prunable_groups) < 150_000
     pruned = apib_fx.prune(model, 0.3, x, num_calib=8, batch_size=8, progress=False, tolerance=0.05)
     assert "lasso" in pruned.apib_report.timings and pruned.apib_report.flops_reduction > 0
+
+
+def test_without_fork_the_jobs_run_here(monkeypatch):
+    # macOS, Windows: no fork (or not a safe one); the same results come from this process.
+    def no_fork():
+        raise AssertionError("forked where fork is not used")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    monkeypatch.setattr(_fork.sys, "platform", "darwin")
+    problems = _problems(4)
+    got = fork_map(_survival, problems, {k: 1.0 for k in problems}, workers=4)
+    for k, p in problems.items():
+        assert np.array_equal(got[k], _survival(p))
