@@ -32,7 +32,7 @@ def test_help():
 def test_prune_writes_everything(tmp_path):
     out_dir = tmp_path / "run"
     run("prune", "--model", "cifar:resnet20", "--flops-target", "0.4", "--calib", "digits",
-        "--num-calib", "32", "--batch-size", "16", "--out", str(out_dir), "--quiet")
+        "--num-calib", "32", "--batch-size", "16", "--out", str(out_dir), "--quiet", "--workers", "2")
     names = {p.name for p in out_dir.iterdir()}
     assert {"model.apibfx", "model.onnx", "report.json", "report.md", "channels.png"} <= names
     report = json.loads((out_dir / "report.json").read_text())
@@ -60,6 +60,7 @@ def test_prune_writes_everything(tmp_path):
         (["prune", "--model", "/no/such/file.apibfx", "--out", "x"], "neither"),
         (["prune", "--model", "cifar:resnet20", "--calib", "cifar10:/no/such/dir", "--out", "x"], "does not exist"),
         (["prune", "--model", "cifar:resnet20", "--calib", "webcam", "--out", "x"], "unknown --calib"),
+        (["prune", "--model", "cifar:resnet20", "--workers", "0", "--out", "x"], "workers must be"),
     ],
 )
 def test_bad_arguments_one_line(args, words, tmp_path):
