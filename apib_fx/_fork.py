@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import signal
 import sys
 import warnings
 from typing import Any, Callable, Hashable, Iterator, Mapping, Optional
@@ -130,6 +131,11 @@ def fork_map(
                 if done is not None:
                     for k in keys:
                         done(k)
+        except BaseException:
+            for pid, _, _ in children:  # this process failed or was interrupted: stop the others
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            raise
         finally:
             for pid, r, _ in children:
                 with contextlib.suppress(OSError):

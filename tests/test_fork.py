@@ -132,3 +132,21 @@ def test_without_fork_the_jobs_run_here(monkeypatch):
     got = fork_map(_survival, problems, {k: 1.0 for k in problems}, workers=4)
     for k, p in problems.items():
         assert np.array_equal(got[k], _survival(p))
+
+
+@linux_only
+def test_an_error_here_stops_the_children_and_propagates():
+    parent = os.getpid()
+
+    def fails_here(job):
+        if os.getpid() == parent:
+            raise KeyError("here")
+        import time
+        time.sleep(30)  # a child still busy: it is killed, not waited for
+        return job
+
+    jobs = {i: i for i in range(4)}
+    with pytest.raises(KeyError, match="here"):
+        fork_map(fails_here, jobs, {i: 1.0 for i in jobs}, workers=2)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # no child left behind
