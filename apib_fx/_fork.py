@@ -96,13 +96,20 @@ def fork_map(
     children: list[tuple[int, int, list[Hashable]]] = []
     with _one_blas_thread():
         try:
+            here = list(parts[0])
             for keys in parts[1:]:
                 r, w = os.pipe()
-                with warnings.catch_warnings():
-                    # Python 3.12 warns about forking a multi-threaded process: the child runs
-                    # only numpy code that was loaded before the fork and takes no shared lock.
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    pid = os.fork()
+                try:
+                    with warnings.catch_warnings():
+                        # Python 3.12 warns about forking a multi-threaded process: the child runs
+                        # only numpy code that was loaded before the fork and takes no shared lock.
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        pid = os.fork()
+                except OSError:  # no processes to spare (limits, a sandbox): this share runs here
+                    os.close(r)
+                    os.close(w)
+                    here += keys
+                    continue
                 if pid == 0:  # the child: compute, send, leave without running any cleanup
                     code = 1
                     try:
@@ -116,7 +123,7 @@ def fork_map(
                         os._exit(code)
                 os.close(w)
                 children.append((pid, r, keys))
-            run_here(parts[0])
+            run_here(here)
             for pid, r, keys in children:
                 try:
                     got = pickle.loads(_read_all(r))

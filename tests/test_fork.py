@@ -150,3 +150,16 @@ def test_an_error_here_stops_the_children_and_propagates():
         fork_map(fails_here, jobs, {i: 1.0 for i in jobs}, workers=2)
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)  # no child left behind
+
+
+def test_when_fork_fails_the_jobs_run_here(monkeypatch):
+    def refused():
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", refused)
+    monkeypatch.setattr(_fork, "_can_fork", lambda: True)
+    problems = _problems(4)
+    got = fork_map(_survival, problems, {k: 1.0 for k in problems}, workers=3)
+    assert got.keys() == problems.keys()
+    for k, p in problems.items():
+        assert np.array_equal(got[k], _survival(p))
