@@ -297,6 +297,20 @@ def tensor_aliases(module: nn.Module) -> dict[str, str]:
     return aliases
 
 
+def block_computed_weights(module: nn.Module, space: LabelSpace) -> None:
+    """Channels of a layer whose weight is computed from other tensors (weight_norm,
+    spectral_norm or another parametrization; an old-style weight_norm hook) stay whole: slicing
+    the tensors it is computed from would not slice the weight exactly (a norm over the input
+    channels changes), and there is no parameter of that name to slice."""
+    stored = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    stored.update(n for n, _ in module.named_buffers(remove_duplicate=False))
+    for (name, _), binding in space.bindings.items():
+        if binding.role != "axis" and name not in stored:
+            space.block(binding.labels, f"'{name}' is computed from other tensors (a parametrization such "
+                        "as weight_norm or spectral_norm): remove it (torch.nn.utils.parametrize."
+                        "remove_parametrizations) to prune these channels")
+
+
 def trace(model: nn.Module, example_inputs: Inputs, *, leaf_modules: Sequence[type] = ()) -> ChannelGraph:
     """Build the channel-dependency graph of ``model``.
 
@@ -323,4 +337,5 @@ def trace(model: nn.Module, example_inputs: Inputs, *, leaf_modules: Sequence[ty
     space = LabelSpace(aliases=tensor_aliases(gm))
     prop = ChannelPropagation(gm, space)
     prop.run(*(unlabeled(t.shape) for t in inputs))
+    block_computed_weights(gm, space)
     return ChannelGraph(gm, space, prop.node_labels, inputs)

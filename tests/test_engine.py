@@ -541,3 +541,34 @@ def test_embedding_max_norm_mixes_its_columns():
     (group,) = graph.prunable_groups
     report = check_exact(model, torch.randint(0, 10, (2, 4)), graph=graph)
     assert not report.exact_expected and "max_norm" in report.note and report.shapes_ok
+
+
+def test_parametrized_weights_keep_their_channels_with_a_reason():
+    """weight_norm / spectral_norm compute the weight from other tensors: no parameter of that name
+    to slice, and slicing what it is computed from would change the norm. Such layers' channels
+    stay whole, saying how to prune them (remove the parametrization); the rest prunes exactly."""
+    import warnings
+
+    from torch.nn.utils import parametrizations as P
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old-style hook weight_norm is deprecated
+        old_style = torch.nn.utils.weight_norm(nn.Conv2d(6, 5, 1))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), P.weight_norm(nn.Conv2d(8, 7, 3)), nn.ReLU(),
+        nn.Conv2d(7, 9, 1), nn.ReLU(), nn.Conv2d(9, 6, 1), nn.ReLU(), old_style, nn.ReLU(),
+        P.spectral_norm(nn.Conv2d(5, 4, 1)),
+    ).eval()
+    x = torch.randn(2, 3, 10, 10)
+    graph = apib_fx.trace(model, x)
+    by_out = {next(m.param for m in g.members if m.role == "out"): g for g in graph.groups}
+    for name in ("0.weight", "2.weight", "6.weight", "8.weight"):
+        assert not by_out[name].prunable and "parametrization" in by_out[name].reason, name
+    assert by_out["4.weight"].prunable  # between two plain convs
+    report = check_exact(model, x, graph=graph)
+    assert report.max_diff <= 1e-5 and report.flops_after < report.flops_before
+    # Removing the parametrizations (the reason's advice) makes them prunable.
+    parametrize.remove_parametrizations(model[2], "weight")
+    assert apib_fx.trace(model, x).groups[0].prunable
