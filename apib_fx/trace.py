@@ -108,7 +108,23 @@ def symbolic_trace(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.Gr
             f"can be kept opaque with leaf_modules=(...)."
         ) from e
     name = type(model).__name__
-    return fx.GraphModule(tracer.root, module_batch_norms(graph, tracer.root), name)
+    return fx.GraphModule(tracer.root, positional_inputs(module_batch_norms(graph, tracer.root), tracer.root), name)
+
+
+def positional_inputs(graph: fx.Graph, root: nn.Module) -> fx.Graph:
+    """Keyword arguments that could be positional become positional (``self.conv(input=x)`` ->
+    ``self.conv(x)``, ``F.relu(input=x)`` -> ``F.relu(x)``), for modules and Python functions:
+    rules, scoring and rewrites read a layer's input as its first argument."""
+    for node in graph.nodes:
+        if not node.kwargs or node.op not in ("call_module", "call_function"):
+            continue
+        fn = root.get_submodule(node.target).forward if node.op == "call_module" else node.target
+        try:
+            bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
+        except (TypeError, ValueError):  # builtins without a signature; calls it cannot bind
+            continue
+        node.args, node.kwargs = tuple(bound.args), dict(bound.kwargs)
+    return graph
 
 
 _BATCH_NORM = inspect.signature(F.batch_norm)

@@ -568,3 +568,18 @@ class EmbeddingTiedHead(nn.Module):
         x = F.embedding(ids, self.emb.weight) if self.functional else self.emb(ids)
         x = x + self.fc2(F.relu(self.fc1(x)))
         return self.head(x)
+
+
+class KeywordCalls(nn.Module):
+    """Layers and functions called with keyword arguments (``self.conv(input=x)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = F.relu(input=self.bn(input=self.a(input=x)))
+        return self.fc(input=self.b(input=y).mean(dim=(2, 3)))

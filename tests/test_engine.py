@@ -33,6 +33,7 @@ CASES = [
     (M.ParameterMatmul, (2, 16)),
     (M.ClassTokenSlice, (2, 6, 16)),
     (M.TiedWeights, (2, 3, 8, 8)),
+    (M.KeywordCalls, (2, 3, 8, 8)),
 ]
 
 
@@ -572,3 +573,16 @@ def test_parametrized_weights_keep_their_channels_with_a_reason():
     # Removing the parametrizations (the reason's advice) makes them prunable.
     parametrize.remove_parametrizations(model[2], "weight")
     assert apib_fx.trace(model, x).groups[0].prunable
+
+
+def test_keyword_called_layers_are_scored_by_apib():
+    """A consumer called as ``self.b(input=y)`` is read like a positional call: APIB scores its
+    input channels from data (they had no input argument to read, and the trace crashed)."""
+    model = _model(M.KeywordCalls).eval()
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    graph = apib_fx.trace(model, x[:1])
+    from apib_fx.scoring import find_consumers
+    consumers = {c.node for cs in find_consumers(graph).values() for c in cs}
+    assert {"b", "fc"} <= consumers
+    pruned = apib_fx.prune(model, 0.3, x, num_calib=8, batch_size=8, progress=False, tolerance=0.1)
+    assert all(r.note is None for r in pruned.apib_report.groups)
