@@ -14,9 +14,17 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
-from torch import Tensor, fx
+from torch import Tensor, fx, nn
 
 from .labels import NONE, LabelSpace
+
+
+def stored_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and buffer of ``module`` under every name it has (a tied tensor appears
+    once per name; parameters first): the tensors a member's ``param`` can name."""
+    tensors = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update(module.named_buffers(remove_duplicate=False))
+    return tensors
 
 
 @dataclass(frozen=True)

@@ -569,11 +569,11 @@ def nonneg_lasso_path(G: Tensor, b: Tensor, *, min_ratio: float = 1e-9, max_step
     linear in α, so the breakpoints describe the path exactly. The path stops at
     α = ``min_ratio``·max(b), or earlier where channels keep leaving and re-entering at one α (a
     degenerate cycle among ties; a Gram of low rank, from few calibration samples, ends that way
-    near α = 0, silently; higher up with a warning). Ties enter lowest channel index first; a channel whose kernel is
-    (numerically) a combination of the active ones, e.g. an exact duplicate, cannot enter, so of
-    identical channels the lowest index survives and the others stay at zero. Dead channels
-    (zero diagonal) never enter. Cost: O(C) events, each O(C·|A|) with rank-one updates of the
-    inverse Cholesky factor of G_AA; float64 on the CPU.
+    near α = 0, silently; higher up with a warning). Ties enter lowest channel index first; a
+    channel whose kernel is (numerically) a combination of the active ones, e.g. an exact
+    duplicate, cannot enter, so of identical channels the lowest index survives and the others
+    stay at zero. Dead channels (zero diagonal) never enter. Cost: O(C) events, each O(C·|A|)
+    with rank-one updates of the inverse Cholesky factor of G_AA; float64 on the CPU.
     """
     Gn, bn = _problem(G, b)
     C = bn.size

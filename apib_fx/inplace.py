@@ -102,7 +102,8 @@ _PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout
 _FRESH_FUNCTIONS = {
     F.conv1d, F.conv2d, F.conv3d, F.linear, F.batch_norm, F.layer_norm, F.group_norm, batch_norm_of,
     torch.cat, torch.matmul, operator.matmul,
-    add_into, add_into_second, sub_into, mul_into, mul_into_second, div_into,  # their result is a fresh tensor or their own operand
+    # the in-place forms: their result is a fresh tensor or their own (owned) operand
+    add_into, add_into_second, sub_into, mul_into, mul_into_second, div_into,
 } | {op for op in INPLACE if not isinstance(op, str)}
 _FRESH_METHODS = {op for op in INPLACE if isinstance(op, str)}
 

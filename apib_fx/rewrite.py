@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, fx, nn
 
-from .graph import ChannelGraph
+from .graph import ChannelGraph, stored_tensors
 from .rules import KeepView, rule_for
 
 
@@ -38,8 +38,7 @@ def _sliced_copies(graph: ChannelGraph, keep_ids: Tensor) -> dict[int, Tensor]:
     Handed to ``deepcopy`` as its memo, so the copy of the model gets the pruned tensors in place
     of the originals: they are never copied whole first (half the peak memory of a rewrite), and
     a tensor shared by several modules stays shared."""
-    tensors = dict(graph.module.named_parameters(remove_duplicate=False))
-    tensors.update(graph.module.named_buffers(remove_duplicate=False))
+    tensors = stored_tensors(graph.module)
     indices: dict[str, list[tuple[int, Tensor]]] = {}
     for param, dim in graph.sliced_params():
         index = graph.positions_kept(param, dim, keep_ids)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .flops import MAC_TARGETS, _MacCounter, unfused_attention
-from .graph import ChannelGraph
+from .graph import ChannelGraph, stored_tensors
 from .labels import LabelSpace, compress, flatten_values, is_labels, unlabeled
 from .rules import DEFAULT_LEAF_MODULES, RuleContext, batch_norm_of, module_rule, opaque, rule_for
 
@@ -108,7 +108,8 @@ def symbolic_trace(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.Gr
             f"can be kept opaque with leaf_modules=(...)."
         ) from e
     name = type(model).__name__
-    return fx.GraphModule(tracer.root, positional_inputs(module_batch_norms(graph, tracer.root), tracer.root), name)
+    graph = positional_inputs(module_batch_norms(graph, tracer.root), tracer.root)
+    return fx.GraphModule(tracer.root, graph, name)
 
 
 def positional_inputs(graph: fx.Graph, root: nn.Module) -> fx.Graph:
@@ -213,19 +214,8 @@ class ShapeAndMacsProp(fx.Interpreter):
             out = super().run_node(n)
         if isinstance(out, Tensor):
             n.meta["tensor_meta"] = _tensor_meta(out)
-        elif isinstance(out, (tuple, list, dict)):
-            found = False
-
-            def meta(v: Any) -> Any:
-                nonlocal found
-                if isinstance(v, Tensor):
-                    found = True
-                    return _tensor_meta(v)
-                return v
-
-            value = map_aggregate(out, meta)
-            if found:
-                n.meta["tensor_meta"] = value
+        elif any(isinstance(v, Tensor) for v in flatten_values(out)):
+            n.meta["tensor_meta"] = map_aggregate(out, lambda v: _tensor_meta(v) if isinstance(v, Tensor) else v)
         n.meta["type"] = type(out)
         return out
 
@@ -302,26 +292,26 @@ def _stored(value: Any) -> Any:
     return None
 
 
-def tensor_aliases(module: nn.Module) -> dict[str, str]:
-    """Names of tied parameters and buffers -> the name ``named_parameters()`` reports for them."""
+def tensor_aliases(tensors: Mapping[str, Tensor]) -> dict[str, str]:
+    """Names of tied parameters and buffers (``tensors``: :func:`~apib_fx.graph.stored_tensors`)
+    -> the name ``named_parameters()`` reports for them."""
     first: dict[int, str] = {}
     aliases = {}
-    for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+    for name, t in tensors.items():
         canonical = first.setdefault(id(t), name)
         if canonical != name:
             aliases[name] = canonical
     return aliases
 
 
-def block_computed_weights(module: nn.Module, space: LabelSpace) -> None:
+def block_computed_weights(tensors: Mapping[str, Tensor], space: LabelSpace) -> None:
     """Channels of a layer whose weight is computed from other tensors (weight_norm,
     spectral_norm or another parametrization; an old-style weight_norm hook) stay whole: slicing
     the tensors it is computed from would not slice the weight exactly (a norm over the input
-    channels changes), and there is no parameter of that name to slice."""
-    stored = {n for n, _ in module.named_parameters(remove_duplicate=False)}
-    stored.update(n for n, _ in module.named_buffers(remove_duplicate=False))
+    channels changes), and there is no parameter of that name to slice. ``tensors``: the
+    module's :func:`~apib_fx.graph.stored_tensors`."""
     for (name, _), binding in space.bindings.items():
-        if binding.role != "axis" and name not in stored:
+        if binding.role != "axis" and name not in tensors:
             space.block(binding.labels, f"'{name}' is computed from other tensors (a parametrization such "
                         "as weight_norm or spectral_norm): remove it (torch.nn.utils.parametrize."
                         "remove_parametrizations) to prune these channels")
@@ -350,8 +340,9 @@ def trace(model: nn.Module, example_inputs: Inputs, *, leaf_modules: Sequence[ty
             raise InputShapeError(
                 f"the model does not run on example inputs of shape {shapes}: {first}"
             ) from e
-    space = LabelSpace(aliases=tensor_aliases(gm))
+    tensors = stored_tensors(gm)
+    space = LabelSpace(aliases=tensor_aliases(tensors))
     prop = ChannelPropagation(gm, space)
     prop.run(*(unlabeled(t.shape) for t in inputs))
-    block_computed_weights(gm, space)
+    block_computed_weights(tensors, space)
     return ChannelGraph(gm, space, prop.node_labels, inputs)
