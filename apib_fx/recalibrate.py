@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._malloc import keep_freed_memory
 from .inplace import inplace_arithmetic
 
 
@@ -42,7 +43,7 @@ def recalibrate_bn(
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the batches, not an EMA
             m.train()
-        with torch.no_grad():
+        with torch.no_grad(), keep_freed_memory(torch.device(device).type == "cpu"):
             for b in batches:
                 if b.shape[0] < 2:
                     continue  # one sample has no batch variance
