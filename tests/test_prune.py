@@ -1,5 +1,6 @@
 """apib_fx.prune: FLOPs targets met exactly, APIB's choices, bad input, progress and reports."""
 import copy
+import gc
 
 import pytest
 import torch
@@ -175,6 +176,19 @@ def test_unreachable_target_states_largest_reduction():
     model = M.LeNet()
     with pytest.raises(apib_fx.UnreachableTarget, match=r"largest reachable reduction is 0\.\d+"):
         apib_fx.prune(model, 0.99, torch.randn(8, 3, 32, 32), min_channels=4, progress=False)
+    assert gc.isenabled()  # garbage collection is paused while pruning, and back after an error
+
+
+def test_garbage_collection_state_is_the_callers():
+    x = torch.randn(8, 3, 32, 32)
+    apib_fx.prune(M.LeNet(), 0.3, x, progress=False)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        apib_fx.prune(M.LeNet(), 0.3, x, progress=False)
+        assert not gc.isenabled()  # a caller that switched it off keeps it off
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize(
