@@ -276,6 +276,9 @@ def test_triangle_kernels_match_full_matrices(kind, B):
     assert float(got[2].abs().max()) == 0.0
     got32 = _unit_centred_vectors(x.float(), kind)
     assert float((got32 - want).abs().max()) < 1e-4
+    # Every matrix offset (an output kernel): recomputed without gathering.
+    alone = _unit_centred_vectors(x[1:2].float(), kind)
+    assert float((alone[0] - want[1]).abs().max()) < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------
