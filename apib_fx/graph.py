@@ -147,14 +147,8 @@ class ChannelGraph:
         self.id_class = rep_class[rep]
         class_lists = sizes.tolist()
 
-        blocked: dict[int, str] = {}
-        for b_ids, reason in space.blocked:
-            for g in self.id_group[b_ids].unique().tolist():
-                blocked.setdefault(g, reason)
-        mixed: dict[int, str] = {}
-        for m_ids, reason in space.mixed:
-            for g in self.id_group[m_ids].unique().tolist():
-                mixed.setdefault(g, reason)
+        blocked = self._first_reasons(space.blocked, n_groups)
+        mixed = self._first_reasons(space.mixed, n_groups)
 
         # Members: one per (binding, group) pair, positions ascending within it.
         groups = self.id_group[ids]
@@ -187,6 +181,18 @@ class ChannelGraph:
             )
             for gi, size in enumerate(class_lists)
         ]
+
+    def _first_reasons(self, entries: list[tuple[Tensor, str]], n_groups: int) -> dict[int, str]:
+        """Group -> the reason of the first entry (ids, reason) that touches it."""
+        if not entries:
+            return {}
+        ids = torch.cat([e[0] for e in entries])
+        which = torch.repeat_interleave(torch.arange(len(entries)),
+                                        torch.tensor([e[0].numel() for e in entries], dtype=torch.long))
+        first = torch.full((n_groups,), len(entries), dtype=torch.long)
+        first.scatter_reduce_(0, self.id_group[ids], which, "amin")
+        hit = torch.nonzero(first < len(entries)).flatten()
+        return {g: entries[e][1] for g, e in zip(hit.tolist(), first[hit].tolist())}
 
     # -- keep -> per-id mask ----------------------------------------------------------------
     def keep_ids(self, keep: Mapping[int, Any]) -> Tensor:
@@ -225,15 +231,21 @@ class ChannelGraph:
         self._A = np.zeros((width, len(terms), G), dtype=np.float64)
         self._b = np.ones((width, len(terms)), dtype=np.float64)
         channels = np.array([g.channels for g in self.groups], dtype=np.float64)
-        for ti, term in enumerate(terms):
-            for k, key in enumerate(term.dims):
-                labels = self._bindings[key].labels
-                on = labels != NONE
-                self._b[k, ti] = float((~on).sum())
-                if bool(on.any()):
-                    groups, counts = torch.unique(self.id_group[labels[on]], return_counts=True)
-                    for g, c in zip(groups.tolist(), counts.tolist()):
-                        self._A[k, ti, g] = c / channels[g]
+        # Every (term, dim) slot's labels in one flat array: positions that carry no channel add
+        # to the constant, the others count per group (vectorised: no loop over the slots' ids).
+        slots = [(ti, k, self._bindings[key].labels.reshape(-1))
+                 for ti, term in enumerate(terms) for k, key in enumerate(term.dims)]
+        if slots:
+            term_of = np.array([t for t, _, _ in slots], dtype=np.int64)
+            dim_of = np.array([k for _, k, _ in slots], dtype=np.int64)
+            labels = torch.cat([lab for _, _, lab in slots])
+            slot = torch.repeat_interleave(torch.arange(len(slots)),
+                                           torch.tensor([lab.numel() for _, _, lab in slots], dtype=torch.long))
+            on = labels != NONE
+            self._b[dim_of, term_of] = torch.bincount(slot[~on], minlength=len(slots)).double().numpy()
+            pairs, counts = torch.unique(slot[on] * max(1, G) + self.id_group[labels[on]], return_counts=True)
+            s_idx, g_idx = (pairs // max(1, G)).numpy(), (pairs % max(1, G)).numpy()
+            self._A[dim_of[s_idx], term_of[s_idx], g_idx] = counts.double().numpy() / channels[g_idx]
         self._full = channels
 
     def channel_vector(self, channels: Optional[Mapping[int, int]] = None) -> np.ndarray:
