@@ -133,6 +133,11 @@ def prune(
     ``workers``: processes that solve APIB's Lasso paths (default: the CPU cores available, at
     most 8; 1 solves them in this process). Results do not depend on it.
 
+    On Linux with glibc, CPU calibration forwards (and the BatchNorm re-estimation) run with
+    freed memory kept for reuse instead of being faulted in anew per batch (process-wide while
+    they run; ``APIB_FX_KEEP_FREED_MEMORY=0`` turns it off). Python's cyclic garbage collector
+    is paused for the call.
+
     Returns a new ``torch.fx.GraphModule``; ``model`` is untouched. ``result.apib_report`` is a
     :class:`PruneReport`.
     """
