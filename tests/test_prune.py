@@ -310,6 +310,47 @@ def test_recalibrate_bn_sets_batch_statistics():
         apib_fx.recalibrate_bn(model, [torch.randn(1, 3, 10, 10)])
 
 
+@pytest.mark.parametrize("model_fn,passes", [(lambda: zoo_model("resnet18", num_classes=10), [True]),
+                                             (M.LeNet, [True, False])])
+def test_recalibrate_bn_runs_channels_last_and_restores_the_layout(model_fn, passes, monkeypatch):
+    """On the CPU the statistics come from a channels-last pass (faster with oneDNN); a model
+    that views its maps as contiguous (LeNet's x.view(-1, 16*5*5)) falls back to its own
+    layout. Either way: the same statistics as a plain training-mode pass, and every parameter
+    is the same tensor, in the same layout, afterwards."""
+    from apib_fx import recalibrate
+
+    torch.manual_seed(0)
+    model = model_fn()
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        model = nn.Sequential(nn.BatchNorm2d(3), model)
+    size = 32
+    batches = list(torch.randn(3, 8, 3, size, size).unbind(0))
+    ref = copy.deepcopy(model)
+    ref.train()
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+        elif isinstance(m, nn.Dropout):
+            m.eval()
+    with torch.no_grad():
+        for b in batches:
+            ref(b)
+    params = {k: (v, v.data_ptr(), v.stride()) for k, v in model.named_parameters()}
+    layouts = []
+    real = recalibrate._collect
+    monkeypatch.setattr(recalibrate, "_collect",
+                        lambda *a, channels_last: layouts.append(channels_last) or real(*a, channels_last=channels_last))
+    assert apib_fx.recalibrate_bn(model, batches) > 0
+    assert layouts == passes
+    for k, v in model.named_parameters():
+        t, ptr, stride = params[k]
+        assert v is t and v.data_ptr() == ptr and v.stride() == stride, k
+    for (k, v), (_, w) in zip(model.named_buffers(), ref.named_buffers()):
+        if "running" in k:
+            torch.testing.assert_close(v, w, rtol=1e-4, atol=1e-5)
+
+
 def test_prune_recalibrates_on_real_data_only():
     model = zoo_model("resnet18", num_classes=10)
     x = _data()
