@@ -82,6 +82,14 @@ class ChannelGroup:
         return f"ChannelGroup({self.index}, {self.name}, channels={self.channels}, {state})"
 
 
+def _concat_tagged(parts: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The parts flattened into one array, which part each entry came from, and the parts'
+    lengths: lets a loop over many small tensors become a few vectorised ops."""
+    lengths = torch.tensor([p.numel() for p in parts], dtype=torch.long)
+    flat = torch.cat([p.reshape(-1) for p in parts]) if parts else torch.zeros(0, dtype=torch.long)
+    return flat, torch.repeat_interleave(torch.arange(len(parts)), lengths), lengths
+
+
 class ChannelGraph:
     """Channel groups of a traced model, plus what :func:`apib_fx.apply` and the FLOPs model need.
 
@@ -110,10 +118,7 @@ class ChannelGraph:
         # All bindings' labelled positions in one flat array (binding k, position, channel id), so
         # the grouping below is a handful of vectorised ops whatever the number of layers.
         bindings = list(self._bindings.values())
-        flat = [b.labels.reshape(-1) for b in bindings]
-        lengths = torch.tensor([f.numel() for f in flat], dtype=torch.long)
-        ids = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.long)
-        which = torch.repeat_interleave(torch.arange(len(flat)), lengths)
+        ids, which, lengths = _concat_tagged([b.labels for b in bindings])
         pos = torch.arange(ids.numel()) - (torch.cumsum(lengths, 0) - lengths)[which]
         on = ids != NONE
         ids, which, pos = ids[on], which[on], pos[on]
@@ -121,7 +126,7 @@ class ChannelGraph:
         # Signature of a class: which bound dims it appears in, and how many times. Classes with
         # equal signatures form one group. Hash (dim key, count) pairs into a 63-bit sum.
         gen = torch.Generator().manual_seed(0)
-        salt = torch.randint(1, 2**62, (len(flat), 2), generator=gen)
+        salt = torch.randint(1, 2**62, (len(bindings), 2), generator=gen)
         pair, counts = torch.unique(which * n + rep[ids], return_counts=True)
         k_of_pair, class_of_pair = pair // n, pair % n
         sig = torch.zeros(n, dtype=torch.long)
@@ -186,9 +191,7 @@ class ChannelGraph:
         """Group -> the reason of the first entry (ids, reason) that touches it."""
         if not entries:
             return {}
-        ids = torch.cat([e[0] for e in entries])
-        which = torch.repeat_interleave(torch.arange(len(entries)),
-                                        torch.tensor([e[0].numel() for e in entries], dtype=torch.long))
+        ids, which, _ = _concat_tagged([e[0] for e in entries])
         first = torch.full((n_groups,), len(entries), dtype=torch.long)
         first.scatter_reduce_(0, self.id_group[ids], which, "amin")
         hit = torch.nonzero(first < len(entries)).flatten()
@@ -233,18 +236,17 @@ class ChannelGraph:
         channels = np.array([g.channels for g in self.groups], dtype=np.float64)
         # Every (term, dim) slot's labels in one flat array: positions that carry no channel add
         # to the constant, the others count per group (vectorised: no loop over the slots' ids).
-        slots = [(ti, k, self._bindings[key].labels.reshape(-1))
+        slots = [(ti, k, self._bindings[key].labels)
                  for ti, term in enumerate(terms) for k, key in enumerate(term.dims)]
         if slots:
             term_of = np.array([t for t, _, _ in slots], dtype=np.int64)
             dim_of = np.array([k for _, k, _ in slots], dtype=np.int64)
-            labels = torch.cat([lab for _, _, lab in slots])
-            slot = torch.repeat_interleave(torch.arange(len(slots)),
-                                           torch.tensor([lab.numel() for _, _, lab in slots], dtype=torch.long))
+            labels, slot, _ = _concat_tagged([lab for _, _, lab in slots])
             on = labels != NONE
             self._b[dim_of, term_of] = torch.bincount(slot[~on], minlength=len(slots)).double().numpy()
-            pairs, counts = torch.unique(slot[on] * max(1, G) + self.id_group[labels[on]], return_counts=True)
-            s_idx, g_idx = (pairs // max(1, G)).numpy(), (pairs % max(1, G)).numpy()
+            stride = max(1, G)
+            pairs, counts = torch.unique(slot[on] * stride + self.id_group[labels[on]], return_counts=True)
+            s_idx, g_idx = (pairs // stride).numpy(), (pairs % stride).numpy()
             self._A[dim_of[s_idx], term_of[s_idx], g_idx] = counts.double().numpy() / channels[g_idx]
         self._full = channels
 
