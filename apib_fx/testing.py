@@ -47,12 +47,14 @@ def zeroed_reference(model: nn.Module, graph: ChannelGraph, keep: dict[int, Tens
             removed = torch.nonzero(removed).flatten()
             for m in group.members:
                 if m.role == "in" and m.param in params:
-                    params[m.param].index_fill_(m.dim, m.index(removed), 0.0)
+                    p = params[m.param]
+                    p.index_fill_(m.dim, m.index(removed).to(p.device), 0.0)
     if masks:
         nodes = {n.name: n for n in ref.graph.nodes}
+        device = next((t.device for t in ref.parameters()), torch.device("cpu"))
         for i, (name, mask) in enumerate(masks.items()):
             node = nodes[name]
-            ref.register_buffer(f"_zeroed_mask{i}", mask)
+            ref.register_buffer(f"_zeroed_mask{i}", mask.to(device))
             with ref.graph.inserting_before(node):
                 m = ref.graph.get_attr(f"_zeroed_mask{i}")
                 masked = ref.graph.call_function(torch.mul, (node.args[0], m))
