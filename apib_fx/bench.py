@@ -2,6 +2,7 @@
 (the FLOPs ratio). Unavailable backends are reported as skipped, with the reason."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pathlib
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from ._atomic import atomic_path, write_text
 from .trace import Inputs, as_inputs, eval_mode
 
-BACKENDS = ("torch", "ort-cpu", "ort-cuda")
+BACKENDS = ("torch", "torch-cuda", "ort-cpu", "ort-cuda")
 ModelLike = Union[nn.Module, str, pathlib.Path]
 
 
@@ -87,6 +88,12 @@ def _timed(fn: Any, warmup: int, iters: int) -> list[float]:
         fn()
         out.append((time.perf_counter() - t) * 1000.0)
     return out
+
+
+def _on(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` if it is on ``device``, else a copy there (the caller's module stays where it is)."""
+    here = next((t.device for t in module.parameters()), None) or next((t.device for t in module.buffers()), device)
+    return module if here.type == device.type else copy.deepcopy(module).to(device)
 
 
 def _ort_session(path: str, provider: str, threads: int) -> Any:
@@ -163,9 +170,25 @@ def benchmark(
                         raise LookupError("an ONNX file has no PyTorch module to run")
                     row["device"] = f"cpu: {cpu_name()}"
                     torch.set_num_threads(threads)
-                    module = meta["module"]
+                    module = _on(meta["module"], torch.device("cpu"))
                     with eval_mode(module), torch.no_grad():
                         times = _timed(lambda: module(xb), warmup, iters)
+                elif backend == "torch-cuda":
+                    if meta["module"] is None:
+                        raise LookupError("an ONNX file has no PyTorch module to run")
+                    if not torch.cuda.is_available():
+                        raise LookupError("no CUDA device on this machine")
+                    row["device"] = f"cuda: {torch.cuda.get_device_name()}"
+                    module, xg = _on(meta["module"], torch.device("cuda")), xb.cuda()
+
+                    def step() -> None:
+                        module(xg)
+                        torch.cuda.synchronize()  # kernels run asynchronously: time them, not their launch
+
+                    # cuDNN picks its fastest algorithm per shape during the warm-up, as a deployment would.
+                    with eval_mode(module), torch.no_grad(), torch.backends.cudnn.flags(enabled=True, benchmark=True):
+                        times = _timed(step, max(warmup, 3), iters)
+                    del module, xg
                 else:
                     provider = "CPUExecutionProvider" if backend == "ort-cpu" else "CUDAExecutionProvider"
                     if provider not in providers:

@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="repeatable; the first is the baseline: torchvision:NAME, cifar:NAME, .apibfx or .onnx")
     be.add_argument("--input-shape", default=None, help="C,H,W")
     be.add_argument("--batch-sizes", default="1,32")
-    be.add_argument("--backends", default="torch,ort-cpu,ort-cuda")
+    be.add_argument("--backends", default="torch,torch-cuda,ort-cpu,ort-cuda")
     be.add_argument("--warmup", type=int, default=5)
     be.add_argument("--iters", type=int, default=20)
     be.add_argument("--threads", type=int, default=None)

@@ -1,5 +1,6 @@
-"""Latency of a torchvision model unpruned vs APIB-pruned: ONNX Runtime CPU (and CUDA where a GPU is
-present), batch 1 and 32, with the speedup next to the ideal one (the FLOPs ratio).
+"""Latency of a torchvision model unpruned vs APIB-pruned: ONNX Runtime on the CPU, and ONNX Runtime
+and PyTorch on CUDA where a GPU is present, batch 1 and 32, with the speedup next to the ideal one
+(the FLOPs ratio).
 
     python benchmarks/latency.py [--model resnet50] [--flops-target 0.48] [--round-to 16]
 """
@@ -23,7 +24,7 @@ def main() -> None:
     ap.add_argument("--round-to", default="none,16", help="comma list; 'none' keeps exact widths")
     ap.add_argument("--num-calib", type=int, default=32)
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--backends", default="ort-cpu,ort-cuda")
+    ap.add_argument("--backends", default="ort-cpu,ort-cuda,torch-cuda")
     ap.add_argument("--out", default="benchmarks/results/latency.md")
     args = ap.parse_args()
     model = zoo_model(args.model)
@@ -43,7 +44,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"{args.model} at {args.size}x{args.size}, random weights, APIB on {args.num_calib} Gaussian "
-                   f"calibration images, median of {args.iters} runs.\n\n{table}\n")
+                   f"calibration images, median of {args.iters} runs, torch {torch.__version__}.\n\n{table}\n")
     print(f"written {out}")
 
 

@@ -139,7 +139,7 @@ def test_benchmark_rows(tmp_path):
     onnx_file = export_onnx(pruned, tmp_path / "p.onnx", x)
     rows = benchmark({"base": model, "pruned": pruned, "pruned_onnx": onnx_file}, x, batch_sizes=(1, 2),
                      warmup=1, iters=2, progress=False)
-    assert len(rows) == 3 * 3 * 2
+    assert len(rows) == 3 * 4 * 2
     keys = {"model", "backend", "device", "batch", "threads", "flops", "params", "status", "reason", "ideal_speedup"}
     assert all(keys <= set(r) for r in rows)
     ok = [r for r in rows if r["status"] == "ok"]
@@ -151,8 +151,9 @@ def test_benchmark_rows(tmp_path):
     torch_onnx = [r for r in rows if r["model"] == "pruned_onnx" and r["backend"] == "torch"]
     assert all(r["status"] == "skipped" and "ONNX" in r["reason"] for r in torch_onnx)
     if not torch.cuda.is_available():
-        cuda = [r for r in rows if r["backend"] == "ort-cuda"]
-        assert cuda and all(r["status"] == "skipped" and r["reason"] for r in cuda)
+        cuda = [r for r in rows if r["backend"] in ("ort-cuda", "torch-cuda")]
+        assert {r["backend"] for r in cuda} == {"ort-cuda", "torch-cuda"}
+        assert all(r["status"] == "skipped" and r["reason"] for r in cuda)
     save_results(rows, tmp_path / "b.json")
     save_results(rows, tmp_path / "b.md")
     assert len(json.loads((tmp_path / "b.json").read_text())) == len(rows)
