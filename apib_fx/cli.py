@@ -85,7 +85,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         model, args.flops_target, calib, example_inputs=example, method=args.method,
         kernel=args.kernel, min_channels=args.min_channels, num_calib=args.num_calib,
         batch_size=args.batch_size, round_to=args.round_to, progress=not args.quiet, seed=args.seed,
-        workers=args.workers,
+        workers=args.workers, device=args.device,
     )
     report = pruned.apib_report
     out = Path(args.out).expanduser()
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--num-classes", type=int, default=None, help="classifier outputs of a built-in model")
     pr.add_argument("--input-shape", default=None, help="C,H,W (default: the model's usual input)")
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--device", default=None,
+                    help="where calibration runs: cpu, cuda or cuda:N (default: cpu, where the model is loaded)")
     pr.add_argument("--workers", type=int, default=None,
                     help="processes for APIB's Lasso paths (default: the CPU cores, at most 8)")
     pr.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")

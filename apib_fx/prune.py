@@ -100,6 +100,23 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _run_device(device: Union[str, torch.device, None], model_device: torch.device) -> torch.device:
+    """Where calibration runs: ``device`` checked up front (before any work), else the model's."""
+    if device is None:
+        return model_device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must name a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} but no CUDA device is available here: "
+                             "use device='cpu', or leave it None to calibrate where the model is")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={str(device)!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def prune(
     model: nn.Module,
     flops_target: float = 0.48,
@@ -127,7 +144,8 @@ def prune(
     kernel batches of ``batch_size``. None: synthetic inputs shaped like ``example_inputs``.
     ``method``: "apib" (default), "l1", "fpgm", "random". ``kernel``: "laplace", "gaussian",
     "linear". ``min_channels``: fewest channels any group keeps (ω). ``round_to``: kept widths are
-    multiples of it (or whole). ``device``: where calibration runs (default: the model's device).
+    multiples of it (or whole; 8 or 16 suit GPUs). ``device``: where calibration runs (default: the
+    model's device); the returned model is on the input model's device.
     ``recalibrate``: when ``calib_data`` is given, re-estimate the pruned model's BatchNorm
     statistics on it (:func:`apib_fx.recalibrate_bn`); no effect on synthetic data.
     ``workers``: processes that solve APIB's Lasso paths (default: the CPU cores available, at
@@ -163,7 +181,7 @@ def prune(
         raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
 
     model_device = _model_device(model)
-    run_device = torch.device(device) if device is not None else model_device
+    run_device = _run_device(device, model_device)
     if example_inputs is not None:
         example_inputs = as_inputs(example_inputs)[0]
     needs_data = method == "apib"

@@ -61,6 +61,7 @@ def test_prune_writes_everything(tmp_path):
         (["prune", "--model", "cifar:resnet20", "--calib", "cifar10:/no/such/dir", "--out", "x"], "does not exist"),
         (["prune", "--model", "cifar:resnet20", "--calib", "webcam", "--out", "x"], "unknown --calib"),
         (["prune", "--model", "cifar:resnet20", "--workers", "0", "--out", "x"], "workers must be"),
+        (["prune", "--model", "cifar:resnet20", "--device", "gpu0", "--out", "x"], "torch device"),
     ],
 )
 def test_bad_arguments_one_line(args, words, tmp_path):

@@ -5,6 +5,7 @@ torch-cuda latency backend. Skipped where no GPU is present (CI); run them on a 
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -121,3 +122,15 @@ def test_torch_cuda_latency_backend():
     assert len(rows) == 4
     assert all(r["status"] == "ok" and r["device"].startswith("cuda:") and r["median_ms"] > 0 for r in rows)
     assert all(t.device.type == "cpu" for t in model.parameters())  # timed on a copy
+
+
+def test_cli_calibrates_on_the_gpu(tmp_path):
+    from apib_fx.cli import main
+
+    rc = main(["prune", "--model", "torchvision:resnet18", "--input-shape", f"3,{SIZE},{SIZE}", "--num-calib", "32",
+               "--batch-size", "16", "--device", "cuda", "--no-onnx", "--quiet", "--out", str(tmp_path)])
+    assert rc == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert abs(report["flops_reduction"] - 0.48) <= 0.005
+    pruned = apib_fx.load(tmp_path / "model.apibfx")
+    assert report["flops_after"] == apib_fx.count_flops(pruned, torch.randn(1, 3, SIZE, SIZE))

@@ -210,6 +210,15 @@ def test_bad_calibration_data(data, words):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("device,words", [("gpu0", "torch device"), ("cuda:99", "CUDA device")])
+def test_bad_device_is_refused_before_any_work(device, words):
+    model = M.LeNet()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=words):
+        apib_fx.prune(model, 0.3, torch.randn(8, 3, 32, 32), device=device, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_unknown_input_shape_asks_for_example_inputs():
     with pytest.raises(CalibrationError, match="example_inputs"):
         apib_fx.prune(M.LeNet(), 0.3, progress=False)
