@@ -156,6 +156,11 @@ class Rule:
     # their inner widths get rules): ``expand(module, args, kwargs)`` returns the outputs computed
     # on the tracer's proxies, or None to keep this call one node (then ``propagate`` applies).
     expand: Optional[Callable[[nn.Module, tuple, dict], Any]] = None
+    # For modules: ``shape(module, x)`` is the output shape of ``module(x)`` from the input alone,
+    # so the shape pass need not run the layer (most of a trace's time); None when unsure (odd
+    # input, hooks, a setting the formula does not cover): the layer then runs, and raises its own
+    # error if the input does not fit.
+    shape: Optional[Callable[[nn.Module, Tensor], Optional[tuple[int, ...]]]] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,6 +356,14 @@ def getitem(ctx: RuleContext, x: Any, index: Any) -> Any:
         return x[index] if not isinstance(x, Tensor) else unlabeled(ctx.out_shape)
     # Integer, strided or tensor indexing along a channel axis picks channels the graph hard-codes.
     items = index if isinstance(index, tuple) else (index,)
+    masks = [it for it in items if isinstance(it, Tensor) and (is_labels(it) or it.dtype == torch.bool)]
+    if masks:
+        # A mask or index computed by the model (x[x > 0]) selects by value: which elements, and
+        # how many, depend on every channel it reads.
+        for t in [x, *masks]:
+            if is_labels(t):
+                ctx.space.block(t, f"selected by a computed index or mask ({ctx.op_name})")
+        return unlabeled(ctx.out_shape)
     varying = set(varying_axes(x))
     for i, axis in _index_axes(index, x.dim()):
         item = items[i]
@@ -1050,9 +1063,90 @@ def resize_layer_norm(node: fx.Node, m: nn.Module, keep: KeepView) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Output shapes of common layers, without running them (Rule.shape)
+
+
+def _fits(m: nn.Module, x: Tensor, like: Optional[Tensor]) -> bool:
+    """An input the layer takes as it is: a float tensor of its parameters' dtype and device."""
+    return (isinstance(x, Tensor) and x.is_floating_point()
+            and (like is None or (x.dtype == like.dtype and x.device == like.device)))
+
+
+def _window_out(size: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
+    """Output length of a conv or pooling window (torch's formula, ceil_mode's last-window rule)."""
+    span = size + 2 * p - d * (k - 1) - 1
+    out = (-(-span // s) if ceil else span // s) + 1
+    if ceil and (out - 1) * s >= size + p:
+        out -= 1  # the last window would start in the right padding
+    return out
+
+
+def conv_shape(m: nn.Module, x: Tensor) -> Optional[tuple[int, ...]]:
+    nd = len(m.kernel_size)
+    if (m.transposed or m.padding_mode != "zeros" or x.dim() not in (nd + 1, nd + 2)
+            or x.shape[-nd - 1] != m.in_channels or not _fits(m, x, m.weight)):
+        return None
+    size = x.shape[-nd:]
+    if m.padding == "same":
+        out = list(size)
+    else:
+        pad = (0,) * nd if m.padding == "valid" else m.padding
+        out = [_window_out(n, k, st, p, d, False)
+               for n, k, st, p, d in zip(size, m.kernel_size, m.stride, pad, m.dilation)]
+    return None if min(out) < 1 else (*x.shape[:-nd - 1], m.out_channels, *out)
+
+
+def linear_shape(m: nn.Module, x: Tensor) -> Optional[tuple[int, ...]]:
+    if x.dim() < 1 or x.shape[-1] != m.in_features or not _fits(m, x, m.weight):
+        return None
+    return (*x.shape[:-1], m.out_features)
+
+
+def batch_norm_shape(m: nn.Module, x: Tensor) -> Optional[tuple[int, ...]]:
+    try:
+        m._check_input_dim(x)
+    except ValueError:
+        return None
+    like = m.weight if m.affine else m.running_mean
+    if m.training or x.shape[1] != m.num_features or not _fits(m, x, like):
+        return None
+    return tuple(x.shape)
+
+
+def elementwise_shape(m: nn.Module, x: Tensor) -> Optional[tuple[int, ...]]:
+    return tuple(x.shape) if _fits(m, x, None) else None
+
+
+_POOL_DIMS = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
+}
+
+
+def pool_shape(m: nn.Module, x: Tensor) -> Optional[tuple[int, ...]]:
+    nd = _POOL_DIMS.get(type(m))
+    if nd is None or x.dim() not in (nd + 1, nd + 2) or not _fits(m, x, None) or getattr(m, "return_indices", False):
+        return None
+    lead, size = tuple(x.shape[:-nd]), x.shape[-nd:]
+    if hasattr(m, "output_size"):  # adaptive: None keeps the input's size
+        want = m.output_size if isinstance(m.output_size, (tuple, list)) else (m.output_size,) * nd
+        return (*lead, *(n if o is None else o for n, o in zip(size, want)))
+    tup = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd  # noqa: E731
+    k, st, p = tup(m.kernel_size), tup(m.stride if m.stride is not None else m.kernel_size), tup(m.padding)
+    d = tup(getattr(m, "dilation", 1))
+    if len(k) != nd or any(2 * pi > ki for pi, ki in zip(p, k)):
+        return None  # torch refuses padding over half the window: let it say so
+    out = [_window_out(n, ki, si, pi, di, m.ceil_mode) for n, ki, si, pi, di in zip(size, k, st, p, d)]
+    return None if min(out) < 1 else (*lead, *out)
+
+
+# --------------------------------------------------------------------------------------------
 # The table
 
 PASS = Rule(passthrough)
+PASS_MODULE = Rule(passthrough, shape=elementwise_shape)  # activations, dropout, identity
+POOL = Rule(spatial, shape=pool_shape)
 SHAPE = Rule(relabel)
 CAT = Rule(concat)
 RESHAPE = Rule(reshape, rewrite_shape_args)
@@ -1101,10 +1195,10 @@ _BINARY = (
 
 RULES: dict[Any, Rule] = {
     # producers
-    nn.Conv1d: Rule(conv, resize_conv, input_axis=1),
-    nn.Conv2d: Rule(conv, resize_conv, input_axis=1),
-    nn.Conv3d: Rule(conv, resize_conv, input_axis=1),
-    nn.Linear: Rule(linear, resize_linear, input_axis=-1),
+    nn.Conv1d: Rule(conv, resize_conv, input_axis=1, shape=conv_shape),
+    nn.Conv2d: Rule(conv, resize_conv, input_axis=1, shape=conv_shape),
+    nn.Conv3d: Rule(conv, resize_conv, input_axis=1, shape=conv_shape),
+    nn.Linear: Rule(linear, resize_linear, input_axis=-1, shape=linear_shape),
     F.linear: Rule(linear_fn, input_axis=-1),
     nn.Embedding: Rule(embedding, resize_embedding),
     F.embedding: Rule(embedding_fn),
@@ -1119,11 +1213,11 @@ RULES: dict[Any, Rule] = {
     nn.TransformerEncoder: Rule(_UNMASKED_ONLY, expand=attention.write_out_encoder),
     # per-channel state
     nn.BatchNorm1d: Rule(channel_affine("weight", "bias", "running_mean", "running_var"),
-                         resize_channels("num_features")),
+                         resize_channels("num_features"), shape=batch_norm_shape),
     nn.BatchNorm2d: Rule(channel_affine("weight", "bias", "running_mean", "running_var"),
-                         resize_channels("num_features")),
+                         resize_channels("num_features"), shape=batch_norm_shape),
     nn.BatchNorm3d: Rule(channel_affine("weight", "bias", "running_mean", "running_var"),
-                         resize_channels("num_features")),
+                         resize_channels("num_features"), shape=batch_norm_shape),
     nn.InstanceNorm2d: Rule(channel_affine("weight", "bias", "running_mean", "running_var"),
                             resize_channels("num_features")),
     nn.PReLU: Rule(channel_affine("weight"), resize_channels("num_parameters", ("weight",))),
@@ -1163,8 +1257,8 @@ RULES: dict[Any, Rule] = {
     F.scaled_dot_product_attention: SDPA,
     torch.matmul: MATMUL, operator.matmul: MATMUL, "matmul": MATMUL, torch.bmm: MATMUL, "bmm": MATMUL,
 }
-RULES.update({m: PASS for m in _ACTIVATIONS})
-RULES.update({m: SPATIAL for m in _POOLS})
+RULES.update({m: PASS_MODULE for m in _ACTIVATIONS})
+RULES.update({m: POOL if m in _POOL_DIMS else SPATIAL for m in _POOLS})
 RULES.update({f: PASS for f in _UNARY_FUNCTIONS})
 RULES.update({f: PASS for f in _UNARY_METHODS})
 RULES.update({f: BROADCAST for f in _BINARY})

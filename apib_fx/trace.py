@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import operator
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
@@ -195,6 +196,10 @@ def _tensor_meta(t: Tensor) -> TensorMetadata:
     return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), None, False, {})
 
 
+class _NeedsValues(Exception):
+    """A node's output depends on values the formula pass did not compute."""
+
+
 class ShapeAndMacsProp(fx.Interpreter):
     """Shape propagation (``node.meta["tensor_meta"]``, ``"type"``, as torch.fx's ``ShapeProp``
     records them, memory format left None) that also records the multiply-accumulates
@@ -202,25 +207,72 @@ class ShapeAndMacsProp(fx.Interpreter):
     without a rule (a leaf module, a wrapped attention function) and matrix products, counted by
     :func:`apib_fx.count_flops`'s interceptor. Their inputs' channels are kept whole, so the FLOPs
     model takes them as a constant the pruning cannot change. Other nodes run uncounted
-    (interception costs time)."""
+    (interception costs time).
+
+    ``by_formula``: layers whose rule gives their output shape (convolutions, linear layers,
+    BatchNorm, activations, pooling) are not run: their output is zeros of that shape, and so
+    is everything computed from it. Such values may only reach ops whose output shape follows
+    from their inputs' shapes (ops with a rule); any other op (an opaque layer, ``nonzero``, a
+    boolean mask) raises ``_NeedsValues``, and :func:`propagate_shapes` runs everything for real."""
+
+    def __init__(self, module: fx.GraphModule, by_formula: bool = False):
+        super().__init__(module)
+        self.by_formula = by_formula
+        self._placeholders: set[fx.Node] = set()  # nodes holding zeros for values not computed
 
     def run_node(self, n: fx.Node) -> Any:
-        if self._measured(n):
-            counter = _MacCounter()
-            with counter:
-                out = super().run_node(n)
-            n.meta["macs"] = counter.macs
+        out = self._by_formula(n) if self.by_formula and n.op == "call_module" else None
+        if out is not None:
+            self._placeholders.add(n)
         else:
-            out = super().run_node(n)
+            if self._placeholders and any(a in self._placeholders for a in n.all_input_nodes):
+                if not self._shape_only(n):
+                    raise _NeedsValues(n.format_node())
+                self._placeholders.add(n)
+            if self._measured(n):
+                counter = _MacCounter()
+                with counter:
+                    out = super().run_node(n)
+                n.meta["macs"] = counter.macs
+            else:
+                out = super().run_node(n)
         if isinstance(out, Tensor):
             n.meta["tensor_meta"] = _tensor_meta(out)
         elif any(isinstance(v, Tensor) for v in flatten_values(out)):
             n.meta["tensor_meta"] = map_aggregate(out, lambda v: _tensor_meta(v) if isinstance(v, Tensor) else v)
+        else:
+            self._placeholders.discard(n)  # sizes and other plain values are computed from shapes: real
         n.meta["type"] = type(out)
         return out
 
     def propagate(self, *args: Any) -> Any:
         return self.run(*args)
+
+    def _by_formula(self, n: fx.Node) -> Optional[Tensor]:
+        module = self.fetch_attr(n.target)
+        rule = rule_for(n, module)
+        if rule is None or rule.shape is None or n.kwargs or len(n.args) != 1:
+            return None
+        if module._forward_hooks or module._forward_pre_hooks:
+            return None  # a hook may change the output: run it
+        (x,) = self.map_nodes_to_values(n.args, n)
+        shape = rule.shape(module, x) if isinstance(x, Tensor) else None
+        return None if shape is None else torch.zeros(shape, dtype=x.dtype, device=x.device)
+
+    def _shape_only(self, n: fx.Node) -> bool:
+        """Whether the output shape of ``n`` follows from its inputs' shapes alone."""
+        if n.op == "call_module":
+            return rule_for(n, self.fetch_attr(n.target)) is not None
+        if n.op not in ("call_function", "call_method"):
+            return n.op == "output"
+        try:
+            if rule_for(n) is None:
+                return False
+        except TypeError:
+            return False
+        if n.target is operator.getitem:  # x[mask]: a tensor index selects by value
+            return not any(a in self._placeholders for a in n.all_input_nodes[1:])
+        return not (n.target is torch.where and len(n.args) + len(n.kwargs) == 1)  # where(c) = nonzero(c)
 
     def _measured(self, n: fx.Node) -> bool:
         if n.op == "call_module":
@@ -232,6 +284,21 @@ class ShapeAndMacsProp(fx.Interpreter):
             return n.target in MAC_TARGETS or rule_for(n) is None
         except TypeError:  # unhashable target
             return True
+
+
+def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Tensor]) -> None:
+    """:class:`ShapeAndMacsProp` over ``gm``: by formula where layers allow it (a batch-1 forward
+    of MobileNetV3 spends most of its time in convolutions the shapes do not need), by running
+    every op where a value the formulas skipped is needed."""
+    if torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu"):
+        ShapeAndMacsProp(gm).propagate(*inputs)  # autocast changes dtypes the formulas keep
+        return
+    try:
+        ShapeAndMacsProp(gm, by_formula=True).propagate(*inputs)
+    except _NeedsValues:
+        for n in gm.graph.nodes:
+            n.meta.pop("macs", None)
+        ShapeAndMacsProp(gm).propagate(*inputs)
 
 
 class ChannelPropagation(fx.Interpreter):
@@ -332,7 +399,7 @@ def trace(model: nn.Module, example_inputs: Inputs, *, leaf_modules: Sequence[ty
         gm = symbolic_trace(model, leaf_modules)
         try:
             with unfused_attention():  # so the opaque attention layers' MACs are counted
-                ShapeAndMacsProp(gm).propagate(*inputs)
+                propagate_shapes(gm, inputs)
         except Exception as e:
             cause = e.__cause__ or e
             first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__

@@ -1,0 +1,164 @@
+"""The shape pass computes common layers' output shapes by formula (``Rule.shape``) instead of
+running them. Checked against running every layer: each formula on its own, then every node of
+whole models (shapes, dtypes, MACs), and the cases that must fall back to real values."""
+import pytest
+import torch
+from torch import nn
+
+import apib_fx
+from apib_fx.rules import module_rule
+from apib_fx.testing import CNN_ZOO, zoo_input_size, zoo_model
+from apib_fx.trace import InputShapeError, ShapeAndMacsProp, eval_mode, propagate_shapes, symbolic_trace
+
+from . import models as M
+from .test_engine import CASES
+
+LAYERS = [
+    (nn.Conv2d(3, 8, 3), (2, 3, 17, 19)),
+    (nn.Conv2d(3, 8, 3, stride=2, padding=1), (2, 3, 17, 16)),
+    (nn.Conv2d(4, 8, (3, 5), stride=(2, 3), padding=(1, 2), dilation=(2, 1), groups=2), (1, 4, 23, 29)),
+    (nn.Conv2d(3, 6, 4, padding="same", dilation=2), (1, 3, 9, 10)),
+    (nn.Conv2d(3, 6, 4, padding="valid"), (1, 3, 9, 10)),
+    (nn.Conv2d(3, 6, 3), (3, 12, 12)),  # unbatched
+    (nn.Conv1d(3, 5, 4, stride=3), (2, 3, 50)),
+    (nn.Conv3d(2, 4, 3, stride=(1, 2, 2), padding=1), (1, 2, 5, 9, 9)),
+    (nn.Linear(7, 3), (2, 5, 7)),
+    (nn.Linear(7, 3), (7,)),
+    (nn.BatchNorm1d(4), (3, 4)),
+    (nn.BatchNorm1d(4), (3, 4, 9)),
+    (nn.BatchNorm2d(4), (2, 4, 5, 6)),
+    (nn.BatchNorm3d(4, affine=False), (2, 4, 3, 5, 6)),
+    (nn.ReLU(inplace=True), (2, 3, 4)),
+    (nn.Hardswish(), (2, 3, 4, 5)),
+    (nn.Dropout(0.3), (2, 3)),
+    (nn.Identity(), (2, 3, 1)),
+    (nn.MaxPool2d(3, 2, 1), (1, 3, 112, 112)),
+    (nn.MaxPool2d(3, 2, ceil_mode=True), (1, 3, 56, 56)),
+    (nn.MaxPool2d(2, 2, padding=1, ceil_mode=True), (1, 3, 7, 7)),  # last window starts in padding
+    (nn.MaxPool2d((2, 3), stride=(2, 1), dilation=(1, 2)), (1, 3, 9, 11)),
+    (nn.MaxPool1d(3, 2, ceil_mode=True), (2, 4, 10)),
+    (nn.AvgPool2d(3, 2, 1, ceil_mode=True), (1, 3, 14, 15)),
+    (nn.AvgPool3d(2), (1, 2, 5, 6, 7)),
+    (nn.AdaptiveAvgPool2d(1), (2, 8, 7, 5)),
+    (nn.AdaptiveAvgPool2d((None, 3)), (2, 8, 7, 5)),
+    (nn.AdaptiveMaxPool1d(4), (8, 9)),
+]
+
+
+@pytest.mark.parametrize("layer,shape", LAYERS, ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else str(v))
+def test_each_formula_matches_running_the_layer(layer, shape):
+    layer.eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        want = tuple(layer(x.clone()).shape)
+    assert module_rule(type(layer)).shape(layer, x) == want
+
+
+@pytest.mark.parametrize("layer,x", [
+    (nn.Conv2d(3, 8, 3), torch.randn(1, 4, 8, 8)),  # wrong channels: the layer says so itself
+    (nn.Conv2d(3, 8, 3), torch.randn(1, 3, 8, 8, dtype=torch.float64)),  # dtype the layer refuses
+    (nn.Conv2d(3, 8, 5), torch.randn(1, 3, 3, 3)),  # kernel larger than the input
+    (nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), torch.randn(1, 3, 8, 8)),
+    (nn.Linear(4, 2), torch.randint(0, 3, (2, 4))),
+    (nn.BatchNorm2d(4), torch.randn(2, 4, 3)),  # BatchNorm2d wants 4-D
+    (nn.MaxPool2d(2, return_indices=True), torch.randn(1, 3, 8, 8)),
+    (nn.MaxPool2d(2, padding=2), torch.randn(1, 3, 8, 8)),  # padding over half the window
+])
+def test_formulas_decline_what_the_layer_should_decide(layer, x):
+    assert module_rule(type(layer)).shape(layer.eval(), x) is None
+
+
+def _node_meta(model, inputs, by_formula):
+    def summary(meta):
+        if hasattr(meta, "shape"):
+            return tuple(meta.shape), meta.dtype
+        if isinstance(meta, (tuple, list)):
+            return tuple(summary(m) for m in meta)
+        return meta
+
+    with eval_mode(model), torch.no_grad():
+        gm = symbolic_trace(model)
+        prop = ShapeAndMacsProp(gm, by_formula=by_formula)
+        prop.propagate(*inputs)
+    meta = {n.name: (summary(n.meta.get("tensor_meta")), n.meta.get("macs"), n.meta.get("type")) for n in gm.graph.nodes}
+    return meta, len(prop._placeholders)
+
+
+ZOO_FAST = ["resnet18", "densenet121", "googlenet", "mobilenet_v3_small", "efficientnet_b0",
+            "regnet_y_400mf", "shufflenet_v2_x0_5", "convnext_tiny", "squeezenet1_1", "inception_v3"]
+ZOO = [pytest.param(n) for n in ZOO_FAST] + [pytest.param(n, marks=pytest.mark.slow) for n in CNN_ZOO if n not in ZOO_FAST]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_formulas_give_every_node_the_shapes_of_a_real_run(name):
+    model = zoo_model(name)
+    size = zoo_input_size(name)
+    x = torch.randn(1, 3, size, size)
+    real, _ = _node_meta(model, (x,), by_formula=False)
+    fast, skipped = _node_meta(model, (x,), by_formula=True)
+    assert skipped > 0
+    assert fast == real
+
+
+@pytest.mark.parametrize("cls,shape", CASES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_hand_models_same_shapes(cls, shape):
+    model = cls()
+    x = torch.randn(shape)
+    assert _node_meta(model, (x,), by_formula=True)[0] == _node_meta(model, (x,), by_formula=False)[0]
+
+
+class MaskAfterConv(nn.Module):
+    """The number of kept elements depends on the conv's values."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y[y > 0].sum() + y.mean()
+
+
+class Nonzero(nn.Module):
+    def forward(self, x):
+        return torch.nonzero(x)
+
+
+class NonzeroLeaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.nz = Nonzero()
+
+    def forward(self, x):
+        return self.nz(self.conv(x)).float().sum()
+
+
+@pytest.mark.parametrize("model,leaves", [(MaskAfterConv(), ()), (NonzeroLeaf(), (Nonzero,))])
+def test_values_the_formulas_skip_are_computed_when_an_op_needs_them(model, leaves):
+    x = torch.randn(1, 3, 8, 8)
+    with eval_mode(model), torch.no_grad():
+        gm = symbolic_trace(model, leaves)
+        ShapeAndMacsProp(gm).propagate(x)
+        real = {n.name: n.meta.get("tensor_meta") for n in gm.graph.nodes}
+        gm2 = symbolic_trace(model, leaves)
+        propagate_shapes(gm2, (x,))
+    fast = {n.name: n.meta.get("tensor_meta") for n in gm2.graph.nodes}
+    assert {k: getattr(v, "shape", None) for k, v in fast.items()} == {k: getattr(v, "shape", None) for k, v in real.items()}
+    graph = apib_fx.trace(model, x, leaf_modules=leaves)  # and the whole trace runs
+    (conv,) = [g for g in graph.groups if g.name.startswith("conv.weight")]
+    assert not conv.prunable  # which elements are kept depends on every channel
+
+
+def test_a_layer_with_hooks_runs():
+    """Hooks may do anything with the output (record it, change its values): such a layer runs."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    seen = []
+    model[0].register_forward_hook(lambda m, args, out: seen.append(out.abs().sum()))
+    apib_fx.trace(model, torch.randn(1, 3, 8, 8))
+    assert len(seen) == 1 and float(seen[0]) > 0
+
+
+def test_an_input_that_does_not_fit_still_names_the_layers_error():
+    with pytest.raises(InputShapeError, match="expected input.*to have 3 channels"):
+        apib_fx.trace(M.LeNet(), torch.randn(1, 4, 32, 32))
