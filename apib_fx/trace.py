@@ -1,7 +1,9 @@
 """The trace pass: model -> torch.fx graph -> shapes -> channel labels -> :class:`ChannelGraph`."""
 from __future__ import annotations
 
+import collections
 import inspect
+import math
 import operator
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
@@ -53,6 +55,15 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
+class _ModuleStack(collections.OrderedDict):
+    """The tracer's module call stack, which fx copies into every node's meta. Copying a plain
+    OrderedDict recomputes its slot names each time (CPython cannot cache them on a built-in
+    class): 7% of tracing RegNet. Here a copy is one constructor call."""
+
+    def __copy__(self) -> "_ModuleStack":
+        return _ModuleStack(self)
+
+
 class _Tracer(fx.Tracer):
     """fx.Tracer that keeps ``leaf_types`` opaque and remembers which module was being traced
     when tracing fails, to name it in the error."""
@@ -62,6 +73,7 @@ class _Tracer(fx.Tracer):
         # batch_norm_of stays one call when a pruned GraphModule is unpickled (which re-traces
         # its code with this class): traced into, it would branch on the input's rank.
         super().__init__(autowrap_functions=(batch_norm_of,))
+        self.module_stack = _ModuleStack()
         self.leaf_types = leaf_types
         self.failed_in: list[tuple[str, str]] = []
 
@@ -190,10 +202,14 @@ def module_batch_norms(graph: fx.Graph, root: nn.Module) -> fx.Graph:
     return graph
 
 
-def _tensor_meta(t: Tensor) -> TensorMetadata:
+def _tensor_meta(t: Tensor, contiguous: bool = False) -> TensorMetadata:
     # ShapeProp's metadata without its memory-format probes (three Python-level contiguity
     # checks per tensor, a quarter of the shape pass on MobileNetV3): nothing here reads them.
-    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), None, False, {})
+    # ``contiguous``: the strides of a contiguous tensor of that shape (``t`` is a stand-in).
+    stride = t.stride()
+    if contiguous:
+        stride = tuple(math.prod(t.shape[i + 1:]) for i in range(t.dim()))
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, stride, None, False, {})
 
 
 class _NeedsValues(Exception):
@@ -210,8 +226,9 @@ class ShapeAndMacsProp(fx.Interpreter):
     (interception costs time).
 
     ``by_formula``: layers whose rule gives their output shape (convolutions, linear layers,
-    BatchNorm, activations, pooling) are not run: their output is zeros of that shape, and so
-    is everything computed from it. Such values may only reach ops whose output shape follows
+    BatchNorm, activations, pooling) are not run: their output is zeros of that shape (a
+    broadcast view, filled in only when an op other than such a layer reads it), and so is
+    everything computed from it. Such values may only reach ops whose output shape follows
     from their inputs' shapes (ops with a rule); any other op (an opaque layer, ``nonzero``, a
     boolean mask) raises ``_NeedsValues``, and :func:`propagate_shapes` runs everything for real."""
 
@@ -219,16 +236,22 @@ class ShapeAndMacsProp(fx.Interpreter):
         super().__init__(module)
         self.by_formula = by_formula
         self._placeholders: set[fx.Node] = set()  # nodes holding zeros for values not computed
+        self._views: set[fx.Node] = set()  # placeholders still a broadcast view of one zero
 
     def run_node(self, n: fx.Node) -> Any:
         out = self._by_formula(n) if self.by_formula and n.op == "call_module" else None
         if out is not None:
             self._placeholders.add(n)
+            self._views.add(n)
         else:
             if self._placeholders and any(a in self._placeholders for a in n.all_input_nodes):
                 if not self._shape_only(n):
                     raise _NeedsValues(n.format_node())
                 self._placeholders.add(n)
+                for a in n.all_input_nodes:
+                    if a in self._views:  # an op that reads or writes elements: real memory
+                        self.env[a] = self.env[a].contiguous()
+                        self._views.discard(a)
             if self._measured(n):
                 counter = _MacCounter()
                 with counter:
@@ -236,7 +259,9 @@ class ShapeAndMacsProp(fx.Interpreter):
                 n.meta["macs"] = counter.macs
             else:
                 out = super().run_node(n)
-        if isinstance(out, Tensor):
+        if n in self._views:
+            n.meta["tensor_meta"] = _tensor_meta(out, contiguous=True)
+        elif isinstance(out, Tensor):
             n.meta["tensor_meta"] = _tensor_meta(out)
         elif any(isinstance(v, Tensor) for v in flatten_values(out)):
             n.meta["tensor_meta"] = map_aggregate(out, lambda v: _tensor_meta(v) if isinstance(v, Tensor) else v)
@@ -257,7 +282,7 @@ class ShapeAndMacsProp(fx.Interpreter):
             return None  # a hook may change the output: run it
         (x,) = self.map_nodes_to_values(n.args, n)
         shape = rule.shape(module, x) if isinstance(x, Tensor) else None
-        return None if shape is None else torch.zeros(shape, dtype=x.dtype, device=x.device)
+        return None if shape is None else torch.zeros((), dtype=x.dtype, device=x.device).expand(shape)
 
     def _shape_only(self, n: fx.Node) -> bool:
         """Whether the output shape of ``n`` follows from its inputs' shapes alone."""
