@@ -281,7 +281,10 @@ class ShapeAndMacsProp(fx.Interpreter):
         if module._forward_hooks or module._forward_pre_hooks:
             return None  # a hook may change the output: run it
         (x,) = self.map_nodes_to_values(n.args, n)
-        shape = rule.shape(module, x) if isinstance(x, Tensor) else None
+        try:
+            shape = rule.shape(module, x) if isinstance(x, Tensor) else None
+        except Exception:  # a formula registered for a module it does not fit: running it is right
+            shape = None
         return None if shape is None else torch.zeros((), dtype=x.dtype, device=x.device).expand(shape)
 
     def _shape_only(self, n: fx.Node) -> bool:

@@ -1,6 +1,8 @@
 """The shape pass computes common layers' output shapes by formula (``Rule.shape``) instead of
 running them. Checked against running every layer: each formula on its own, then every node of
 whole models (shapes, dtypes, MACs), and the cases that must fall back to real values."""
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -162,3 +164,23 @@ def test_a_layer_with_hooks_runs():
 def test_an_input_that_does_not_fit_still_names_the_layers_error():
     with pytest.raises(InputShapeError, match="expected input.*to have 3 channels"):
         apib_fx.trace(M.LeNet(), torch.randn(1, 4, 32, 32))
+
+
+def test_a_formula_that_does_not_fit_a_registered_module_runs_it():
+    class Doubler(nn.Module):  # registered with a conv's rule by mistake: no kernel_size
+        def forward(self, x):
+            return torch.cat([x, x], 1)
+
+    from apib_fx.rules import RULES
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), Doubler())
+    apib_fx.register_rule(Doubler, dataclasses.replace(RULES[nn.ReLU], shape=RULES[nn.Conv2d].shape))
+    try:
+        x = torch.randn(1, 3, 8, 8)
+        with eval_mode(model), torch.no_grad():
+            gm = symbolic_trace(model)
+            propagate_shapes(gm, (x,))
+        out = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "1"][0]
+        assert tuple(out.meta["tensor_meta"].shape) == (1, 8, 6, 6)
+    finally:
+        del RULES[Doubler]
