@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._atomic import atomic_path, write_text
@@ -96,6 +96,20 @@ def _on(module: nn.Module, device: torch.device) -> nn.Module:
     return module if here.type == device.type else copy.deepcopy(module).to(device)
 
 
+def _input_for(module: nn.Module, x: Tensor, device: Optional[torch.device] = None) -> Tensor:
+    """``x`` as ``module`` takes it: on ``device`` (default: the module's), in its floating
+    dtype (a half-precision model gets half inputs), channels-last if its convolutions are."""
+    params = list(module.parameters())
+    first = next((t for t in params if t.is_floating_point()), None)
+    x = x.to(device or (first.device if first is not None else x.device))
+    if first is not None and x.is_floating_point():
+        x = x.to(first.dtype)
+    if x.dim() == 4 and any(t.dim() == 4 and not t.is_contiguous()
+                            and t.is_contiguous(memory_format=torch.channels_last) for t in params):
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def _ort_session(path: str, provider: str, threads: int) -> Any:
     import onnxruntime as ort
 
@@ -140,7 +154,7 @@ def benchmark(
             onnx_path = None
             if any(b.startswith("ort") for b in backends):
                 onnx_path = str(export_onnx(m, tmp / f"{len(info)}.onnx", x, check=False))
-            info[name] = {"module": m, "onnx": onnx_path, "flops": count_flops(m, x),
+            info[name] = {"module": m, "onnx": onnx_path, "flops": count_flops(m, _input_for(m, x)),
                           "params": sum(p.numel() for p in m.parameters())}
         else:
             p = pathlib.Path(m)
@@ -171,15 +185,17 @@ def benchmark(
                     row["device"] = f"cpu: {cpu_name()}"
                     torch.set_num_threads(threads)
                     module = _on(meta["module"], torch.device("cpu"))
+                    xc = _input_for(module, xb)
                     with eval_mode(module), torch.no_grad():
-                        times = _timed(lambda: module(xb), warmup, iters)
+                        times = _timed(lambda: module(xc), warmup, iters)
                 elif backend == "torch-cuda":
                     if meta["module"] is None:
                         raise LookupError("an ONNX file has no PyTorch module to run")
                     if not torch.cuda.is_available():
                         raise LookupError("no CUDA device on this machine")
                     row["device"] = f"cuda: {torch.cuda.get_device_name()}"
-                    module, xg = _on(meta["module"], torch.device("cuda")), xb.cuda()
+                    module = _on(meta["module"], torch.device("cuda"))
+                    xg = _input_for(module, xb)
 
                     def step() -> None:
                         module(xg)

@@ -134,3 +134,14 @@ def test_cli_calibrates_on_the_gpu(tmp_path):
     assert abs(report["flops_reduction"] - 0.48) <= 0.005
     pruned = apib_fx.load(tmp_path / "model.apibfx")
     assert report["flops_after"] == apib_fx.count_flops(pruned, torch.randn(1, 3, SIZE, SIZE))
+
+
+def test_prune_a_half_precision_channels_last_model_on_the_gpu():
+    model = zoo_model("resnet18").cuda().half().to(memory_format=torch.channels_last)
+    calib = _calib(device="cuda").half().contiguous(memory_format=torch.channels_last)
+    pruned = apib_fx.prune(model, 0.48, calib, num_calib=32, batch_size=16, progress=False)
+    assert abs(pruned.apib_report.flops_reduction - 0.48) <= 0.005
+    assert all(t.dtype == torch.float16 for t in pruned.parameters())
+    with torch.no_grad():
+        out = pruned.eval()(calib[:4])
+    assert out.dtype == torch.float16 and bool(torch.isfinite(out).all())

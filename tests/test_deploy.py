@@ -167,3 +167,11 @@ def test_onnx_macs_hand_counted(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5))
     path = export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))
     assert onnx_macs(path, (1, 3, 8, 8)) == 4 * 6 * 6 * 3 * 9 + 144 * 5
+
+
+def test_benchmark_feeds_a_model_its_own_precision_and_layout():
+    model = zoo_model("resnet18", num_classes=10).to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+    rows = benchmark({"bf16": model}, torch.randn(1, 3, 32, 32), batch_sizes=(2,), backends=("torch",),
+                     warmup=1, iters=1, progress=False)
+    assert rows[0]["status"] == "ok", rows[0]["reason"]
+    assert rows[0]["flops"] == apib_fx.count_flops(zoo_model("resnet18", num_classes=10), torch.randn(1, 3, 32, 32))
