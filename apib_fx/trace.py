@@ -416,9 +416,9 @@ def trace(model: nn.Module, example_inputs: Inputs, *, leaf_modules: Sequence[ty
     """Build the channel-dependency graph of ``model``.
 
     Traces with torch.fx (in eval mode: branches taken only in training, such as auxiliary
-    classifiers, are not part of the graph), propagates shapes on ``example_inputs`` and then
-    channel labels through every op. ``leaf_modules``: module classes to keep opaque. The model is
-    not modified.
+    classifiers, are not part of the graph), propagates shapes on ``example_inputs`` (common
+    layers by formula, without running them: :func:`propagate_shapes`) and then channel labels
+    through every op. ``leaf_modules``: module classes to keep opaque. The model is not modified.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
