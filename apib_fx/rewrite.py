@@ -74,6 +74,7 @@ def apply(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Any]) -> fx.
         if rule is not None and rule.rewrite is not None:
             rule.rewrite(node, module, view)
     gm.recompile()
+    getattr(gm, "real_recompile", lambda: None)()  # the code now, not at the user's first call
     # Same per-module training flags as the user's model.
     flags = dict(model.named_modules())
     for name, m in gm.named_modules():

@@ -23,6 +23,13 @@ from .rules import DEFAULT_LEAF_MODULES, RuleContext, batch_norm_of, module_rule
 Inputs = Union[Tensor, Sequence[Tensor]]
 
 
+try:  # generates the Python code on first use: the passes here interpret the graph, and
+    # apply() rewrites a copy, so code made at trace time (a third of tracing) would be thrown away
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _TracedModule
+except ImportError:  # pragma: no cover - a torch without it generates the code at once
+    _TracedModule = fx.GraphModule
+
+
 class TraceError(RuntimeError):
     """torch.fx could not trace the model."""
 
@@ -122,7 +129,7 @@ def symbolic_trace(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.Gr
         ) from e
     name = type(model).__name__
     graph = positional_inputs(module_batch_norms(graph, tracer.root), tracer.root)
-    return fx.GraphModule(tracer.root, graph, name)
+    return _TracedModule(tracer.root, graph, name)
 
 
 def positional_inputs(graph: fx.Graph, root: nn.Module) -> fx.Graph:
