@@ -22,6 +22,7 @@ from apib_fx.models import CifarResNet
 from apib_fx.train import evaluate, fit
 
 from _peers import tp_magnitude
+from _results import write_results
 
 METHODS = ["apib", "l1", "fpgm", "random", "torch-pruning"]
 
@@ -81,9 +82,7 @@ def main() -> None:
     text = "\n".join(lines)
     print("\n" + text)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    print(f"written {out}")
+    write_results(out, text + "\n")
 
 
 if __name__ == "__main__":

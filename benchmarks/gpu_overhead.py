@@ -18,6 +18,8 @@ import torch
 import apib_fx
 from apib_fx.testing import zoo_model
 
+from _results import write_results
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -75,9 +77,7 @@ def main() -> None:
             print(row, flush=True)
             lines.append(row)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"written {out}")
+    write_results(out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

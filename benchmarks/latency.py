@@ -17,6 +17,8 @@ import apib_fx
 from apib_fx.bench import benchmark, format_table
 from apib_fx.testing import zoo_model
 
+from _results import write_results
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,11 +59,9 @@ def main() -> None:
     table = format_table(rows)
     print(table)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"{args.model} at {args.size}x{args.size}, random weights, APIB on {args.num_calib} Gaussian "
+    write_results(out, f"{args.model} at {args.size}x{args.size}, random weights, APIB on {args.num_calib} Gaussian "
                    f"calibration images, median of {args.iters} runs, torch {torch.__version__}, {args.dtype}"
                    f"{', channels-last' if args.channels_last else ''}.\n\n{table}\n")
-    print(f"written {out}")
 
 
 if __name__ == "__main__":

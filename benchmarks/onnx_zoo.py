@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 import apib_fx
 from apib_fx.testing import CNN_ZOO, zoo_input_size, zoo_model
 
+from _results import write_results
+
 
 def _export_cell(model, path, x) -> str:
     try:
@@ -63,14 +65,12 @@ def main() -> None:
             del model
             gc.collect()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     text = (f"torchvision CNN zoo, random weights, 10 classes, APIB at flops_target={args.flops_target} on 8 "
             f"Gaussian images; ONNX Runtime CPU vs PyTorch at batch 1 and 3 (diff relative to output scale; "
             f"the check fails above 1e-4, or, where PyTorch's own float32 rounding exceeds that, when ONNX "
             f"Runtime is more than 4x as far from the float64 result as PyTorch is). "
             f"torch {torch.__version__}.\n\n" + "\n".join(rows) + "\n")
-    out.write_text(text)
-    print(f"written {out}")
+    write_results(out, text)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from apib_fx.bench import cpu_name
 from apib_fx.testing import zoo_model
 
 from _peers import tp_magnitude
+from _results import write_results
 
 
 def main() -> None:
@@ -112,9 +113,7 @@ def main() -> None:
             print(row, flush=True)
             lines.append(row)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"written {out}")
+    write_results(out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

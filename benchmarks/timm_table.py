@@ -19,6 +19,8 @@ import torch
 import apib_fx
 from apib_fx.testing import check_exact, fill_zero_weights
 
+from _results import write_results
+
 MODELS = [
     "resnet50", "resnet50d", "resnetv2_50", "resnetrs50", "resnetblur18", "seresnext26d_32x4d",
     "res2net50_26w_4s", "resnest14d", "tresnet_m", "dpn68", "xception41", "dla34", "hrnet_w18_small_v2",
@@ -78,11 +80,7 @@ def main() -> None:
         print(line, flush=True)
         lines.append(line)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out)
-    print(f"written {out}")
+    write_results(out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

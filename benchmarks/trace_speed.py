@@ -17,6 +17,8 @@ import torch
 import apib_fx
 from apib_fx.testing import zoo_model
 
+from _results import write_results
+
 MODELS = ["resnet18", "resnet50", "resnext50_32x4d", "vgg16_bn", "densenet121", "googlenet",
           "inception_v3", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf",
           "shufflenet_v2_x1_0", "convnext_tiny"]
@@ -64,10 +66,8 @@ def main() -> None:
         print(row, flush=True)
         rows.append(row)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"Input 1x3x{args.size}x{args.size} (inception_v3 299), median of {args.repeat}, "
+    write_results(out, f"Input 1x3x{args.size}x{args.size} (inception_v3 299), median of {args.repeat}, "
                    f"{torch.get_num_threads()} threads, CPU.\n\n" + "\n".join(rows) + "\n")
-    print(f"written {out}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import torch
 import apib_fx
 from apib_fx.testing import CNN_ZOO, check_exact, zoo_input_size, zoo_model
 
+from _results import write_results
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,12 +49,10 @@ def main() -> None:
         del model, graph
         gc.collect()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     sizes = f"{args.size}x{args.size}" if args.size else (
         f"{zoo_input_size('resnet18')}x{zoo_input_size('resnet18')} (inception_v3: 75x75)")
     note = f"Inputs: batch 2 at {sizes}; MACs for the whole batch; 30% of every prunable group removed at random.\n\n"
-    out.write_text(note + "\n".join(rows) + "\n")
-    print(f"written {out}")
+    write_results(out, note + "\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":
