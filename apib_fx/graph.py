@@ -90,6 +90,11 @@ def _concat_tagged(parts: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     return flat, torch.repeat_interleave(torch.arange(len(parts)), lengths), lengths
 
 
+def _storage_key(labels: Tensor) -> tuple[int, ...]:
+    """Equal keys <=> the same label values: the same memory, read the same way."""
+    return (labels.data_ptr(), labels.numel(), *labels.stride()) if labels.numel() else (0, 0)
+
+
 class ChannelGraph:
     """Channel groups of a traced model, plus what :func:`apib_fx.apply` and the FLOPs model need.
 
@@ -117,7 +122,13 @@ class ChannelGraph:
         rep = space.parent
         # All bindings' labelled positions in one flat array (binding k, position, channel id), so
         # the grouping below is a handful of vectorised ops whatever the number of layers.
-        bindings = list(self._bindings.values())
+        # Bindings of one label tensor (a BatchNorm's weight, bias and running statistics; a
+        # conv's weight and bias) are grouped once: they appear together in every signature.
+        all_keys = list(self._bindings)
+        shared: dict[tuple[int, int], int] = {}
+        same_as = [shared.setdefault(_storage_key(b.labels), k) for k, b in enumerate(self._bindings.values())]
+        distinct = sorted(set(same_as))
+        bindings = [self._bindings[all_keys[k]] for k in distinct]
         ids, which, lengths = _concat_tagged([b.labels for b in bindings])
         pos = torch.arange(ids.numel()) - (torch.cumsum(lengths, 0) - lengths)[which]
         on = ids != NONE
@@ -163,22 +174,27 @@ class ChannelGraph:
         pair_keys, pair_counts = torch.unique_consecutive(key_sorted, return_counts=True)
         pos_parts = torch.split(pos[order], pair_counts.tolist())
         cls_parts = torch.split(self.id_class[ids[order]], pair_counts.tolist())
-        members: list[list[Member]] = [[] for _ in class_lists]
-        keys = list(self._bindings)
+        members: list[list[tuple[int, Member]]] = [[] for _ in class_lists]
+        followers: dict[int, list[int]] = {}  # distinct binding -> every binding with its labels
+        for k, first in enumerate(same_as):
+            followers.setdefault(first, []).append(k)
         for pk, p_pos, p_cls in zip(pair_keys.tolist(), pos_parts, cls_parts):
-            k, g = divmod(pk, max(1, n_groups))
-            binding = bindings[k]
-            if binding.role == "axis":
-                continue
-            param, dim = keys[k]
-            for role in (binding.role, *sorted(binding.also)):
-                members[g].append(Member(param, dim, role, p_pos, p_cls))
+            d, g = divmod(pk, max(1, n_groups))
+            for k in followers[distinct[d]]:
+                binding = self._bindings[all_keys[k]]
+                if binding.role == "axis":
+                    continue
+                param, dim = all_keys[k]
+                for role in (binding.role, *sorted(binding.also)):
+                    members[g].append((k, Member(param, dim, role, p_pos, p_cls)))
+        for ms in members:  # in binding order, as if each binding had been grouped on its own
+            ms.sort(key=lambda km: km[0])
 
         self.groups = [
             ChannelGroup(
                 index=gi,
                 channels=size,
-                members=members[gi],
+                members=[m for _, m in members[gi]],
                 prunable=gi not in blocked,
                 reason=blocked.get(gi),
                 exact=gi not in mixed,

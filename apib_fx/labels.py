@@ -94,11 +94,13 @@ def along(ids: Tensor, axis: int, shape: Iterable[int]) -> Tensor:
 
 def compress(labels: Tensor) -> Tensor:
     """Drop the broadcast axes (stride 0) to size 1; the result broadcasts back to the original."""
-    index = tuple(
-        slice(0, 1) if (st == 0 or n == 1) else slice(None)
-        for st, n in zip(labels.stride(), labels.shape)
-    )
-    return labels[index]
+    stride = labels.stride()
+    shape = labels.shape
+    small = [1 if st == 0 and n else n for st, n in zip(stride, shape)]  # (an empty axis stays empty)
+    if small == list(shape):
+        return labels
+    # One view op (an index of slices costs several): size 1 along each broadcast axis.
+    return labels.as_strided(small, stride, labels.storage_offset())
 
 
 def canonical(labels: Tensor) -> Tensor:
@@ -223,6 +225,10 @@ class LabelSpace:
         both = (a != NONE) & (b != NONE) & (a != b)
         if bool(both.any()):
             self.parent = union(self.parent, a[both].reshape(-1), b[both].reshape(-1))
+
+    def link_ids(self, a: Tensor, b: Tensor) -> None:
+        """:meth:`link` of two 1-D tensors of ids of equal length, none of them ``NONE``."""
+        self.parent = union(self.parent, a, b)
 
     def unify(self, a: Tensor, b: Tensor) -> None:
         """Like :meth:`link`, and a channel facing a non-channel on the other side is blocked."""

@@ -400,6 +400,15 @@ def broadcast(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
         operands.append((small, real, fx_arg, value.dim()))
     if not operands:
         return ctx.unlabeled_output()
+    if len(operands) == 2 and operands[0][0].shape == operands[1][0].shape:
+        p, q = operands[0][0], operands[1][0]
+        # The common case (a residual add, an SE block's x * scale): two operands whose channels
+        # vary along the same axes, every position a channel. They line up one to one and
+        # nothing is missing on either side: link them, without the general bookkeeping below.
+        if int(torch.minimum(p.min(), q.min())) != NONE:
+            if p is not q:
+                space.link_ids(p.reshape(-1), q.reshape(-1))
+            return p.expand(out_shape)
     common = _broadcast_shape([op[0].shape for op in operands])
     out = torch.full(common, NONE, dtype=torch.long)
     for small, *_ in operands:
