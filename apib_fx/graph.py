@@ -119,7 +119,7 @@ class ChannelGraph:
     # -- grouping ---------------------------------------------------------------------------
     def _build_groups(self, space: LabelSpace) -> None:
         n = space.size
-        rep = space.parent
+        rep = space.roots
         # All bindings' labelled positions in one flat array (binding k, position, channel id), so
         # the grouping below is a handful of vectorised ops whatever the number of layers.
         # Bindings of one label tensor (a BatchNorm's weight, bias and running statistics; a

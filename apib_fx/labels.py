@@ -199,16 +199,25 @@ class LabelSpace:
     aliases: dict[str, str] = field(default_factory=dict)
 
     def fresh(self, n: int) -> Tensor:
+        # ``parent`` learns of new ids (their own roots) only when it is next read: one copy per
+        # union rather than one per layer.
         ids = torch.arange(self.size, self.size + n, dtype=torch.long)
-        self.parent = torch.cat([self.parent, ids])
         self.size += n
         return ids
+
+    @property
+    def roots(self) -> Tensor:
+        """(size,): every id's class, the smallest id tied to it."""
+        have = self.parent.numel()
+        if have < self.size:
+            self.parent = torch.cat([self.parent, torch.arange(have, self.size, dtype=torch.long)])
+        return self.parent
 
     def classes(self, labels: Tensor) -> Tensor:
         """Labels mapped to their equivalence class (the smallest id tied to them)."""
         out = labels.clone()
         on = labels != NONE
-        out[on] = self.parent[labels[on]]
+        out[on] = self.roots[labels[on]]
         return out
 
     def class_varying_axes(self, labels: Tensor) -> list[int]:
@@ -221,14 +230,19 @@ class LabelSpace:
 
     def link(self, a: Tensor, b: Tensor) -> None:
         """Channels at the same positions of ``a`` and ``b`` go together (where both are channels)."""
-        a, b = torch.broadcast_tensors(compress(a), compress(b))
+        a, b = compress(a), compress(b)
+        if a.shape == b.shape and a.numel() and int(torch.minimum(a.min(), b.min())) != NONE:
+            # Channels on both sides everywhere (a grouped conv's slices, a shared module): no masks.
+            self.parent = union(self.roots, a.reshape(-1), b.reshape(-1))
+            return
+        a, b = torch.broadcast_tensors(a, b)
         both = (a != NONE) & (b != NONE) & (a != b)
         if bool(both.any()):
-            self.parent = union(self.parent, a[both].reshape(-1), b[both].reshape(-1))
+            self.parent = union(self.roots, a[both].reshape(-1), b[both].reshape(-1))
 
     def link_ids(self, a: Tensor, b: Tensor) -> None:
         """:meth:`link` of two 1-D tensors of ids of equal length, none of them ``NONE``."""
-        self.parent = union(self.parent, a, b)
+        self.parent = union(self.roots, a, b)
 
     def unify(self, a: Tensor, b: Tensor) -> None:
         """Like :meth:`link`, and a channel facing a non-channel on the other side is blocked."""

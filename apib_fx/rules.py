@@ -400,7 +400,7 @@ def broadcast(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
         operands.append((small, real, fx_arg, value.dim()))
     if not operands:
         return ctx.unlabeled_output()
-    if len(operands) == 2 and operands[0][0].shape == operands[1][0].shape:
+    if len(operands) == 2 and operands[0][0].shape == operands[1][0].shape and operands[0][0].numel():
         p, q = operands[0][0], operands[1][0]
         # The common case (a residual add, an SE block's x * scale): two operands whose channels
         # vary along the same axes, every position a channel. They line up one to one and
