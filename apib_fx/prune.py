@@ -1,13 +1,11 @@
 """``apib_fx.prune``: trace, score, search the FLOPs target, rewrite."""
 from __future__ import annotations
 
-import contextlib
 import copy
-import gc
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +16,7 @@ from .rewrite import apply
 from .scoring import METHODS, score_apib, score_data_free
 from .recalibrate import recalibrate_bn
 from .search import UnreachableTarget, search_threshold
-from .trace import InputShapeError, as_inputs, eval_mode, trace
+from .trace import InputShapeError, as_inputs, eval_mode, gc_paused, trace
 
 KERNELS = ("laplace", "gaussian", "linear")
 
@@ -77,17 +75,6 @@ class PruneReport:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _n_params(model: nn.Module) -> int:
@@ -208,7 +195,7 @@ def prune(
     # The trace, its labels and the rewrite create tens of thousands of objects that live for the
     # whole call: Python would answer with full collections over every object in the process
     # (~0.15 s each with torch loaded). The few cycles made here are collected afterwards.
-    with _gc_paused():
+    with gc_paused():
         timings: dict[str, float] = {}
         t = time.perf_counter()
         try:

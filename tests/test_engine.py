@@ -1,4 +1,6 @@
 """The trace and rewrite passes on hand-written models: exact, or non-prunable with a reason."""
+import gc
+
 import pytest
 import torch
 from torch import nn
@@ -271,6 +273,19 @@ def test_untraceable_names_module_and_leaf_modules_work():
     g = apib_fx.trace(model, x, leaf_modules=(M.Untraceable.Gate,))
     conv = [gr for gr in g.groups if any(m.param == "conv.weight" for m in gr.members)][0]
     assert not conv.prunable and "Gate" in conv.reason
+
+
+def test_trace_leaves_garbage_collection_as_the_caller_had_it():
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(apib_fx.TraceError):
+        apib_fx.trace(_model(M.Untraceable), x)
+    assert gc.isenabled()  # paused while tracing, back after an error
+    gc.disable()
+    try:
+        apib_fx.trace(_model(M.LeNet), torch.randn(1, 3, 32, 32))
+        assert not gc.isenabled()  # a caller that switched it off keeps it off
+    finally:
+        gc.enable()
 
 
 def test_untraceable_forward_points_at_traceable_parts():
