@@ -135,13 +135,13 @@ class ChannelGraph:
         ids, which, pos = ids[on], which[on], pos[on]
 
         # Signature of a class: which bound dims it appears in, and how many times. Classes with
-        # equal signatures form one group. Hash (dim key, count) pairs into a 63-bit sum.
+        # equal signatures form one group. Hashed as Σ_k count_k · salt_k (mod 2^64) with random
+        # 62-bit salts: one scatter-add over the positions, no sort of (dim, class) pairs. Two
+        # different count vectors collide with probability ~2^-62.
         gen = torch.Generator().manual_seed(0)
-        salt = torch.randint(1, 2**62, (len(bindings), 2), generator=gen)
-        pair, counts = torch.unique(which * n + rep[ids], return_counts=True)
-        k_of_pair, class_of_pair = pair // n, pair % n
+        salt = torch.randint(1, 2**62, (len(bindings),), generator=gen)
         sig = torch.zeros(n, dtype=torch.long)
-        sig.index_add_(0, class_of_pair, (counts * salt[k_of_pair, 0]) ^ salt[k_of_pair, 1])
+        sig.index_add_(0, rep[ids], salt[which])
         reps = torch.nonzero(rep == torch.arange(n)).flatten()  # ascending
         # Group classes by signature; groups ordered by their first class (creation order).
         _, inv = torch.unique(sig[reps], return_inverse=True)

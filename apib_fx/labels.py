@@ -123,8 +123,8 @@ def varying_axes(labels: Tensor) -> list[int]:
 def axis_ids(labels: Tensor, axis: int) -> Tensor:
     """The 1-D labels along ``axis``, assuming they vary along no other axis."""
     axis = axis % labels.dim()
-    index = tuple(slice(None) if a == axis else 0 for a in range(labels.dim()))
-    return labels[index].contiguous()
+    # labels[0, ..., :, ..., 0] as one view op (an index of slices and ints costs several).
+    return labels.as_strided((labels.shape[axis],), (labels.stride(axis),), labels.storage_offset()).contiguous()
 
 
 def has_labels(labels: Tensor) -> bool:

@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .flops import MAC_TARGETS, _MacCounter, unfused_attention
 from .graph import ChannelGraph, stored_tensors
-from .labels import LabelSpace, compress, flatten_values, is_labels, unlabeled
+from .labels import LabelSpace, flatten_values, is_labels, unlabeled
 from .rules import DEFAULT_LEAF_MODULES, RuleContext, batch_norm_of, module_rule, opaque, rule_for
 
 Inputs = Union[Tensor, Sequence[Tensor]]
@@ -460,7 +460,7 @@ class ChannelPropagation(_GraphPass):
 
 def _stored(value: Any) -> Any:
     if is_labels(value):
-        return compress(value).expand(value.shape)
+        return value
     if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
         return tuple(_stored(v) for v in value)
     return None
