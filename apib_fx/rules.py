@@ -605,6 +605,15 @@ def resize_embedding(node: fx.Node, m: nn.Module, keep: KeepView) -> None:
     m.num_embeddings, m.embedding_dim = m.weight.shape
 
 
+def _tie_slices(space: LabelSpace, ids: Tensor, g: int) -> None:
+    """Position j of each of the ``g`` equal slices of ``ids`` goes with position j of the first."""
+    per = ids.numel() // g
+    if ids.numel() and int(ids.min()) != NONE:  # the usual case: one union, no masks
+        space.link_ids(ids, ids[:per].repeat(g))
+    else:
+        space.link(ids.view(g, per), ids[:per].expand(g, per))
+
+
 def _conv(ctx: RuleContext, x: Tensor, w: str, w_shape: tuple[int, ...], groups: int,
           bias: Optional[str]) -> Tensor:
     space = ctx.space
@@ -623,10 +632,10 @@ def _conv(ctx: RuleContext, x: Tensor, w: str, w_shape: tuple[int, ...], groups:
     else:
         # Grouped conv: every group must keep the same width, so position j of each group goes
         # together (inputs and outputs alike) and `groups` stays unchanged.
-        space.link(xin.view(g, ipg), xin[:ipg].expand(g, ipg))
+        _tie_slices(space, xin, g)
         space.bind(w, 1, xin[:ipg], "in")
         out = space.param_ids(w, 0, cout)
-        space.link(out.view(g, opg), out[:opg].expand(g, opg))
+        _tie_slices(space, out, g)
     if bias is not None:
         space.bind(bias, 0, out, "pass")
     out_shape = ctx.out_shape
@@ -777,9 +786,8 @@ def layer_norm_fn(ctx: RuleContext, x: Tensor, normalized_shape: Any, *args: Any
 
 def _group_norm(ctx: RuleContext, x: Tensor, num_groups: int, weights: list[str]) -> Tensor:
     ids = _channel_ids(ctx, x, 1)
-    per = ids.numel() // num_groups
     # Every group must keep the same number of channels: position j of each group goes together.
-    ctx.space.link(ids.view(num_groups, per), ids[:per].expand(num_groups, per))
+    _tie_slices(ctx.space, ids, num_groups)
     ctx.space.mark_mixed(x, f"{ctx.op_name} normalises across them")
     for name in weights:
         ctx.space.bind(name, 0, ids, "pass")
