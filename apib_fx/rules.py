@@ -1215,7 +1215,34 @@ _BINARY = (
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum",
 )
 
-RULES: dict[Any, Rule] = {
+class _RuleTable(dict):
+    """The rule table (a dict): also remembers the rule each module class resolved to (a lookup
+    walks the class's MRO, several times per traced module), until the table changes."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.resolved: dict[tuple[type, Any], Optional[Rule]] = {}
+
+    def _changed(self) -> None:
+        self.resolved.clear()
+
+
+def _invalidating(name: str) -> None:
+    base = getattr(dict, name)
+
+    def method(self: _RuleTable, *args: Any, **kwargs: Any) -> Any:
+        out = base(self, *args, **kwargs)
+        self._changed()
+        return out
+
+    setattr(_RuleTable, name, method)
+
+
+for _name in ("__setitem__", "__delitem__", "__ior__", "update", "pop", "popitem", "clear", "setdefault"):
+    _invalidating(_name)
+
+
+RULES: dict[Any, Rule] = _RuleTable({
     # producers
     nn.Conv1d: Rule(conv, resize_conv, input_axis=1, shape=conv_shape),
     nn.Conv2d: Rule(conv, resize_conv, input_axis=1, shape=conv_shape),
@@ -1278,7 +1305,7 @@ RULES: dict[Any, Rule] = {
     # matrix products
     F.scaled_dot_product_attention: SDPA,
     torch.matmul: MATMUL, operator.matmul: MATMUL, "matmul": MATMUL, torch.bmm: MATMUL, "bmm": MATMUL,
-}
+})
 RULES.update({m: PASS_MODULE for m in _ACTIVATIONS})
 RULES.update({m: POOL if m in _POOL_DIMS else SPATIAL for m in _POOLS})
 RULES.update({f: PASS for f in _UNARY_FUNCTIONS})
@@ -1307,6 +1334,18 @@ def register_rule(op: Any, rule: Rule) -> None:
 def module_rule(module_type: type) -> Optional[Rule]:
     """The rule of a module class: its own, or a base class's if it did not replace ``forward``
     (torchvision's ``Conv3DSimple(nn.Conv3d)`` is a Conv3d; a subclass with its own forward is not)."""
+    key = (module_type, getattr(module_type, "forward", None))  # (a forward patched later: looked up anew)
+    resolved = getattr(RULES, "resolved", None)
+    if resolved is None:  # RULES replaced by a plain dict
+        return _resolve_module_rule(module_type)
+    try:
+        return resolved[key]
+    except KeyError:
+        rule = resolved[key] = _resolve_module_rule(module_type)
+        return rule
+
+
+def _resolve_module_rule(module_type: type) -> Optional[Rule]:
     by_name = RULES.get(f"{module_type.__module__}.{module_type.__qualname__}")
     if by_name is not None:
         return by_name

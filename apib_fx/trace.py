@@ -109,13 +109,6 @@ class _Tracer(fx.Tracer):
         self.module_stack = _ModuleStack()
         self.leaf_types = leaf_types
         self.failed_in: list[tuple[str, str]] = []
-        self._rules: dict[type, Any] = {}  # module class -> its rule (asked twice per call)
-
-    def _rule(self, m: nn.Module) -> Any:
-        t = type(m)
-        if t not in self._rules:
-            self._rules[t] = module_rule(t)
-        return self._rules[t]
 
     def create_arg(self, a: Any) -> Any:
         # Most arguments are proxies, plain Python values or tuples/lists of them. fx first tests
@@ -135,11 +128,11 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # A module with a channel rule stays one node, also when its class lives outside torch.nn
         # (fx would otherwise trace into a torchvision subclass of nn.Conv3d and see F.conv3d).
-        return (isinstance(m, self.leaf_types) or self._rule(m) is not None
+        return (isinstance(m, self.leaf_types) or module_rule(type(m)) is not None
                 or super().is_leaf_module(m, qualname))
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
-        rule = self._rule(m)
+        rule = module_rule(type(m))
         if rule is not None and rule.expand is not None and not isinstance(m, self.leaf_types):
             out = rule.expand(m, args, kwargs)  # the ops it computes, so its inner widths get rules
             if out is not None:

@@ -601,3 +601,31 @@ def test_keyword_called_layers_are_scored_by_apib():
     assert {"b", "fc"} <= consumers
     pruned = apib_fx.prune(model, 0.3, x, num_calib=8, batch_size=8, progress=False, tolerance=0.1)
     assert all(r.note is None for r in pruned.apib_report.groups)
+
+
+def test_rule_table_changes_apply_to_the_next_trace():
+    class Scale(nn.Module):  # no rule: traced as a leaf, its input channels stay whole
+        def forward(self, x):
+            return 2 * x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.scale, self.head = nn.Conv2d(3, 8, 1), Scale(), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.head(self.scale(self.conv(x)))
+
+    model, x = Net(), torch.randn(1, 3, 4, 4)
+
+    def conv_group(leaf):
+        g = apib_fx.trace(model, x, leaf_modules=leaf)
+        return [gr for gr in g.groups if any(m.param == "conv.weight" for m in gr.members)][0]
+
+    assert not conv_group((Scale,)).prunable
+    apib_fx.register_rule(Scale, apib_fx.RULES[nn.ReLU])  # now it passes channels through
+    try:
+        assert conv_group(()).prunable
+    finally:
+        del apib_fx.RULES[Scale]
+    assert not conv_group((Scale,)).prunable  # the rule is gone again
