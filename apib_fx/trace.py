@@ -309,6 +309,7 @@ class ShapeAndMacsProp(_GraphPass):
         self.by_formula = by_formula
         self._placeholders: set[fx.Node] = set()  # nodes holding zeros for values not computed
         self._views: set[fx.Node] = set()  # placeholders still a broadcast view of one zero
+        self._zeros: dict[tuple, Tensor] = {}  # that zero, per dtype and device
 
     def run_node(self, n: fx.Node) -> Any:
         out = self._by_formula(n) if self.by_formula and n.op == "call_module" else None
@@ -322,7 +323,8 @@ class ShapeAndMacsProp(_GraphPass):
                 self._placeholders.add(n)
                 for a in n.all_input_nodes:
                     if a in self._views:  # an op that reads or writes elements: real memory
-                        self.env[a] = self.env[a].contiguous()
+                        v = self.env[a]
+                        self.env[a] = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
                         self._views.discard(a)
             if self._measured(n):
                 counter = _MacCounter()
@@ -357,7 +359,12 @@ class ShapeAndMacsProp(_GraphPass):
             shape = rule.shape(module, x) if isinstance(x, Tensor) else None
         except Exception:  # a formula registered for a module it does not fit: running it is right
             shape = None
-        return None if shape is None else torch.zeros((), dtype=x.dtype, device=x.device).expand(shape)
+        if shape is None:
+            return None
+        zero = self._zeros.get((x.dtype, x.device))
+        if zero is None:
+            zero = self._zeros[(x.dtype, x.device)] = torch.zeros((), dtype=x.dtype, device=x.device)
+        return zero.expand(shape)  # (never written: materialised as new zeros first)
 
     def _shape_only(self, n: fx.Node) -> bool:
         """Whether the output shape of ``n`` follows from its inputs' shapes alone."""
