@@ -159,7 +159,8 @@ class Rule:
     # For modules: ``shape(module, x)`` is the output shape of ``module(x)`` from the input alone,
     # so the shape pass need not run the layer (most of a trace's time); None when unsure (odd
     # input, hooks, a setting the formula does not cover): the layer then runs, and raises its own
-    # error if the input does not fit.
+    # error if the input does not fit. For functions and Tensor methods: ``shape(*args,
+    # **kwargs)`` is the output's (shape, dtype), or None likewise.
     shape: Optional[Callable[[nn.Module, Tensor], Optional[tuple[int, ...]]]] = None
 
 
@@ -1139,6 +1140,43 @@ def elementwise_shape(m: nn.Module, x: Tensor) -> Optional[tuple[int, ...]]:
     return tuple(x.shape) if _fits(m, x, None) else None
 
 
+def _arithmetic_operands(args: tuple, kwargs: dict) -> Optional[list[Tensor]]:
+    """The tensor operands of ``a (+|-|*) b`` (with ``alpha=``), or None when the call is not
+    that: one or two tensors, the rest real Python numbers, all on one device."""
+    if len(args) != 2 or set(kwargs) - {"alpha"}:
+        return None
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    numbers = [a for a in (*args, *kwargs.values()) if not isinstance(a, Tensor)]
+    if not tensors or not all(type(v) in (int, float, bool) for v in numbers):
+        return None
+    if len({t.device for t in tensors}) != 1:
+        return None
+    return tensors
+
+
+def arithmetic_shape(*args: Any, **kwargs: Any) -> Optional[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of ``a + b``, ``a - b``, ``a * b`` without computing it: the broadcast
+    shape and torch's promoted dtype."""
+    tensors = _arithmetic_operands(args, kwargs)
+    if tensors is None:
+        return None
+    return tuple(torch.broadcast_shapes(*(t.shape for t in tensors))), torch.result_type(*args)
+
+
+def inplace_arithmetic_shape(*args: Any, **kwargs: Any) -> Optional[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of ``a += b`` and ``a.add_(b)``: ``a``'s, when ``b`` broadcasts into it and
+    the result can be cast to ``a``'s dtype (else None: running it raises torch's own error)."""
+    tensors = _arithmetic_operands(args, kwargs)
+    a = args[0]
+    if tensors is None or not isinstance(a, Tensor):
+        return None
+    if tuple(torch.broadcast_shapes(*(t.shape for t in tensors))) != tuple(a.shape):
+        return None
+    if not torch.can_cast(torch.result_type(*args), a.dtype):
+        return None
+    return tuple(a.shape), a.dtype
+
+
 _POOL_DIMS = {
     nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
     nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
@@ -1174,6 +1212,8 @@ CAT = Rule(concat)
 RESHAPE = Rule(reshape, rewrite_shape_args)
 SPLIT = Rule(relabel, rewrite_split)
 BROADCAST = Rule(broadcast)
+ARITHMETIC = Rule(broadcast, shape=arithmetic_shape)
+INPLACE_ARITHMETIC = Rule(broadcast, shape=inplace_arithmetic_shape)
 REDUCE = Rule(reduction)
 SPATIAL = Rule(spatial)
 SOFTMAX = Rule(softmax)
@@ -1311,12 +1351,15 @@ RULES.update({m: POOL if m in _POOL_DIMS else SPATIAL for m in _POOLS})
 RULES.update({f: PASS for f in _UNARY_FUNCTIONS})
 RULES.update({f: PASS for f in _UNARY_METHODS})
 RULES.update({f: BROADCAST for f in _BINARY})
+RULES.update({f: ARITHMETIC for f in (operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul,
+                                      "add", "sub", "mul")})
+RULES.update({f: INPLACE_ARITHMETIC for f in (operator.iadd, operator.isub, operator.imul, "add_", "sub_", "mul_")})
 if StochasticDepth is not None:
-    RULES[StochasticDepth] = PASS
+    RULES[StochasticDepth] = PASS_MODULE
 # Layers of libraries apib_fx does not import, keyed by their qualified class name (exact class).
 RULES.update({
     # timm: stochastic depth stays a module (traced in eval mode, it would vanish from the graph)
-    "timm.layers.drop.DropPath": PASS,
+    "timm.layers.drop.DropPath": PASS_MODULE,
     # timm: TensorFlow "same" padding computed from the input size (fx cannot trace the branch):
     # a conv whose padding is spatial, so the conv's rule holds
     "timm.layers.conv2d_same.Conv2dSame": Rule(conv, resize_conv, input_axis=1),

@@ -288,6 +288,21 @@ class _GraphPass(fx.Interpreter):
         return getattr(self, n.op)(n.target, args, kwargs)
 
 
+_INPLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                                operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
+                                operator.ixor, operator.ilshift, operator.irshift, operator.imatmul})
+
+
+def _writes_first_argument(n: fx.Node) -> bool:
+    """``x += y``, ``x.add_(y)``: the op writes into its first argument."""
+    if n.op == "call_method":
+        return isinstance(n.target, str) and n.target.endswith("_") and not n.target.endswith("__")
+    try:
+        return n.target in _INPLACE_OPERATORS
+    except TypeError:  # an unhashable callable: not one of them
+        return False
+
+
 class ShapeAndMacsProp(_GraphPass):
     """Shape propagation (``node.meta["tensor_meta"]``, ``"type"``, as torch.fx's ``ShapeProp``
     records them, memory format left None) that also records the multiply-accumulates
@@ -298,7 +313,8 @@ class ShapeAndMacsProp(_GraphPass):
     (interception costs time).
 
     ``by_formula``: layers whose rule gives their output shape (convolutions, linear layers,
-    BatchNorm, activations, pooling) are not run: their output is zeros of that shape (a
+    BatchNorm, activations, pooling; elementwise arithmetic of such outputs) are not run: their
+    output is zeros of that shape (a
     broadcast view, filled in only when an op other than such a layer reads it), and so is
     everything computed from it. Such values may only reach ops whose output shape follows
     from their inputs' shapes (ops with a rule); any other op (an opaque layer, ``nonzero``, a
@@ -312,7 +328,12 @@ class ShapeAndMacsProp(_GraphPass):
         self._zeros: dict[tuple, Tensor] = {}  # that zero, per dtype and device
 
     def run_node(self, n: fx.Node) -> Any:
-        out = self._by_formula(n) if self.by_formula and n.op == "call_module" else None
+        out = None
+        if self.by_formula:
+            if n.op == "call_module":
+                out = self._by_formula(n)
+            elif n.op in ("call_function", "call_method") and self._placeholders:
+                out = self._function_by_formula(n)
         if out is not None:
             self._placeholders.add(n)
             self._views.add(n)
@@ -333,6 +354,9 @@ class ShapeAndMacsProp(_GraphPass):
                 n.meta["macs"] = counter.macs
             else:
                 out = super().run_node(n)
+        if n in self._placeholders and _writes_first_argument(n) and n.args and isinstance(n.args[0], fx.Node):
+            # ``y.add_(placeholder)``: y's values are no longer known either (later ops read y).
+            self._placeholders.add(n.args[0])
         if n in self._views:
             n.meta["tensor_meta"] = _tensor_meta(out, contiguous=True)
         elif isinstance(out, Tensor):
@@ -359,12 +383,38 @@ class ShapeAndMacsProp(_GraphPass):
             shape = rule.shape(module, x) if isinstance(x, Tensor) else None
         except Exception:  # a formula registered for a module it does not fit: running it is right
             shape = None
-        if shape is None:
+        return None if shape is None else self._zero(x.dtype, x.device).expand(shape)
+
+    def _function_by_formula(self, n: fx.Node) -> Optional[Tensor]:
+        """A function or method reading placeholders whose rule gives the output's shape and
+        dtype (elementwise arithmetic: the residual add, the SE block's multiply). An in-place op
+        only when it writes a placeholder: one that writes a computed tensor must really change it."""
+        if not any(a in self._placeholders for a in n.all_input_nodes):
             return None
-        zero = self._zeros.get((x.dtype, x.device))
+        if _writes_first_argument(n) and not (n.args and n.args[0] in self._placeholders):
+            return None
+        try:
+            rule = rule_for(n)
+        except TypeError:  # unhashable target
+            return None
+        if rule is None or rule.shape is None:
+            return None
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        try:
+            result = rule.shape(*args, **kwargs)
+        except Exception:  # running it decides
+            result = None
+        if result is None:
+            return None
+        shape, dtype = result
+        device = next(v.device for v in flatten_values((args, kwargs)) if isinstance(v, Tensor))
+        return self._zero(dtype, device).expand(shape)
+
+    def _zero(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        zero = self._zeros.get((dtype, device))
         if zero is None:
-            zero = self._zeros[(x.dtype, x.device)] = torch.zeros((), dtype=x.dtype, device=x.device)
-        return zero.expand(shape)  # (never written: materialised as new zeros first)
+            zero = self._zeros[(dtype, device)] = torch.zeros((), dtype=dtype, device=device)
+        return zero  # (never written: a placeholder an op reads is materialised as new zeros first)
 
     def _shape_only(self, n: fx.Node) -> bool:
         """Whether the output shape of ``n`` follows from its inputs' shapes alone."""

@@ -56,6 +56,40 @@ def test_each_formula_matches_running_the_layer(layer, shape):
     assert module_rule(type(layer)).shape(layer, x) == want
 
 
+_F = torch.randn(2, 3, 4, 5)
+ARITHMETIC = [
+    (torch.add, (_F, torch.randn(1, 3, 1, 1)), {}),  # an SE scale
+    (torch.mul, (_F, torch.randn(5)), {}),
+    (torch.sub, (_F, 2), {"alpha": 0.5}),
+    (torch.mul, (torch.randint(0, 5, (3, 4)), 2.5), {}),  # int tensor times a float: float
+    (torch.add, (torch.randint(0, 5, (3, 4)), True), {}),
+    (torch.mul, (torch.randn(3, 4, dtype=torch.float64), torch.randn(4)), {}),  # promoted to float64
+    (torch.add, (torch.randn(3, 1), torch.randn(1, 4).half()), {}),
+    (torch.mul, (torch.tensor(3.0), torch.randint(0, 5, (2, 2))), {}),  # 0-d float tensor and int tensor
+    (torch.Tensor.add_, (torch.randn(3, 4), torch.randn(4)), {}),
+    (torch.Tensor.mul_, (torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 1)), {}),
+]
+
+
+@pytest.mark.parametrize("op,args,kwargs", ARITHMETIC, ids=lambda v: getattr(v, "__name__", ""))
+def test_arithmetic_formula_matches_running_the_op(op, args, kwargs):
+    name = op.__name__
+    rule = apib_fx.RULES[name]
+    want = op(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
+    assert rule.shape(*args, **kwargs) == (tuple(want.shape), want.dtype)
+
+
+@pytest.mark.parametrize("op,args,kwargs", [
+    (torch.Tensor.add_, (torch.randn(1, 4), torch.randn(3, 4)), {}),  # would have to grow a
+    (torch.Tensor.add_, (torch.randint(0, 5, (3, 4)), torch.randn(3, 4)), {}),  # float into an int tensor
+    (torch.add, (torch.randn(2), torch.randn(2), torch.randn(2)), {}),  # not a + b
+    (torch.add, (torch.randn(2), torch.randn(2)), {"out": torch.empty(2)}),
+    (torch.mul, (torch.randn(2), 1j), {}),  # a complex number
+])
+def test_arithmetic_formula_declines_other_calls(op, args, kwargs):
+    assert apib_fx.RULES[op.__name__].shape(*args, **kwargs) is None
+
+
 @pytest.mark.parametrize("layer,x", [
     (nn.Conv2d(3, 8, 3), torch.randn(1, 4, 8, 8)),  # wrong channels: the layer says so itself
     (nn.Conv2d(3, 8, 3), torch.randn(1, 3, 8, 8, dtype=torch.float64)),  # dtype the layer refuses
@@ -136,7 +170,21 @@ class NonzeroLeaf(nn.Module):
         return self.nz(self.conv(x)).float().sum()
 
 
-@pytest.mark.parametrize("model,leaves", [(MaskAfterConv(), ()), (NonzeroLeaf(), (Nonzero,))])
+class MaskAfterInplaceAdd(nn.Module):
+    """A computed tensor changed in place by a conv's output, then selected by its own values."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        y = x * 2
+        y.add_(self.conv(x))
+        return y[y > 0].sum()
+
+
+@pytest.mark.parametrize("model,leaves", [(MaskAfterConv(), ()), (NonzeroLeaf(), (Nonzero,)),
+                                          (MaskAfterInplaceAdd(), ())])
 def test_values_the_formulas_skip_are_computed_when_an_op_needs_them(model, leaves):
     x = torch.randn(1, 3, 8, 8)
     with eval_mode(model), torch.no_grad():
