@@ -1163,6 +1163,29 @@ def arithmetic_shape(*args: Any, **kwargs: Any) -> Optional[tuple[tuple[int, ...
     return tuple(torch.broadcast_shapes(*(t.shape for t in tensors))), torch.result_type(*args)
 
 
+def concat_shape(tensors: Any, dim: int = 0) -> Optional[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of ``torch.cat(tensors, dim)`` without copying: sizes add up along ``dim``,
+    the dtype is promoted. None for anything unusual (a legacy empty 1-D tensor, which cat skips;
+    ranks or other sizes that differ; several devices): running it decides."""
+    if not isinstance(tensors, (tuple, list)) or not tensors or not all(isinstance(t, Tensor) for t in tensors):
+        return None
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        return None
+    rank = tensors[0].dim()
+    if rank == 0 or any(t.dim() != rank for t in tensors) or len({t.device for t in tensors}) != 1:
+        return None
+    d = dim % rank
+    first = tensors[0].shape
+    if any(t.shape[a] != first[a] for t in tensors for a in range(rank) if a != d):
+        return None
+    shape = list(first)
+    shape[d] = sum(t.shape[d] for t in tensors)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(shape), dtype
+
+
 def inplace_arithmetic_shape(*args: Any, **kwargs: Any) -> Optional[tuple[tuple[int, ...], torch.dtype]]:
     """(shape, dtype) of ``a += b`` and ``a.add_(b)``: ``a``'s, when ``b`` broadcasts into it and
     the result can be cast to ``a``'s dtype (else None: running it raises torch's own error)."""
@@ -1208,7 +1231,7 @@ PASS = Rule(passthrough)
 PASS_MODULE = Rule(passthrough, shape=elementwise_shape)  # activations, dropout, identity
 POOL = Rule(spatial, shape=pool_shape)
 SHAPE = Rule(relabel)
-CAT = Rule(concat)
+CAT = Rule(concat, shape=concat_shape)
 RESHAPE = Rule(reshape, rewrite_shape_args)
 SPLIT = Rule(relabel, rewrite_split)
 BROADCAST = Rule(broadcast)

@@ -79,6 +79,27 @@ def test_arithmetic_formula_matches_running_the_op(op, args, kwargs):
     assert rule.shape(*args, **kwargs) == (tuple(want.shape), want.dtype)
 
 
+@pytest.mark.parametrize("tensors,dim", [
+    ([torch.randn(1, 3, 4, 4), torch.randn(1, 5, 4, 4)], 1),  # DenseNet's concat
+    ((torch.randn(2, 3), torch.randn(4, 3).double()), -2),  # promoted to float64
+    ([torch.randn(2, 3, 0), torch.randn(2, 3, 2)], -1),
+    ([torch.randint(0, 3, (2,)), torch.randn(3)], 0),
+])
+def test_concat_formula_matches_running_cat(tensors, dim):
+    want = torch.cat(tensors, dim)
+    assert apib_fx.RULES[torch.cat].shape(tensors, dim) == (tuple(want.shape), want.dtype)
+
+
+@pytest.mark.parametrize("tensors,dim", [
+    ([torch.randn(2, 3), torch.randn(0)], 0),  # a legacy empty tensor: cat skips it
+    ([torch.randn(2, 3), torch.randn(2, 4)], 0),  # other sizes differ: cat's own error
+    ([torch.randn(2, 3), torch.randn(2, 3, 1)], 0),
+    ([], 0),
+])
+def test_concat_formula_declines_what_cat_should_decide(tensors, dim):
+    assert apib_fx.RULES[torch.cat].shape(tensors, dim) is None
+
+
 @pytest.mark.parametrize("op,args,kwargs", [
     (torch.Tensor.add_, (torch.randn(1, 4), torch.randn(3, 4)), {}),  # would have to grow a
     (torch.Tensor.add_, (torch.randint(0, 5, (3, 4)), torch.randn(3, 4)), {}),  # float into an int tensor
