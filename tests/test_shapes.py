@@ -106,6 +106,7 @@ def test_concat_formula_declines_what_cat_should_decide(tensors, dim):
     (torch.add, (torch.randn(2), torch.randn(2), torch.randn(2)), {}),  # not a + b
     (torch.add, (torch.randn(2), torch.randn(2)), {"out": torch.empty(2)}),
     (torch.mul, (torch.randn(2), 1j), {}),  # a complex number
+    (torch.add, (torch.randn(2, 3), torch.randn(4)), {}),  # shapes that do not broadcast: torch's error
 ])
 def test_arithmetic_formula_declines_other_calls(op, args, kwargs):
     assert apib_fx.RULES[op.__name__].shape(*args, **kwargs) is None
