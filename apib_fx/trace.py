@@ -272,9 +272,9 @@ class _GraphPass(fx.Interpreter):
 
     def __init__(self, module: fx.GraphModule, garbage_collect_values: bool = True):
         super().__init__(module, garbage_collect_values=garbage_collect_values)
-        # One walk of the module tree costs less than resolving a few dotted names attribute by
-        # attribute through nn.Module.__getattr__ (parameters are resolved on first use).
-        self._attrs: dict[str, Any] = dict(module.named_modules())
+        # Interpreter walked the module tree already: resolving dotted names attribute by
+        # attribute through nn.Module.__getattr__ costs more (parameters are resolved on first use).
+        self._attrs: dict[str, Any] = dict(self.submodules)
 
     def fetch_attr(self, target: str) -> Any:
         try:
@@ -463,7 +463,9 @@ class ChannelPropagation(_GraphPass):
     where channels go; the findings accumulate in a :class:`LabelSpace`."""
 
     def __init__(self, module: fx.GraphModule, space: LabelSpace):
-        super().__init__(module, garbage_collect_values=True)
+        # Every node's labels are kept (node_labels): freeing them from the environment after
+        # their last use would free nothing, and finding the last uses costs a pass over the graph.
+        super().__init__(module, garbage_collect_values=False)
         self.space = space
         self.node_labels: dict[str, Any] = {}
         self._node: fx.Node | None = None
