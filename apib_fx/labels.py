@@ -163,28 +163,36 @@ class FlopsTerm:
     dims: list[tuple[str, int]]
 
 
+def find(parent: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The root of each of ``ids`` in the union-find forest ``parent`` (a root is its own parent);
+    the ids visited are pointed straight at their root (in place)."""
+    roots = parent[ids]
+    while True:
+        up = parent[roots]
+        if np.array_equal(up, roots):
+            break
+        roots = up
+    parent[ids] = roots
+    return roots
+
+
 def union(parent: np.ndarray, a: Tensor, b: Tensor) -> np.ndarray:
-    """Union-find over ids, vectorised: merge the components of ``a[i]`` and ``b[i]``. ``parent``
-    maps every id to its component's smallest id (a fixed point of ``parent[parent]``); so does
-    the result (a new array). In numpy: a few small array ops per link, where each costs a
-    third of a torch op's overhead."""
+    """Union-find over ids, vectorised: merge the components of ``a[i]`` and ``b[i]``, in place
+    (returns ``parent``). The root of a component is its smallest id. Work is proportional to
+    the pairs linked, not to all ids: a few small numpy ops per link (each a third of a torch
+    op's overhead)."""
     a, b = a.numpy(), b.numpy()
     if a.size == 0:
         return parent
     while True:
-        pa, pb = parent[a], parent[b]
-        if np.array_equal(pa, pb):
+        ra, rb = find(parent, a), find(parent, b)
+        apart = ra != rb
+        if not apart.any():
             return parent
-        low = np.minimum(pa, pb)
-        new = parent.copy()
-        np.minimum.at(new, pa, low)
-        np.minimum.at(new, pb, low)
-        while True:  # pointer jumping until every id points at its root
-            jumped = new[new]
-            if np.array_equal(jumped, new):
-                break
-            new = jumped
-        parent = new
+        ra, rb = ra[apart], rb[apart]
+        # Each higher root points at the lowest root it meets; roots hit by several pairs meet
+        # the others in the next round.
+        np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
 
 
 @dataclass
@@ -202,8 +210,7 @@ class LabelSpace:
     aliases: dict[str, str] = field(default_factory=dict)
 
     def fresh(self, n: int) -> Tensor:
-        # ``parent`` learns of new ids (their own roots) only when it is next read: one copy per
-        # union rather than one per layer.
+        # (``parent`` makes room for them when it is next read, see _parent.)
         ids = torch.arange(self.size, self.size + n, dtype=torch.long)
         self.size += n
         return ids
@@ -211,19 +218,23 @@ class LabelSpace:
     @property
     def roots(self) -> Tensor:
         """(size,): every id's class, the smallest id tied to it."""
-        return torch.from_numpy(self._parent())
+        parent = self._parent()
+        return torch.from_numpy(find(parent, np.arange(self.size)))
 
     def _parent(self) -> np.ndarray:
+        """The union-find forest, with room for every id handed out. It grows geometrically:
+        ids not handed out yet are their own roots, so nothing reads them."""
         have = self.parent.size
         if have < self.size:
-            self.parent = np.concatenate([self.parent, np.arange(have, self.size, dtype=np.int64)])
+            grown = max(2 * have, self.size, 1024)
+            self.parent = np.concatenate([self.parent, np.arange(have, grown, dtype=np.int64)])
         return self.parent
 
     def classes(self, labels: Tensor) -> Tensor:
         """Labels mapped to their equivalence class (the smallest id tied to them)."""
         out = labels.clone()
         on = labels != NONE
-        out[on] = self.roots[labels[on]]
+        out[on] = torch.from_numpy(find(self._parent(), labels[on].numpy()))
         return out
 
     def class_varying_axes(self, labels: Tensor) -> list[int]:
