@@ -176,12 +176,13 @@ def find(parent: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return roots
 
 
-def union(parent: np.ndarray, a: Tensor, b: Tensor) -> np.ndarray:
+def union(parent: np.ndarray, a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> np.ndarray:
     """Union-find over ids, vectorised: merge the components of ``a[i]`` and ``b[i]``, in place
     (returns ``parent``). The root of a component is its smallest id. Work is proportional to
     the pairs linked, not to all ids: a few small numpy ops per link (each a third of a torch
     op's overhead)."""
-    a, b = a.numpy(), b.numpy()
+    a = a.numpy() if isinstance(a, Tensor) else a
+    b = b.numpy() if isinstance(b, Tensor) else b
     if a.size == 0:
         return parent
     while True:
@@ -248,17 +249,19 @@ class LabelSpace:
     def link(self, a: Tensor, b: Tensor) -> None:
         """Channels at the same positions of ``a`` and ``b`` go together (where both are channels)."""
         a, b = compress(a), compress(b)
-        if a.shape == b.shape and a.numel() and int(torch.minimum(a.min(), b.min())) != NONE:
-            # Channels on both sides everywhere (a grouped conv's slices, a shared module): no masks.
-            self.parent = union(self._parent(), a.reshape(-1), b.reshape(-1))
-            return
+        if a.shape == b.shape and a.numel():
+            an, bn = a.numpy().reshape(-1), b.numpy().reshape(-1)
+            if min(an.min(), bn.min()) != NONE:
+                # Channels on both sides everywhere (a shared module's two calls): no masks.
+                self.parent = union(self._parent(), an, bn)
+                return
         a, b = torch.broadcast_tensors(a, b)
         both = (a != NONE) & (b != NONE) & (a != b)
         if bool(both.any()):
             self.parent = union(self._parent(), a[both].reshape(-1), b[both].reshape(-1))
 
-    def link_ids(self, a: Tensor, b: Tensor) -> None:
-        """:meth:`link` of two 1-D tensors of ids of equal length, none of them ``NONE``."""
+    def link_ids(self, a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> None:
+        """:meth:`link` of two 1-D arrays of ids of equal length, none of them ``NONE``."""
         self.parent = union(self._parent(), a, b)
 
     def unify(self, a: Tensor, b: Tensor) -> None:
