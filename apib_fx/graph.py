@@ -261,7 +261,13 @@ class ChannelGraph:
             on = labels != NONE
             self._b[dim_of, term_of] = torch.bincount(slot[~on], minlength=len(slots)).double().numpy()
             stride = max(1, G)
-            pairs, counts = torch.unique(slot[on] * stride + self.id_group[labels[on]], return_counts=True)
+            key = slot[on] * stride + self.id_group[labels[on]]
+            if len(slots) * stride <= 1 << 22:  # a dense count over (slot, group) beats sorting
+                counts = torch.bincount(key, minlength=len(slots) * stride)
+                pairs = torch.nonzero(counts).flatten()
+                counts = counts[pairs]
+            else:
+                pairs, counts = torch.unique(key, return_counts=True)
             s_idx, g_idx = (pairs // stride).numpy(), (pairs % stride).numpy()
             self._A[dim_of[s_idx], term_of[s_idx], g_idx] = counts.double().numpy() / channels[g_idx]
         self._full = channels

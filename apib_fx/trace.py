@@ -4,7 +4,6 @@ from __future__ import annotations
 import collections
 import gc
 import inspect
-import math
 import operator
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
@@ -255,8 +254,12 @@ def _tensor_meta(t: Tensor, contiguous: bool = False) -> TensorMetadata:
     # checks per tensor, a quarter of the shape pass on MobileNetV3): nothing here reads them.
     # ``contiguous``: the strides of a contiguous tensor of that shape (``t`` is a stand-in).
     stride = t.stride()
-    if contiguous:
-        stride = tuple(math.prod(t.shape[i + 1:]) for i in range(t.dim()))
+    if contiguous:  # (torch's rule: a size-0 axis counts as 1)
+        acc, rev = 1, []
+        for n in reversed(t.shape):
+            rev.append(acc)
+            acc *= max(n, 1)
+        stride = tuple(reversed(rev))
     return TensorMetadata(t.shape, t.dtype, t.requires_grad, stride, None, False, {})
 
 
