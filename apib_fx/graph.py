@@ -22,9 +22,19 @@ from .labels import NONE, LabelSpace
 def stored_tensors(module: nn.Module) -> dict[str, Tensor]:
     """Every parameter and buffer of ``module`` under every name it has (a tied tensor appears
     once per name; parameters first): the tensors a member's ``param`` can name."""
-    tensors = dict(module.named_parameters(remove_duplicate=False))
-    tensors.update(module.named_buffers(remove_duplicate=False))
-    return tensors
+    # One walk of the module tree for both (named_parameters and named_buffers walk it each).
+    params: dict[str, Tensor] = {}
+    buffers: dict[str, Tensor] = {}
+    for prefix, m in module.named_modules(remove_duplicate=False):
+        dot = prefix + "." if prefix else ""
+        for name, t in m._parameters.items():
+            if t is not None:
+                params[dot + name] = t
+        for name, t in m._buffers.items():
+            if t is not None:
+                buffers[dot + name] = t
+    params.update(buffers)
+    return params
 
 
 @dataclass(frozen=True)
