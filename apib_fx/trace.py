@@ -110,18 +110,20 @@ class _Tracer(fx.Tracer):
         self.failed_in: list[tuple[str, str]] = []
 
     def create_arg(self, a: Any) -> Any:
-        # Most arguments are proxies, plain Python values or tuples/lists of them. fx first tests
-        # each against Parameter, Tensor, Module, namedtuple and opaque types (a fifth of tracing
-        # a MobileNet); for these types its answer is the same as here.
+        # Most arguments are proxies, plain Python values or tuples, lists and keyword dicts of
+        # them. fx first tests each against Parameter, Tensor, Module, namedtuple and opaque types
+        # (a fifth of tracing a MobileNet); for these types its answer is the same as here.
         t = type(a)
         if t is fx.Proxy:
             return a.node
         if t in _PLAIN_ARGS:
             return a
         if t is tuple:
-            return tuple(self.create_arg(v) for v in a)
+            return tuple([self.create_arg(v) for v in a])
         if t is list:
             return [self.create_arg(v) for v in a]
+        if t is dict and all(type(k) is str for k in a):  # keyword arguments
+            return {k: self.create_arg(v) for k, v in a.items()}
         return super().create_arg(a)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
