@@ -292,6 +292,20 @@ class _GraphPass(fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         return getattr(self, n.op)(n.target, args, kwargs)
 
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict]:
+        # Interpreter's, with the usual arguments (nodes, plain values) looked up directly
+        # instead of through map_arg's recursion.
+        env = self.env
+
+        def value(a: Any) -> Any:
+            t = type(a)
+            if t is fx.Node:
+                return env[a]
+            return a if t in _PLAIN_ARGS else self.map_nodes_to_values(a, n)
+
+        args = tuple([value(a) for a in n.args])
+        return args, ({k: value(v) for k, v in n.kwargs.items()} if n.kwargs else {})
+
 
 _INPLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv,
                                 operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
