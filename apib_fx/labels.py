@@ -167,11 +167,9 @@ def find(parent: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """The root of each of ``ids`` in the union-find forest ``parent`` (a root is its own parent);
     the ids visited are pointed straight at their root (in place)."""
     roots = parent[ids]
-    while True:
-        up = parent[roots]
-        if np.array_equal(up, roots):
-            break
-        roots = up
+    up = parent[roots]
+    while not (up == roots).all():  # (np.array_equal's checks cost more than the comparison)
+        roots, up = up, parent[up]
     parent[ids] = roots
     return roots
 

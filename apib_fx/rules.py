@@ -392,6 +392,18 @@ def broadcast(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     out_shape = ctx.out_shape
     nd = len(out_shape)
     space = ctx.space
+    if len(args) == 2 and not kwargs and is_labels(args[0]) and is_labels(args[1]) \
+            and args[0].dim() == args[1].dim() == nd:
+        p, q = compress(args[0]), compress(args[1])
+        if p.shape == q.shape and p.numel():
+            # The common case (a residual add, an SE block's x * scale): two operands whose
+            # channels vary along the same axes, every position a channel. They line up one to
+            # one and nothing is missing on either side: link them, without the bookkeeping below.
+            pn, qn = p.numpy().reshape(-1), q.numpy().reshape(-1)  # (numpy: a third of torch's overhead)
+            if min(pn.min(), qn.min()) != NONE:
+                if p is not q:
+                    space.link_ids(pn, qn)
+                return p.expand(out_shape)
     operands = []  # (compressed labels at out rank, real shape at out rank, fx arg)
     fx_args = list(ctx.node.args) + list(ctx.node.kwargs.values())
     for value, fx_arg in zip(list(args) + list(kwargs.values()), fx_args):
@@ -402,16 +414,6 @@ def broadcast(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
         operands.append((small, real, fx_arg, value.dim()))
     if not operands:
         return ctx.unlabeled_output()
-    if len(operands) == 2 and operands[0][0].shape == operands[1][0].shape and operands[0][0].numel():
-        p, q = operands[0][0], operands[1][0]
-        # The common case (a residual add, an SE block's x * scale): two operands whose channels
-        # vary along the same axes, every position a channel. They line up one to one and
-        # nothing is missing on either side: link them, without the general bookkeeping below.
-        pn, qn = p.numpy().reshape(-1), q.numpy().reshape(-1)  # (numpy: a third of torch's overhead)
-        if min(pn.min(), qn.min()) != NONE:
-            if p is not q:
-                space.link_ids(pn, qn)
-            return p.expand(out_shape)
     common = _broadcast_shape([op[0].shape for op in operands])
     out = torch.full(common, NONE, dtype=torch.long)
     for small, *_ in operands:
