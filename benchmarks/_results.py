@@ -7,8 +7,17 @@ from pathlib import Path
 from apib_fx._atomic import write_text
 
 
-def write_results(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (creating its folder) and say where."""
+def emit(lines: list[str], row: str) -> None:
+    """Show a table row as soon as it is measured and keep it for the results file."""
+    print(row, flush=True)
+    lines.append(row)
+
+
+def write_results(path: str | Path, text: str | list[str]) -> Path:
+    """Write ``text`` (or lines, one per line) to ``path`` atomically (creating its folder) and
+    say where."""
+    if isinstance(text, list):
+        text = "\n".join(text) + "\n"
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text(out, text)

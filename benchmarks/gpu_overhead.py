@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from pathlib import Path
 
 import torch
 
 import apib_fx
 from apib_fx.testing import zoo_model
 
-from _results import write_results
+from _results import emit, write_results
 
 
 def main() -> None:
@@ -74,10 +73,8 @@ def main() -> None:
             ts.sort()
             gs.sort()
             row = f"| {bs} | {name} | {ts[10] * 1e3:.2f} | {gs[10] * 1e3:.2f} |"
-            print(row, flush=True)
-            lines.append(row)
-    out = Path(args.out)
-    write_results(out, "\n".join(lines) + "\n")
+            emit(lines, row)
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
@@ -24,7 +23,7 @@ from apib_fx.bench import cpu_name
 from apib_fx.testing import zoo_model
 
 from _peers import tp_magnitude
-from _results import write_results
+from _results import emit, write_results
 
 
 def main() -> None:
@@ -100,8 +99,7 @@ def main() -> None:
             row = (f"| {target:.2f} | {method} | {r.flops_reduction:.3f} | {total:.2f} | " + " | ".join(cells)
                    + f" | {own / forward:.2f} | {own / forward_kept:.2f} "
                    f"| {(own - tm.get('forward', 0.0)) / forward_kept:.2f} |")
-            print(row, flush=True)
-            lines.append(row)
+            emit(lines, row)
         if not args.skip_tp:
             try:
                 _, achieved, once, total = tp_magnitude(model, data[:1], target)
@@ -110,10 +108,8 @@ def main() -> None:
                        f"| {once / forward_kept:.2f} | {once / forward_kept:.2f} |")
             except Exception as e:
                 row = f"| {target:.2f} | Torch-Pruning magnitude | error: {type(e).__name__}: {e} |"
-            print(row, flush=True)
-            lines.append(row)
-    out = Path(args.out)
-    write_results(out, "\n".join(lines) + "\n")
+            emit(lines, row)
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import collections
 import time
-from pathlib import Path
 
 import timm
 import torch
@@ -19,7 +18,7 @@ import torch
 import apib_fx
 from apib_fx.testing import check_exact, fill_zero_weights
 
-from _results import write_results
+from _results import emit, write_results
 
 MODELS = [
     "resnet50", "resnet50d", "resnetv2_50", "resnetrs50", "resnetblur18", "seresnext26d_32x4d",
@@ -76,11 +75,8 @@ def main() -> None:
              "prunable group removed at random; CNNs at 64x64, fixed-size models at their size.", ""] + head
     print("\n".join(lines), flush=True)
     for name in args.models.split(","):
-        line = row(name)
-        print(line, flush=True)
-        lines.append(line)
-    out = Path(args.out)
-    write_results(out, "\n".join(lines) + "\n")
+        emit(lines, row(name))
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":

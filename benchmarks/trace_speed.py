@@ -18,7 +18,7 @@ import torch
 import apib_fx
 from apib_fx.testing import zoo_model
 
-from _results import write_results
+from _results import emit, write_results
 
 MODELS = ["resnet18", "resnet50", "resnext50_32x4d", "vgg16_bn", "densenet121", "googlenet",
           "inception_v3", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf",
@@ -71,8 +71,7 @@ def main() -> None:
             n_theirs = len(list(build().get_all_groups(ignored_layers=ignored)))
             cell, speed = f"{theirs:.3f}", f"{theirs / ours:.2f}x"
         row = f"| {name} | {ours:.3f} | {cell} | {speed} | {n_ours} | {n_theirs} |"
-        print(row, flush=True)
-        rows.append(row)
+        emit(rows, row)
     out = Path(args.out)
     write_results(out, f"Input 1x3x{args.size}x{args.size} (inception_v3 299), median of {args.repeat} "
                    "alternating runs, "

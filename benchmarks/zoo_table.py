@@ -19,7 +19,7 @@ import torch
 import apib_fx
 from apib_fx.testing import CNN_ZOO, check_exact, zoo_input_size, zoo_model
 
-from _results import write_results
+from _results import emit, write_results
 
 
 def main() -> None:
@@ -44,8 +44,7 @@ def main() -> None:
             "no (norm mixes channels; shapes ok)" if not r.exact_expected and r.shapes_ok and r.finite else "FAIL")
         row = (f"| {name} | {len(graph.groups)} | {len(graph.prunable_groups)} | {exact} | {r.max_diff:.1e} | "
                f"{r.flops_before:,} | {r.flops_after:,} | {'yes' if r.flops_model == r.flops_after else 'NO'} | {t:.2f} |")
-        print(row, flush=True)
-        rows.append(row)
+        emit(rows, row)
         del model, graph
         gc.collect()
     out = Path(args.out)
