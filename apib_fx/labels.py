@@ -247,16 +247,25 @@ class LabelSpace:
     def link(self, a: Tensor, b: Tensor) -> None:
         """Channels at the same positions of ``a`` and ``b`` go together (where both are channels)."""
         a, b = compress(a), compress(b)
-        if a.shape == b.shape and a.numel():
-            an, bn = a.numpy().reshape(-1), b.numpy().reshape(-1)
-            if min(an.min(), bn.min()) != NONE:
-                # Channels on both sides everywhere (a shared module's two calls): no masks.
-                self.parent = union(self._parent(), an, bn)
-                return
+        if self.link_aligned(a, b):
+            return
         a, b = torch.broadcast_tensors(a, b)
         both = (a != NONE) & (b != NONE) & (a != b)
         if bool(both.any()):
             self.parent = union(self._parent(), a[both].reshape(-1), b[both].reshape(-1))
+
+    def link_aligned(self, a: Tensor, b: Tensor) -> bool:
+        """Link two compressed label views of one shape whose every position is a channel (two
+        calls of a shared module, a residual add, an SE block's ``x * scale``): one union, no
+        masks. False, and nothing linked, for any other pair."""
+        if a.shape != b.shape or not a.numel():
+            return False
+        an, bn = a.numpy().reshape(-1), b.numpy().reshape(-1)  # (numpy: a third of torch's overhead)
+        if min(an.min(), bn.min()) == NONE:
+            return False
+        if a is not b:
+            self.parent = union(self._parent(), an, bn)
+        return True
 
     def link_ids(self, a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> None:
         """:meth:`link` of two 1-D arrays of ids of equal length, none of them ``NONE``."""

@@ -162,7 +162,7 @@ class Rule:
     # input, hooks, a setting the formula does not cover): the layer then runs, and raises its own
     # error if the input does not fit. For functions and Tensor methods: ``shape(*args,
     # **kwargs)`` is the output's (shape, dtype), or None likewise.
-    shape: Optional[Callable[[nn.Module, Tensor], Optional[tuple[int, ...]]]] = None
+    shape: Optional[Callable[..., Any]] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,11 +379,6 @@ def getitem(ctx: RuleContext, x: Any, index: Any) -> Any:
     return _relabeled(ctx.space, x[index])
 
 
-def _broadcast_shape(shapes: list[torch.Size]) -> tuple[int, ...]:
-    """torch.broadcast_shapes for shapes of equal rank that broadcast (a tenth of its time)."""
-    return tuple(next((n for n in sizes if n != 1), 1) for sizes in zip(*shapes))
-
-
 def broadcast(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     """Elementwise ops of several tensors (add, mul, where...): channels that meet at the same
     position must be removed together (a residual add, an SE block's ``x * scale``)."""
@@ -394,16 +389,12 @@ def broadcast(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     space = ctx.space
     if len(args) == 2 and not kwargs and is_labels(args[0]) and is_labels(args[1]) \
             and args[0].dim() == args[1].dim() == nd:
-        p, q = compress(args[0]), compress(args[1])
-        if p.shape == q.shape and p.numel():
-            # The common case (a residual add, an SE block's x * scale): two operands whose
-            # channels vary along the same axes, every position a channel. They line up one to
-            # one and nothing is missing on either side: link them, without the bookkeeping below.
-            pn, qn = p.numpy().reshape(-1), q.numpy().reshape(-1)  # (numpy: a third of torch's overhead)
-            if min(pn.min(), qn.min()) != NONE:
-                if p is not q:
-                    space.link_ids(pn, qn)
-                return p.expand(out_shape)
+        # The common case (a residual add, an SE block's x * scale): two operands whose channels
+        # vary along the same axes, every position a channel. They line up one to one and nothing
+        # is missing on either side: link them, without the bookkeeping below.
+        p = compress(args[0])
+        if space.link_aligned(p, compress(args[1])):
+            return p.expand(out_shape)
     operands = []  # (compressed labels at out rank, real shape at out rank, fx arg)
     fx_args = list(ctx.node.args) + list(ctx.node.kwargs.values())
     for value, fx_arg in zip(list(args) + list(kwargs.values()), fx_args):
@@ -414,7 +405,7 @@ def broadcast(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
         operands.append((small, real, fx_arg, value.dim()))
     if not operands:
         return ctx.unlabeled_output()
-    common = _broadcast_shape([op[0].shape for op in operands])
+    common = _broadcast_shapes([op[0].shape for op in operands])
     out = torch.full(common, NONE, dtype=torch.long)
     for small, *_ in operands:
         s = small.expand(common)

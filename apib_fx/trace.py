@@ -331,11 +331,10 @@ class ShapeAndMacsProp(_GraphPass):
     model takes them as a constant the pruning cannot change. Other nodes run uncounted
     (interception costs time).
 
-    ``by_formula``: layers whose rule gives their output shape (convolutions, linear layers,
-    BatchNorm, activations, pooling; elementwise arithmetic of such outputs) are not run: their
-    output is zeros of that shape (a
-    broadcast view, filled in only when an op other than such a layer reads it), and so is
-    everything computed from it. Such values may only reach ops whose output shape follows
+    ``by_formula``: ops whose rule gives their output shape (convolutions, linear layers,
+    BatchNorm, activations, pooling; elementwise arithmetic and concatenation of such outputs) are
+    not run: their output is zeros of that shape (a broadcast view, filled in only when an op
+    other than such a layer reads it), and so is everything computed from it. Such values may only reach ops whose output shape follows
     from their inputs' shapes (ops with a rule); any other op (an opaque layer, ``nonzero``, a
     boolean mask) raises ``_NeedsValues``, and :func:`propagate_shapes` runs everything for real."""
 
@@ -348,16 +347,17 @@ class ShapeAndMacsProp(_GraphPass):
 
     def run_node(self, n: fx.Node) -> Any:
         out = None
+        reads_placeholders = bool(self._placeholders) and any(a in self._placeholders for a in n.all_input_nodes)
         if self.by_formula:
             if n.op == "call_module":
                 out = self._by_formula(n)
-            elif n.op in ("call_function", "call_method") and self._placeholders:
+            elif n.op in ("call_function", "call_method") and reads_placeholders:
                 out = self._function_by_formula(n)
         if out is not None:
             self._placeholders.add(n)
             self._views.add(n)
         else:
-            if self._placeholders and any(a in self._placeholders for a in n.all_input_nodes):
+            if reads_placeholders:
                 if not self._shape_only(n):
                     raise _NeedsValues(n.format_node())
                 self._placeholders.add(n)
@@ -408,8 +408,6 @@ class ShapeAndMacsProp(_GraphPass):
         """A function or method reading placeholders whose rule gives the output's shape and
         dtype (elementwise arithmetic: the residual add, the SE block's multiply). An in-place op
         only when it writes a placeholder: one that writes a computed tensor must really change it."""
-        if not any(a in self._placeholders for a in n.all_input_nodes):
-            return None
         if _writes_first_argument(n) and not (n.args and n.args[0] in self._placeholders):
             return None
         try:
@@ -500,9 +498,6 @@ class ChannelPropagation(_GraphPass):
             # it is a constant term of the FLOPs model.
             self.space.add_flops(macs, [])
         return out
-
-    def placeholder(self, target: Any, args: Any, kwargs: Any) -> Any:
-        return super().placeholder(target, args, kwargs)
 
     def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
         value = super().get_attr(target, args, kwargs)
