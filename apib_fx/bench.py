@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -147,32 +148,33 @@ def benchmark(
         raise ValueError("models is empty: pass {name: module or ONNX path}")
     x = as_inputs(example_inputs)[0][:1]
     threads = threads or max(1, min(os.cpu_count() or 1, 16))
+    # ONNX files exist only while they are timed: removed on the way out, also after an error.
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="apib_fx_bench_"))
-    info: dict[str, dict[str, Any]] = {}
-    for name, m in models.items():
-        if isinstance(m, nn.Module):
-            onnx_path = None
-            if any(b.startswith("ort") for b in backends):
-                onnx_path = str(export_onnx(m, tmp / f"{len(info)}.onnx", x, check=False))
-            info[name] = {"module": m, "onnx": onnx_path, "flops": count_flops(m, _input_for(m, x)),
-                          "params": sum(p.numel() for p in m.parameters())}
-        else:
-            p = pathlib.Path(m)
-            if not p.is_file():
-                raise FileNotFoundError(f"model {name!r}: no ONNX file at {str(p)!r}")
-            import onnx
-
-            params = sum(int(np.prod(i.dims)) for i in onnx.load(str(p)).graph.initializer)
-            info[name] = {"module": None, "onnx": str(p), "flops": onnx_macs(p, x.shape), "params": params}
-
-    import onnxruntime as ort
-
-    providers = ort.get_available_providers()
-    rows: list[dict[str, Any]] = []
-    jobs = [(n, b, bs) for b in backends for bs in batch_sizes for n in models]
     old_threads = torch.get_num_threads()
-    bar = tqdm(jobs, desc="benchmark", unit="run", disable=not progress)
     try:
+        info: dict[str, dict[str, Any]] = {}
+        for name, m in models.items():
+            if isinstance(m, nn.Module):
+                onnx_path = None
+                if any(b.startswith("ort") for b in backends):
+                    onnx_path = str(export_onnx(m, tmp / f"{len(info)}.onnx", x, check=False))
+                info[name] = {"module": m, "onnx": onnx_path, "flops": count_flops(m, _input_for(m, x)),
+                              "params": sum(p.numel() for p in m.parameters())}
+            else:
+                p = pathlib.Path(m)
+                if not p.is_file():
+                    raise FileNotFoundError(f"model {name!r}: no ONNX file at {str(p)!r}")
+                import onnx
+
+                params = sum(int(np.prod(i.dims)) for i in onnx.load(str(p)).graph.initializer)
+                info[name] = {"module": None, "onnx": str(p), "flops": onnx_macs(p, x.shape), "params": params}
+
+        import onnxruntime as ort
+
+        providers = ort.get_available_providers()
+        rows: list[dict[str, Any]] = []
+        jobs = [(n, b, bs) for b in backends for bs in batch_sizes for n in models]
+        bar = tqdm(jobs, desc="benchmark", unit="run", disable=not progress)
         for name, backend, bs in bar:
             meta = info[name]
             row: dict[str, Any] = {"model": name, "backend": backend, "batch": bs, "threads": threads,
@@ -225,6 +227,7 @@ def benchmark(
             rows.append(row)
     finally:
         torch.set_num_threads(old_threads)
+        shutil.rmtree(tmp, ignore_errors=True)
     first = next(iter(models))
     for row in rows:
         base = next(r for r in rows if r["model"] == first and r["backend"] == row["backend"] and r["batch"] == row["batch"])

@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import tempfile
 import sys
 
 import pytest
@@ -175,3 +176,17 @@ def test_benchmark_feeds_a_model_its_own_precision_and_layout():
                      warmup=1, iters=1, progress=False)
     assert rows[0]["status"] == "ok", rows[0]["reason"]
     assert rows[0]["flops"] == apib_fx.count_flops(zoo_model("resnet18", num_classes=10), torch.randn(1, 3, 32, 32))
+
+
+def test_benchmark_removes_its_onnx_files(tmp_path, monkeypatch):
+    # The modules are exported to ONNX for onnxruntime: those files must not pile up in /tmp,
+    # neither after a run nor when a later model is rejected.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    x = torch.randn(1, 3, 8, 8)
+    rows = benchmark({"m": model}, x, batch_sizes=(1,), backends=("ort-cpu",), warmup=1, iters=1, progress=False)
+    assert rows[0]["status"] == "ok", rows[0]["reason"]
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError, match="no ONNX file"):
+        benchmark({"m": model, "gone": tmp_path / "gone.onnx"}, x, backends=("ort-cpu",), progress=False)
+    assert list(tmp_path.iterdir()) == []
