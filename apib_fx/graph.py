@@ -10,7 +10,7 @@ multiplicity, so every member sees every channel of its group the same way: that
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -35,6 +35,22 @@ def stored_tensors(module: nn.Module) -> dict[str, Tensor]:
                 buffers[dot + name] = t
     params.update(buffers)
     return params
+
+
+def graph_tensors(model: nn.Module, graph: fx.Graph) -> dict[str, Tensor]:
+    """:func:`stored_tensors` of the GraphModule that ``graph`` makes of ``model`` (the tensors of
+    the submodules its nodes call, and the attributes they read), without building it; in
+    ``model``'s order, so a tied tensor's first name is the one ``named_parameters()`` reports."""
+    reached = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
+    out = {}
+    for name, t in stored_tensors(model).items():
+        path = name
+        while path:  # the tensor itself, or a module above it, is read by the graph
+            if path in reached:
+                out[name] = t
+                break
+            path = path.rpartition(".")[0]
+    return out
 
 
 @dataclass(frozen=True)
@@ -109,22 +125,28 @@ class ChannelGraph:
     """Channel groups of a traced model, plus what :func:`apib_fx.apply` and the FLOPs model need.
 
     ``module`` is the traced ``GraphModule`` (it shares parameters with the user's model and is
-    never modified); ``groups`` the channel groups.
+    never modified; built on first use); ``groups`` the channel groups.
     """
 
     def __init__(
         self,
-        module: fx.GraphModule,
+        module: Union[fx.GraphModule, Callable[[], fx.GraphModule]],
         space: LabelSpace,
         node_labels: dict[str, Any],
         example_inputs: tuple[Tensor, ...],
     ):
-        self.module = module
+        self._module = module
         self.example_inputs = example_inputs
         self.node_labels = node_labels
         self._bindings = {k: b for k, b in space.bindings.items()}
         self._build_groups(space)
         self._build_flops(space)
+
+    @property
+    def module(self) -> fx.GraphModule:
+        if not isinstance(self._module, nn.Module):
+            self._module = self._module()
+        return self._module
 
     # -- grouping ---------------------------------------------------------------------------
     def _build_groups(self, space: LabelSpace) -> None:

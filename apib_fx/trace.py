@@ -17,7 +17,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .flops import MAC_TARGETS, _MacCounter, unfused_attention
-from .graph import ChannelGraph, stored_tensors
+from .graph import ChannelGraph, graph_tensors, stored_tensors
 from .labels import LabelSpace, flatten_values, is_labels, unlabeled
 from .rules import DEFAULT_LEAF_MODULES, RuleContext, batch_norm_of, module_rule, opaque, rule_for
 
@@ -197,6 +197,12 @@ class _Tracer(fx.Tracer):
 
 def symbolic_trace(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
     """torch.fx symbolic trace with a clear error naming the module that failed."""
+    return _TracedModule(model, trace_graph(model, leaf_modules), type(model).__name__)
+
+
+def trace_graph(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.Graph:
+    """:func:`symbolic_trace`'s graph, whose targets name ``model``'s own submodules and tensors
+    (no GraphModule is built: the trace's passes interpret it on ``model``)."""
     tracer = _Tracer(tuple(DEFAULT_LEAF_MODULES) + tuple(leaf_modules))
     try:
         graph = tracer.trace(model)
@@ -218,9 +224,7 @@ def symbolic_trace(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.Gr
             f"model.<part> = apib_fx.prune(model.<part>, ...); modules inside a part that fail "
             f"can be kept opaque with leaf_modules=(...)."
         ) from e
-    name = type(model).__name__
-    graph = positional_inputs(module_batch_norms(graph, tracer.root), tracer.root)
-    return _TracedModule(tracer.root, graph, name)
+    return positional_inputs(module_batch_norms(graph, tracer.root), tracer.root)
 
 
 def positional_inputs(graph: fx.Graph, root: nn.Module) -> fx.Graph:
@@ -324,8 +328,9 @@ class _GraphPass(fx.Interpreter):
     node runs without Interpreter's current-node context (metadata for re-tracing the ops, which
     these passes never do). Together a tenth of tracing MobileNetV3."""
 
-    def __init__(self, module: fx.GraphModule, garbage_collect_values: bool = True):
-        super().__init__(module, garbage_collect_values=garbage_collect_values)
+    def __init__(self, module: nn.Module, garbage_collect_values: bool = True, graph: Optional[fx.Graph] = None):
+        # ``graph``: run that graph on ``module`` (the traced model itself) instead of module.graph.
+        super().__init__(module, garbage_collect_values=garbage_collect_values, graph=graph)
         # Interpreter walked the module tree already: resolving dotted names attribute by
         # attribute through nn.Module.__getattr__ costs more (parameters are resolved on first use).
         self._attrs: dict[str, Any] = dict(self.submodules)
@@ -387,8 +392,8 @@ class ShapeAndMacsProp(_GraphPass):
     from their inputs' shapes (ops with a rule); any other op (an opaque layer, ``nonzero``, a
     boolean mask) raises ``_NeedsValues``, and :func:`propagate_shapes` runs everything for real."""
 
-    def __init__(self, module: fx.GraphModule, by_formula: bool = False):
-        super().__init__(module)
+    def __init__(self, module: nn.Module, by_formula: bool = False, graph: Optional[fx.Graph] = None):
+        super().__init__(module, graph=graph)
         self.by_formula = by_formula
         self._placeholders: set[fx.Node] = set()  # nodes holding zeros for values not computed
         self._views: set[fx.Node] = set()  # placeholders still a broadcast view of one zero
@@ -509,29 +514,29 @@ class ShapeAndMacsProp(_GraphPass):
             return True
 
 
-def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Tensor]) -> None:
-    """:class:`ShapeAndMacsProp` over ``gm``: by formula where layers allow it (a batch-1 forward
-    of MobileNetV3 spends most of its time in convolutions the shapes do not need), by running
-    every op where a value the formulas skipped is needed."""
+def propagate_shapes(gm: nn.Module, inputs: Sequence[Tensor], graph: Optional[fx.Graph] = None) -> None:
+    """:class:`ShapeAndMacsProp` over ``gm`` (or ``graph`` on the module ``gm``): by formula where
+    layers allow it (a batch-1 forward of MobileNetV3 spends most of its time in convolutions the
+    shapes do not need), by running every op where a value the formulas skipped is needed."""
     if torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu"):
-        ShapeAndMacsProp(gm).propagate(*inputs)  # autocast changes dtypes the formulas keep
+        ShapeAndMacsProp(gm, graph=graph).propagate(*inputs)  # autocast changes dtypes the formulas keep
         return
     try:
-        ShapeAndMacsProp(gm, by_formula=True).propagate(*inputs)
+        ShapeAndMacsProp(gm, by_formula=True, graph=graph).propagate(*inputs)
     except Exception:  # a value was needed, or an op failed on the zeros: a real run decides
-        for n in gm.graph.nodes:
+        for n in (graph if graph is not None else gm.graph).nodes:
             n.meta.pop("macs", None)
-        ShapeAndMacsProp(gm).propagate(*inputs)
+        ShapeAndMacsProp(gm, graph=graph).propagate(*inputs)
 
 
 class ChannelPropagation(_GraphPass):
     """Runs the graph on label tensors: every op's rule from :data:`apib_fx.rules.RULES` says
     where channels go; the findings accumulate in a :class:`LabelSpace`."""
 
-    def __init__(self, module: fx.GraphModule, space: LabelSpace):
+    def __init__(self, module: nn.Module, space: LabelSpace, graph: Optional[fx.Graph] = None):
         # Every node's labels are kept (node_labels): freeing them from the environment after
         # their last use would free nothing, and finding the last uses costs a pass over the graph.
-        super().__init__(module, garbage_collect_values=False)
+        super().__init__(module, garbage_collect_values=False, graph=graph)
         self.space = space
         self.node_labels: dict[str, Any] = {}
         self._node: fx.Node | None = None
@@ -623,11 +628,13 @@ def trace(model: nn.Module, example_inputs: Inputs, *, leaf_modules: Sequence[ty
 
 
 def _trace(model: nn.Module, inputs: tuple[Tensor, ...], leaf_modules: Sequence[type]) -> ChannelGraph:
+    # The passes interpret the graph on the model itself; the GraphModule that apply() rewrites is
+    # built on first use (ChannelGraph.module): a tenth of tracing, not needed to find the groups.
     with eval_mode(model), torch.no_grad():
-        gm = symbolic_trace(model, leaf_modules)
+        graph = trace_graph(model, leaf_modules)
         try:
             with unfused_attention():  # so the opaque attention layers' MACs are counted
-                propagate_shapes(gm, inputs)
+                propagate_shapes(model, inputs, graph)
         except Exception as e:
             cause = e.__cause__ or e
             first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
@@ -635,9 +642,9 @@ def _trace(model: nn.Module, inputs: tuple[Tensor, ...], leaf_modules: Sequence[
             raise InputShapeError(
                 f"the model does not run on example inputs of shape {shapes}: {first}"
             ) from e
-    tensors = stored_tensors(gm)
+    tensors = graph_tensors(model, graph)
     space = LabelSpace(aliases=tensor_aliases(tensors))
-    prop = ChannelPropagation(gm, space)
+    prop = ChannelPropagation(model, space, graph)
     prop.run(*(unlabeled(t.shape) for t in inputs))
     block_computed_weights(tensors, space)
-    return ChannelGraph(gm, space, prop.node_labels, inputs)
+    return ChannelGraph(lambda: _TracedModule(model, graph, type(model).__name__), space, prop.node_labels, inputs)

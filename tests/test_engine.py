@@ -325,6 +325,42 @@ def test_tracer_records_the_graph_fx_records(model):
     assert any(n.meta.get("nn_module_stack") for n in ours.nodes)
 
 
+class _TiedDeclaredLate(nn.Module):
+    """Tied convs whose later call is declared first, and a module the forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.unused = nn.Conv2d(8, 8, 1)
+        self.a = nn.Conv2d(3, 8, 1)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.mid.weight = self.b.weight
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.b(torch.relu(self.mid(torch.relu(self.a(x))))))
+
+
+@pytest.mark.parametrize("model, size", [(_TiedDeclaredLate, 8), (M.TiedWeights, 8), (M.SharedModule, 8),
+                                         ("inception_v3", 75)])
+def test_members_name_tensors_as_the_model_does(model, size):
+    # The passes run on the model itself and the GraphModule is built when first needed: the
+    # tensors they see are exactly the GraphModule's (not the never-called modules'), and a
+    # tied tensor goes by the name named_parameters() gives it, whatever the call order.
+    from apib_fx.graph import graph_tensors, stored_tensors
+    from apib_fx.testing import zoo_model
+
+    model = (_model(model) if isinstance(model, type) else zoo_model(model)).eval()
+    g = apib_fx.trace(model, torch.randn(1, 3, size, size))
+    ours, built = graph_tensors(model, g.module.graph), stored_tensors(g.module)
+    assert ours.keys() == built.keys() and all(ours[k] is built[k] for k in ours)
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    assert {m.param for gr in g.groups for m in gr.members} <= names
+    never_called = [k for k in stored_tensors(model) if k.startswith("unused.")]
+    assert bool(never_called) == isinstance(model, _TiedDeclaredLate)
+    assert not set(never_called) & ours.keys()
+
+
 def test_untraceable_forward_points_at_traceable_parts():
     model = _model(M.UntraceableTop)
     with pytest.raises(apib_fx.TraceError, match=r"(?s)forward of UntraceableTop itself.*submodules: backbone, head") as err:
