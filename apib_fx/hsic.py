@@ -181,6 +181,18 @@ def _pairs(B: int, device: torch.device, dtype: torch.dtype) -> _Pairs:
     return _PAIRS[key]
 
 
+def _products(f: Tensor, pairs: _Pairs) -> tuple[Tensor, Tensor]:
+    """(n, B, m) features -> the squared norms ‖x_i‖² (n, B) and the products x_i·x_j over the
+    pairs i < j (n, P) of each matrix's samples. With one feature per sample (a pooled channel: an
+    SE block's or a classifier's input) these are plain products, taken directly: torch's batched
+    matmul takes a per-matrix slow path for an inner size of 1 (~50x slower)."""
+    if f.shape[-1] == 1:
+        g = f[..., 0]
+        return g * g, g.index_select(1, pairs.i) * g.index_select(1, pairs.j)
+    dot = f @ f.transpose(-1, -2)
+    return dot.diagonal(dim1=-2, dim2=-1), dot.flatten(1).index_select(1, pairs.flat)
+
+
 def _unit_centred_vectors(f: Tensor, kind: str) -> Tensor:
     """(n, B, m) features -> (n, B(B+1)/2) float64: the unit-Frobenius centred kernel of each of the
     n channels in symmetric-vector form (diagonal, then the upper triangle times √2), i.e.
@@ -195,9 +207,7 @@ def _unit_centred_vectors(f: Tensor, kind: str) -> Tensor:
         # H X Xᵀ H = (HX)(HX)ᵀ: centring the features first keeps the large common offset of ReLU
         # features out of the products.
         f = f - f.mean(dim=1, keepdim=True)
-    dot = f @ f.transpose(-1, -2)
-    sq = dot.diagonal(dim1=-2, dim2=-1)
-    off = dot.flatten(1).index_select(1, pairs.flat)  # (n, P) products x_i·x_j, i < j
+    sq, off = _products(f, pairs)  # ‖x_i‖², and x_i·x_j for i < j
     if kind == "linear":
         diag, k = sq.clone(), off
     else:
@@ -216,9 +226,8 @@ def _unit_centred_vectors(f: Tensor, kind: str) -> Tensor:
             else:
                 fc = f.index_select(0, idx)
                 fc -= fc[:, :1].clone()  # into the gathered copy: one allocation less
-            dc = fc @ fc.transpose(-1, -2)
-            d2[idx] = pairs.spread(dc.diagonal(dim1=-2, dim2=-1)).sub_(
-                dc.flatten(1).index_select(1, pairs.flat), alpha=2.0)
+            sc, oc = _products(fc, pairs)
+            d2[idx] = pairs.spread(sc).sub_(oc, alpha=2.0)
         d2.clamp_(min=0.0)
         k = d2.sqrt_().mul_(-math.sqrt(0.5 / m)) if kind == "laplace" else d2.mul_(-1.0 / m)
         k = k.exp_()

@@ -254,10 +254,12 @@ def test_path_exact_on_larger_random_problem():
 
 
 @pytest.mark.parametrize("kind", KERNELS)
-@pytest.mark.parametrize("B", [5, 40, 300])
-def test_triangle_kernels_match_full_matrices(kind, B):
+@pytest.mark.parametrize("B, m", [(5, 7), (40, 7), (300, 7), (40, 1)])
+def test_triangle_kernels_match_full_matrices(kind, B, m):
     """The statistics work on the upper triangle of each kernel (half the elementwise work, and
-    an index_add instead of a matmul for large B); they must equal the full-matrix definition."""
+    an index_add instead of a matmul for large B); they must equal the full-matrix definition.
+    m = 1: one feature per sample (pooled channels), taken in the (channel, sample) layout scoring
+    hands over (a transposed view), where the products are formed without a matmul."""
     from apib_fx.hsic import _unit_centred_vectors
 
     def _sym_vectors(k):  # diagonal, then the upper triangle times √2
@@ -265,7 +267,7 @@ def test_triangle_kernels_match_full_matrices(kind, B):
         return torch.cat([k.diagonal(dim1=-2, dim2=-1), k[:, iu[0], iu[1]] * 2**0.5], dim=1)
 
     g = torch.Generator().manual_seed(B)
-    x = torch.randn(6, B, 7, generator=g, dtype=torch.float64).relu()
+    x = torch.randn(B, 6, m, generator=g, dtype=torch.float64).relu().transpose(0, 1)
     x[1] += 50.0  # large common offset: distances are recomputed on centred features
     x[2] = 3.0  # constant channel: its centred kernel is zero, not noise blown up to norm 1
     want = _sym_vectors(normalize(center(kernel_matrices(x, kind))))
