@@ -148,6 +148,12 @@ class ChannelGraph:
             self._module = self._module()
         return self._module
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled and deep-copied with its GraphModule (the recipe to build it is a closure).
+        state = self.__dict__.copy()
+        state["_module"] = self.module
+        return state
+
     # -- grouping ---------------------------------------------------------------------------
     def _build_groups(self, space: LabelSpace) -> None:
         n = space.size

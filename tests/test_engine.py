@@ -702,3 +702,19 @@ def test_rule_table_changes_apply_to_the_next_trace():
     finally:
         del apib_fx.RULES[Scale]
     assert not conv_group((Scale,)).prunable  # the rule is gone again
+
+
+@pytest.mark.parametrize("copier", ["pickle", "deepcopy"])
+def test_channel_graph_survives_pickle_and_deepcopy(copier):
+    # The GraphModule is built on first use: a copied graph carries it, and prunes the same.
+    import copy
+    import pickle
+
+    model = _model(M.ResidualChain).eval()
+    x = torch.randn(2, 3, 16, 16)
+    graph = apib_fx.trace(model, x)
+    other = pickle.loads(pickle.dumps(graph)) if copier == "pickle" else copy.deepcopy(graph)
+    assert [(g.channels, g.prunable, [m.param for m in g.members]) for g in other.groups] == \
+        [(g.channels, g.prunable, [m.param for m in g.members]) for g in graph.groups]
+    keep = random_keep(graph, 0.3, seed=0)
+    assert torch.equal(apib_fx.apply(model, other, keep)(x), apib_fx.apply(model, graph, keep)(x))
