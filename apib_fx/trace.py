@@ -17,7 +17,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .flops import MAC_TARGETS, _MacCounter, unfused_attention
-from .graph import ChannelGraph, graph_tensors, stored_tensors
+from .graph import ChannelGraph, graph_tensors
 from .labels import LabelSpace, flatten_values, is_labels, unlabeled
 from .rules import DEFAULT_LEAF_MODULES, RuleContext, batch_norm_of, module_rule, opaque, rule_for
 
@@ -587,8 +587,8 @@ def _stored(value: Any) -> Any:
 
 
 def tensor_aliases(tensors: Mapping[str, Tensor]) -> dict[str, str]:
-    """Names of tied parameters and buffers (``tensors``: :func:`~apib_fx.graph.stored_tensors`)
-    -> the name ``named_parameters()`` reports for them."""
+    """Names of tied parameters and buffers (``tensors``: :func:`~apib_fx.graph.stored_tensors`
+    or :func:`~apib_fx.graph.graph_tensors`) -> the first of their names in ``tensors``."""
     first: dict[int, str] = {}
     aliases = {}
     for name, t in tensors.items():
@@ -602,8 +602,8 @@ def block_computed_weights(tensors: Mapping[str, Tensor], space: LabelSpace) -> 
     """Channels of a layer whose weight is computed from other tensors (weight_norm,
     spectral_norm or another parametrization; an old-style weight_norm hook) stay whole: slicing
     the tensors it is computed from would not slice the weight exactly (a norm over the input
-    channels changes), and there is no parameter of that name to slice. ``tensors``: the
-    module's :func:`~apib_fx.graph.stored_tensors`."""
+    channels changes), and there is no parameter of that name to slice. ``tensors``: the traced
+    graph's :func:`~apib_fx.graph.graph_tensors`."""
     for (name, _), binding in space.bindings.items():
         if binding.role != "axis" and name not in tensors:
             space.block(binding.labels, f"'{name}' is computed from other tensors (a parametrization such "
