@@ -197,7 +197,12 @@ class _Tracer(fx.Tracer):
 
 def symbolic_trace(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
     """torch.fx symbolic trace with a clear error naming the module that failed."""
-    return _TracedModule(model, trace_graph(model, leaf_modules), type(model).__name__)
+    return graph_module(model, trace_graph(model, leaf_modules))
+
+
+def graph_module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """The GraphModule of a graph from :func:`trace_graph` (it shares ``model``'s tensors)."""
+    return _TracedModule(model, graph, type(model).__name__)
 
 
 def trace_graph(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.Graph:
@@ -514,19 +519,19 @@ class ShapeAndMacsProp(_GraphPass):
             return True
 
 
-def propagate_shapes(gm: nn.Module, inputs: Sequence[Tensor], graph: Optional[fx.Graph] = None) -> None:
-    """:class:`ShapeAndMacsProp` over ``gm`` (or ``graph`` on the module ``gm``): by formula where
+def propagate_shapes(module: nn.Module, inputs: Sequence[Tensor], graph: Optional[fx.Graph] = None) -> None:
+    """:class:`ShapeAndMacsProp` over a GraphModule (or ``graph`` on ``module``): by formula where
     layers allow it (a batch-1 forward of MobileNetV3 spends most of its time in convolutions the
     shapes do not need), by running every op where a value the formulas skipped is needed."""
     if torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu"):
-        ShapeAndMacsProp(gm, graph=graph).propagate(*inputs)  # autocast changes dtypes the formulas keep
+        ShapeAndMacsProp(module, graph=graph).propagate(*inputs)  # autocast changes dtypes the formulas keep
         return
     try:
-        ShapeAndMacsProp(gm, by_formula=True, graph=graph).propagate(*inputs)
+        ShapeAndMacsProp(module, by_formula=True, graph=graph).propagate(*inputs)
     except Exception:  # a value was needed, or an op failed on the zeros: a real run decides
-        for n in (graph if graph is not None else gm.graph).nodes:
+        for n in (graph if graph is not None else module.graph).nodes:
             n.meta.pop("macs", None)
-        ShapeAndMacsProp(gm, graph=graph).propagate(*inputs)
+        ShapeAndMacsProp(module, graph=graph).propagate(*inputs)
 
 
 class ChannelPropagation(_GraphPass):
@@ -647,4 +652,4 @@ def _trace(model: nn.Module, inputs: tuple[Tensor, ...], leaf_modules: Sequence[
     prop = ChannelPropagation(model, space, graph)
     prop.run(*(unlabeled(t.shape) for t in inputs))
     block_computed_weights(tensors, space)
-    return ChannelGraph(lambda: _TracedModule(model, graph, type(model).__name__), space, prop.node_labels, inputs)
+    return ChannelGraph(lambda: graph_module(model, graph), space, prop.node_labels, inputs)
