@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx import traceback as fx_traceback
 from torch.fx.node import map_aggregate
+from torch.fx.proxy import ParameterProxy
 from torch.fx.passes.shape_prop import TensorMetadata
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -158,6 +159,32 @@ class _Tracer(fx.Tracer):
         if t is dict and all(type(k) is str for k in a):  # keyword arguments
             return {k: self.create_arg(v) for k, v in a.items()}
         return super().create_arg(a)
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        self._param_names: Optional[dict[int, tuple[str, Tensor]]] = None  # built on the first read
+        return super().trace(root, concrete_args)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        # fx finds the name of a parameter that a forward reads (ConvNeXt's layer scales) by
+        # walking root.named_parameters() on every read, the module tree each time: a tenth of
+        # tracing ConvNeXt. Here by identity, from one walk; the same first name and proxy.
+        if not isinstance(attr_val, nn.Parameter):
+            if self.proxy_buffer_attributes and isinstance(attr_val, Tensor):
+                return super().getattr(attr, attr_val, parameter_proxy_cache)
+            return attr_val  # a submodule, a buffer, a plain attribute: fx returns it as it is
+        names = getattr(self, "_param_names", None)
+        if names is None:
+            names = self._param_names = {}
+            for n, p in self.root.named_parameters():
+                names.setdefault(id(p), (n, p))
+        found = names.get(id(attr_val))
+        if found is None or found[1] is not attr_val:  # registered during the trace: fx searches
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        name = found[0]
+        if name not in parameter_proxy_cache:
+            factory = (lambda node: ParameterProxy(self, node, name, attr_val)) if self.param_shapes_constant else None
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {}, proxy_factory_fn=factory)
+        return parameter_proxy_cache[name]
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # A module with a channel rule stays one node, also when its class lives outside torch.nn

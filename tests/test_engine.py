@@ -295,6 +295,7 @@ class _FxTracer(_trace_module._Tracer):
     """The engine's tracer with fx's own node creation and module calls."""
 
     create_node = torch.fx.Tracer.create_node
+    getattr = torch.fx.Tracer.getattr
 
     def call_module(self, m, forward, args, kwargs):
         rule = apib_fx.rules.module_rule(type(m))
@@ -310,11 +311,20 @@ def _node_records(graph):
             for n in graph.nodes]
 
 
+class _FunctionalTiedHead(M.EmbeddingTiedHead):
+    """Reads the tied table as a parameter in its forward (``F.embedding(ids, self.emb.weight)``)."""
+
+    def __init__(self):
+        super().__init__(functional=True)
+
+
 @pytest.mark.parametrize("model", [M.SharedModule, M.KeywordCalls, M.SplitChunk, M.SelfAttention, M.NormAct,
+                                   M.ChannelsLast, M.LayerScales, _FunctionalTiedHead,
                                    "mobilenet_v3_small", "regnet_y_400mf", "shufflenet_v2_x0_5"])
 def test_tracer_records_the_graph_fx_records(model):
-    # The tracer creates nodes and enters modules more cheaply than fx: same nodes, names,
-    # arguments, users and module stacks as fx's own code, also for a module called twice.
+    # The tracer creates nodes, enters modules and names the parameters a forward reads more
+    # cheaply than fx: same nodes, names, arguments, users and module stacks as fx's own code,
+    # also for a module called twice and a tied parameter read under its second name.
     from apib_fx.testing import zoo_model
 
     model = (_model(model) if isinstance(model, type) else zoo_model(model)).eval()
