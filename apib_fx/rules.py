@@ -1136,6 +1136,46 @@ def elementwise_shape(m: nn.Module, x: Tensor) -> Optional[tuple[int, ...]]:
     return tuple(x.shape) if _fits(m, x, None) else None
 
 
+def layer_norm_shape(m: nn.Module, x: Tensor) -> Optional[tuple[int, ...]]:
+    ns = tuple(m.normalized_shape)
+    if x.dim() < len(ns) or tuple(x.shape[x.dim() - len(ns):]) != ns or not _fits(m, x, m.weight):
+        return None
+    return tuple(x.shape)
+
+
+def group_norm_shape(m: nn.Module, x: Tensor) -> Optional[tuple[int, ...]]:
+    if x.dim() < 2 or x.shape[1] != m.num_channels or not _fits(m, x, m.weight):
+        return None
+    return tuple(x.shape)
+
+
+def unary_shape(x: Any, *args: Any, **kwargs: Any) -> Optional[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of an elementwise op on one float tensor whose other arguments are plain
+    values (``F.relu(x, inplace=True)``, ``x.clamp(0, 6)``): ``x``'s. None when another argument
+    is a tensor (``torch.clamp(x, lo_tensor)`` broadcasts): running it decides."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        return None
+    if any(isinstance(v, Tensor) for v in (*args, *kwargs.values())):
+        return None
+    return tuple(x.shape), x.dtype
+
+
+def layer_norm_fn_shape(x: Any, normalized_shape: Any, weight: Any = None, bias: Any = None,
+                        eps: float = 1e-5) -> Optional[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of ``F.layer_norm``: the input's, when it ends in ``normalized_shape`` and
+    the affine tensors match it (else None: running it raises torch's own error)."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        return None
+    ns = tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list)) else (normalized_shape,)
+    if not ns or x.dim() < len(ns) or tuple(x.shape[x.dim() - len(ns):]) != ns:
+        return None
+    for t in (weight, bias):
+        if t is not None and not (isinstance(t, Tensor) and tuple(t.shape) == ns
+                                  and t.dtype == x.dtype and t.device == x.device):
+            return None
+    return tuple(x.shape), x.dtype
+
+
 def _arithmetic_operands(args: tuple, kwargs: dict) -> Optional[list[Tensor]]:
     """The tensor operands of ``a (+|-|*) b`` (with ``alpha=``), or None when the call is not
     that: one or two tensors, the rest real Python numbers, all on one device."""
@@ -1238,6 +1278,7 @@ def pool_shape(m: nn.Module, x: Tensor) -> Optional[tuple[int, ...]]:
 # The table
 
 PASS = Rule(passthrough)
+UNARY = Rule(passthrough, shape=unary_shape)  # elementwise functions and methods of one tensor
 PASS_MODULE = Rule(passthrough, shape=elementwise_shape)  # activations, dropout, identity
 POOL = Rule(spatial, shape=pool_shape)
 SHAPE = Rule(relabel)
@@ -1281,6 +1322,7 @@ _UNARY_METHODS = (
     "clone", "detach", "float", "half", "double", "bfloat16", "to", "type_as", "exp", "neg", "abs",
     "sqrt", "rsqrt", "square", "hardtanh_", "requires_grad_", "cpu", "cuda",
 )
+_CONVERSIONS = ("float", "half", "double", "bfloat16", "to", "type_as", "cpu", "cuda", "requires_grad_")
 _BINARY = (
     operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
     operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
@@ -1346,9 +1388,9 @@ RULES: dict[Any, Rule] = _RuleTable({
     F.batch_norm: Rule(batch_norm_fn),
     batch_norm_of: Rule(module_batch_norm, resize_module_batch_norm),
     # normalisations that mix channels
-    nn.LayerNorm: Rule(layer_norm, resize_layer_norm),
-    F.layer_norm: Rule(layer_norm_fn, rewrite_layer_norm_fn),
-    nn.GroupNorm: Rule(group_norm, resize_channels("num_channels", ("weight",))),
+    nn.LayerNorm: Rule(layer_norm, resize_layer_norm, shape=layer_norm_shape),
+    F.layer_norm: Rule(layer_norm_fn, rewrite_layer_norm_fn, shape=layer_norm_fn_shape),
+    nn.GroupNorm: Rule(group_norm, resize_channels("num_channels", ("weight",)), shape=group_norm_shape),
     F.group_norm: Rule(group_norm_fn),
     # shape ops
     nn.Flatten: Rule(flatten_module),
@@ -1381,8 +1423,9 @@ RULES: dict[Any, Rule] = _RuleTable({
 })
 RULES.update({m: PASS_MODULE for m in _ACTIVATIONS})
 RULES.update({m: POOL if m in _POOL_DIMS else SPATIAL for m in _POOLS})
-RULES.update({f: PASS for f in _UNARY_FUNCTIONS})
-RULES.update({f: PASS for f in _UNARY_METHODS})
+RULES.update({f: UNARY for f in _UNARY_FUNCTIONS})
+# Conversions change the dtype or device: no shape formula (running them is cheap).
+RULES.update({f: PASS if f in _CONVERSIONS else UNARY for f in _UNARY_METHODS})
 RULES.update({f: BROADCAST for f in _BINARY})
 RULES.update({f: ARITHMETIC for f in (operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul,
                                       "add", "sub", "mul")})

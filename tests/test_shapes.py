@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import apib_fx
 from apib_fx.rules import module_rule
@@ -121,9 +122,34 @@ def test_arithmetic_formula_declines_other_calls(op, args, kwargs):
     (nn.BatchNorm2d(4), torch.randn(2, 4, 3)),  # BatchNorm2d wants 4-D
     (nn.MaxPool2d(2, return_indices=True), torch.randn(1, 3, 8, 8)),
     (nn.MaxPool2d(2, padding=2), torch.randn(1, 3, 8, 8)),  # padding over half the window
+    (nn.LayerNorm(8), torch.randn(2, 8, 4)),  # normalized_shape is not the trailing size
+    (nn.LayerNorm(8), torch.randn(2, 8).double()),
+    (nn.GroupNorm(2, 8), torch.randn(2, 6, 4, 4)),
 ])
 def test_formulas_decline_what_the_layer_should_decide(layer, x):
     assert module_rule(type(layer)).shape(layer.eval(), x) is None
+
+
+@pytest.mark.parametrize("op,args,kwargs", [
+    (torch.clamp, (torch.randn(2, 3), torch.zeros(3)), {}),  # a tensor bound broadcasts
+    (F.relu, (torch.randint(0, 3, (2, 3)),), {}),  # not a float tensor
+    (F.layer_norm, (torch.randn(2, 3, 4), (3,)), {}),  # not the trailing size
+    (F.layer_norm, (torch.randn(2, 4), (4,), torch.ones(4).double()), {}),  # weight of another dtype
+    (F.layer_norm, (torch.randn(2, 4), (4,)), {"bias": torch.ones(3)}),
+])
+def test_function_formulas_decline_what_the_op_should_decide(op, args, kwargs):
+    assert apib_fx.RULES[op].shape(*args, **kwargs) is None
+
+
+@pytest.mark.parametrize("op,args,kwargs", [
+    (F.relu, (torch.randn(2, 3),), {"inplace": True}),
+    (torch.clamp, (torch.randn(2, 3), 0.0, 6.0), {}),
+    (F.layer_norm, (torch.randn(2, 3, 4), (3, 4), torch.ones(3, 4), torch.zeros(3, 4)), {}),
+    (F.layer_norm, (torch.randn(2, 4).double(), (4,)), {"eps": 1e-3}),
+])
+def test_function_formulas_give_the_shape_and_dtype_of_a_run(op, args, kwargs):
+    out = op(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
+    assert apib_fx.RULES[op].shape(*args, **kwargs) == (tuple(out.shape), out.dtype)
 
 
 def _node_meta(model, inputs, by_formula):
