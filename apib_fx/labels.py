@@ -116,8 +116,8 @@ def canonical(labels: Tensor) -> Tensor:
 
 def varying_axes(labels: Tensor) -> list[int]:
     """Axes along which the labels change (call on a canonical label tensor)."""
-    small = compress(labels)
-    return [a for a, n in enumerate(small.shape) if n > 1]
+    # The axes :func:`compress` keeps longer than 1, read off the strides without making the view.
+    return [a for a, (n, st) in enumerate(zip(labels.shape, labels.stride())) if n > 1 and st != 0]
 
 
 def axis_ids(labels: Tensor, axis: int) -> Tensor:
@@ -304,7 +304,8 @@ class LabelSpace:
     def bind(self, name: str, dim: int, labels: Tensor, role: str) -> None:
         """Positions of ``name`` along ``dim`` carry ``labels``. Binding twice (a shared module)
         unifies the two call sites position by position."""
-        labels = labels.reshape(-1).contiguous()
+        if labels.dim() != 1 or not labels.is_contiguous():
+            labels = labels.reshape(-1).contiguous()
         key = (self.aliases.get(name, name), dim)
         if key in self.bindings:
             binding = self.bindings[key]

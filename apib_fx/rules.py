@@ -191,7 +191,7 @@ def tie_outer(space: LabelSpace, labels: Tensor) -> Tensor:
     """When a reshape spreads channels over several axes (channel shuffle's (b, g, c/g, h, w), heads),
     only the innermost may be pruned freely: the same inner position is removed in every slice of the
     outer axes, so every later reshape stays rectangular."""
-    if sum(n > 1 for n in compress(labels).shape) < 2:
+    if len(varying_axes(labels)) < 2:
         return labels  # varies along one axis at most (most results: no channel classes to look up)
     axes = space.class_varying_axes(labels)
     if len(axes) >= 2:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import gc
 import inspect
 import operator
@@ -340,14 +341,18 @@ def _tensor_meta(t: Tensor, contiguous: bool = False) -> TensorMetadata:
     # ShapeProp's metadata without its memory-format probes (three Python-level contiguity
     # checks per tensor, a quarter of the shape pass on MobileNetV3): nothing here reads them.
     # ``contiguous``: the strides of a contiguous tensor of that shape (``t`` is a stand-in).
-    stride = t.stride()
-    if contiguous:  # (torch's rule: a size-0 axis counts as 1)
-        acc, rev = 1, []
-        for n in reversed(t.shape):
-            rev.append(acc)
-            acc *= max(n, 1)
-        stride = tuple(reversed(rev))
-    return TensorMetadata(t.shape, t.dtype, t.requires_grad, stride, None, False, {})
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, _contiguous_strides(t.shape) if contiguous else t.stride(),
+                          None, False, {})
+
+
+@functools.lru_cache(maxsize=4096)
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    # (a model has few distinct activation shapes; torch's rule: a size-0 axis counts as 1)
+    acc, rev = 1, []
+    for n in reversed(shape):
+        rev.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(rev))
 
 
 class _NeedsValues(Exception):
