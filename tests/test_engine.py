@@ -335,6 +335,30 @@ def test_tracer_records_the_graph_fx_records(model):
     assert any(n.meta.get("nn_module_stack") for n in ours.nodes)
 
 
+class _ScaleByShape(nn.Module):
+    """Reads a parameter's shape in its forward: concrete only with ``param_shapes_constant``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 1)
+        self.scale = nn.Parameter(torch.rand(6))
+
+    def forward(self, x):
+        return self.conv(x) * self.scale.view(1, self.scale.shape[0], 1, 1)
+
+
+def test_tracer_names_parameters_as_fx_does_with_constant_parameter_shapes():
+    tracers = []
+    for cls in (_trace_module._Tracer, _FxTracer):
+        tracer = cls()
+        tracer.param_shapes_constant = True  # the parameter's proxy answers .shape with the real size
+        tracers.append(tracer.trace(_ScaleByShape()))
+    ours, reference = tracers
+    assert _node_records(ours) == _node_records(reference)
+    view = next(n for n in ours.nodes if n.target == "view")
+    assert view.args[1:] == (1, 6, 1, 1)
+
+
 class _TiedDeclaredLate(nn.Module):
     """Tied convs whose later call is declared first, and a module the forward never calls."""
 
