@@ -133,7 +133,9 @@ class ChannelGraph:
     """Channel groups of a traced model, plus what :func:`apib_fx.apply` and the FLOPs model need.
 
     ``module`` is the traced ``GraphModule`` (it shares parameters with the user's model and is
-    never modified; built on first use); ``groups`` the channel groups.
+    never modified; built on first use); ``groups`` the channel groups; ``timings`` the seconds
+    :func:`apib_fx.trace` spent per phase (``fx``: torch.fx's symbolic trace, ``shapes``,
+    ``labels``: the channel propagation, ``groups``: grouping and the FLOPs model).
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class ChannelGraph:
         example_inputs: tuple[Tensor, ...],
     ):
         self._module = module
+        self.timings: dict[str, float] = {}
         self.example_inputs = example_inputs
         self.node_labels = node_labels
         self._bindings = {k: b for k, b in space.bindings.items()}

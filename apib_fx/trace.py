@@ -6,6 +6,7 @@ import functools
 import gc
 import inspect
 import operator
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
@@ -667,8 +668,10 @@ def trace(model: nn.Module, example_inputs: Inputs, *, leaf_modules: Sequence[ty
 def _trace(model: nn.Module, inputs: tuple[Tensor, ...], leaf_modules: Sequence[type]) -> ChannelGraph:
     # The passes interpret the graph on the model itself; the GraphModule that apply() rewrites is
     # built on first use (ChannelGraph.module): a tenth of tracing, not needed to find the groups.
+    clock = [time.perf_counter()]
     with eval_mode(model), torch.no_grad():
         graph = trace_graph(model, leaf_modules)
+        clock.append(time.perf_counter())
         try:
             with unfused_attention():  # so the opaque attention layers' MACs are counted
                 propagate_shapes(model, inputs, graph)
@@ -679,9 +682,19 @@ def _trace(model: nn.Module, inputs: tuple[Tensor, ...], leaf_modules: Sequence[
             raise InputShapeError(
                 f"the model does not run on example inputs of shape {shapes}: {first}"
             ) from e
+        clock.append(time.perf_counter())
     tensors = graph_tensors(model, graph)
     space = LabelSpace(aliases=tensor_aliases(tensors))
     prop = ChannelPropagation(model, space, graph)
     prop.run(*(unlabeled(t.shape) for t in inputs))
     block_computed_weights(tensors, space)
-    return ChannelGraph(lambda: graph_module(model, graph), space, prop.node_labels, inputs)
+    clock.append(time.perf_counter())
+    result = ChannelGraph(lambda: graph_module(model, graph), space, prop.node_labels, inputs)
+    clock.append(time.perf_counter())
+    result.timings = {phase: end - start for phase, start, end in zip(_PHASES, clock, clock[1:])}
+    return result
+
+
+# What ChannelGraph.timings times: torch.fx's symbolic trace, the shape pass, the label
+# propagation, and grouping plus the FLOPs model.
+_PHASES = ("fx", "shapes", "labels", "groups")

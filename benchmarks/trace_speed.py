@@ -51,8 +51,9 @@ def main() -> None:
     args = ap.parse_args()
     import torch_pruning as tp
 
-    rows = ["| model | apib_fx.trace (s) | Torch-Pruning build_dependency (s) | speedup | apib_fx groups | TP groups |",
-            "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| model | apib_fx.trace (s) | Torch-Pruning build_dependency (s) | speedup | apib_fx groups | TP groups "
+            "| apib_fx phases (ms): fx / shapes / labels / groups |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
     print(f"torch threads: {torch.get_num_threads()}, input 1x3x{args.size}x{args.size}, torch-pruning {tp.__version__}")
     print(rows[0]); print(rows[1])
     for name in args.models.split(","):
@@ -62,7 +63,13 @@ def main() -> None:
         def build():
             return tp.DependencyGraph().build_dependency(model, example_inputs=x)
 
-        ours, theirs = timed_pair(lambda: apib_fx.trace(model, x), build, args.repeat)
+        phases = []  # ChannelGraph.timings of every timed trace
+
+        def trace():
+            phases.append(apib_fx.trace(model, x).timings)
+
+        ours, theirs = timed_pair(trace, build, args.repeat)
+        split = " / ".join(f"{1e3 * statistics.median(p[k] for p in phases[-args.repeat:]):.1f}" for k in phases[0])
         n_ours = len(apib_fx.trace(model, x).prunable_groups)
         if isinstance(theirs, Exception):
             cell, speed, n_theirs = f"error: {type(theirs).__name__}", "-", "-"
@@ -70,7 +77,7 @@ def main() -> None:
             ignored = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1000]
             n_theirs = len(list(build().get_all_groups(ignored_layers=ignored)))
             cell, speed = f"{theirs:.3f}", f"{theirs / ours:.2f}x"
-        row = f"| {name} | {ours:.3f} | {cell} | {speed} | {n_ours} | {n_theirs} |"
+        row = f"| {name} | {ours:.3f} | {cell} | {speed} | {n_ours} | {n_theirs} | {split} |"
         emit(rows, row)
     out = Path(args.out)
     write_results(out, f"Input 1x3x{args.size}x{args.size} (inception_v3 299), median of {args.repeat} "

@@ -1,6 +1,7 @@
 """The trace and rewrite passes on hand-written models: exact, or non-prunable with a reason."""
 import gc
 import importlib
+import time
 
 import pytest
 import torch
@@ -276,6 +277,15 @@ def test_untraceable_names_module_and_leaf_modules_work():
     g = apib_fx.trace(model, x, leaf_modules=(M.Untraceable.Gate,))
     conv = [gr for gr in g.groups if any(m.param == "conv.weight" for m in gr.members)][0]
     assert not conv.prunable and "Gate" in conv.reason
+
+
+def test_trace_reports_its_time_per_phase():
+    model, x = _model(M.Branches), torch.randn(1, 3, 16, 16)
+    start = time.perf_counter()
+    g = apib_fx.trace(model, x)
+    total = time.perf_counter() - start
+    assert list(g.timings) == ["fx", "shapes", "labels", "groups"]
+    assert all(t > 0 for t in g.timings.values()) and sum(g.timings.values()) <= total
 
 
 def test_trace_leaves_garbage_collection_as_the_caller_had_it():
