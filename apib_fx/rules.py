@@ -1259,21 +1259,66 @@ _POOL_DIMS = {
 }
 
 
-def pool_shape(m: nn.Module, x: Tensor) -> Optional[tuple[int, ...]]:
-    nd = _POOL_DIMS.get(type(m))
-    if nd is None or x.dim() not in (nd + 1, nd + 2) or not _fits(m, x, None) or getattr(m, "return_indices", False):
+def _pooled(nd: int, x: Any, kernel: Any, stride: Any, padding: Any, dilation: Any,
+            ceil: Any) -> Optional[tuple[int, ...]]:
+    """Output shape of an nd-dimensional pooling window over ``x`` (None for anything torch should
+    judge itself: a rank, dtype or argument it refuses)."""
+    if not isinstance(x, Tensor) or x.dim() not in (nd + 1, nd + 2) or not x.is_floating_point():
+        return None
+    tup = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd  # noqa: E731
+    k = tup(kernel)
+    st = k if stride is None or (isinstance(stride, (tuple, list)) and not stride) else tup(stride)
+    p, d = tup(padding), tup(dilation)
+    values = (*k, *st, *p, *d)
+    if {len(k), len(st), len(p), len(d)} != {nd} or not all(type(v) is int for v in values) or type(ceil) is not bool:
+        return None
+    if min(k) < 1 or min(st) < 1 or min(d) < 1 or any(2 * pi > ki for pi, ki in zip(p, k)):
+        return None  # torch refuses padding over half the window: let it say so
+    lead, size = tuple(x.shape[:-nd]), x.shape[-nd:]
+    out = [_window_out(n, ki, si, pi, di, ceil) for n, ki, si, pi, di in zip(size, k, st, p, d)]
+    return None if min(out) < 1 else (*lead, *out)
+
+
+def _adaptive_pooled(nd: int, x: Any, output_size: Any) -> Optional[tuple[int, ...]]:
+    if not isinstance(x, Tensor) or x.dim() not in (nd + 1, nd + 2) or not x.is_floating_point():
+        return None
+    want = tuple(output_size) if isinstance(output_size, (tuple, list)) else (output_size,) * nd
+    if len(want) != nd or not all(o is None or (type(o) is int and o >= 1) for o in want):
         return None
     lead, size = tuple(x.shape[:-nd]), x.shape[-nd:]
-    if hasattr(m, "output_size"):  # adaptive: None keeps the input's size
-        want = m.output_size if isinstance(m.output_size, (tuple, list)) else (m.output_size,) * nd
-        return (*lead, *(n if o is None else o for n, o in zip(size, want)))
-    tup = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd  # noqa: E731
-    k, st, p = tup(m.kernel_size), tup(m.stride if m.stride is not None else m.kernel_size), tup(m.padding)
-    d = tup(getattr(m, "dilation", 1))
-    if len(k) != nd or any(2 * pi > ki for pi, ki in zip(p, k)):
-        return None  # torch refuses padding over half the window: let it say so
-    out = [_window_out(n, ki, si, pi, di, m.ceil_mode) for n, ki, si, pi, di in zip(size, k, st, p, d)]
-    return None if min(out) < 1 else (*lead, *out)
+    return (*lead, *(n if o is None else o for n, o in zip(size, want)))  # None keeps the input's size
+
+
+def pool_shape(m: nn.Module, x: Tensor) -> Optional[tuple[int, ...]]:
+    nd = _POOL_DIMS.get(type(m))
+    if nd is None or getattr(m, "return_indices", False):
+        return None
+    if hasattr(m, "output_size"):  # adaptive
+        return _adaptive_pooled(nd, x, m.output_size)
+    return _pooled(nd, x, m.kernel_size, m.stride, m.padding, getattr(m, "dilation", 1), m.ceil_mode)
+
+
+def _pool_fn_shapes(nd: int) -> dict[str, Callable[..., Any]]:
+    """(shape, dtype) formulas of F.max_poolNd, F.avg_poolNd, F.adaptive_avg_poolNd and
+    F.adaptive_max_poolNd (Inception's branch pools are functional)."""
+
+    def max_pool(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+                 ceil_mode: bool = False, return_indices: bool = False) -> Optional[tuple[tuple[int, ...], torch.dtype]]:
+        shape = None if return_indices else _pooled(nd, input, kernel_size, stride, padding, dilation, ceil_mode)
+        return None if shape is None else (shape, input.dtype)
+
+    def avg_pool(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 0, ceil_mode: bool = False,
+                 count_include_pad: bool = True, divisor_override: Any = None) -> Optional[tuple[tuple[int, ...], torch.dtype]]:
+        if divisor_override is not None and not (type(divisor_override) is int and divisor_override != 0):
+            return None
+        shape = _pooled(nd, input, kernel_size, stride, padding, 1, ceil_mode)
+        return None if shape is None else (shape, input.dtype)
+
+    def adaptive_pool(input: Any, output_size: Any, return_indices: bool = False) -> Optional[tuple[tuple[int, ...], torch.dtype]]:
+        shape = None if return_indices else _adaptive_pooled(nd, input, output_size)
+        return None if shape is None else (shape, input.dtype)
+
+    return {"max": max_pool, "avg": avg_pool, "adaptive": adaptive_pool}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1331,6 +1376,14 @@ _BINARY = (
     torch.minimum, torch.where, operator.gt, operator.lt, operator.ge, operator.le,
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum",
 )
+
+# Functional pooling: (spatial dims, kind) for its shape formula.
+_POOL_FUNCTIONS = {
+    F.max_pool1d: (1, "max"), F.max_pool2d: (2, "max"), F.avg_pool1d: (1, "avg"), F.avg_pool2d: (2, "avg"),
+    F.adaptive_avg_pool1d: (1, "adaptive"), F.adaptive_avg_pool2d: (2, "adaptive"),
+    F.adaptive_max_pool2d: (2, "adaptive"),
+}
+
 
 class _RuleTable(dict):
     """The rule table (a dict): also remembers the rule each module class resolved to (a lookup
@@ -1416,8 +1469,7 @@ RULES: dict[Any, Rule] = _RuleTable({
     nn.Softmax: SOFTMAX, nn.LogSoftmax: SOFTMAX, F.softmax: SOFTMAX, torch.softmax: SOFTMAX,
     "softmax": SOFTMAX, F.log_softmax: SOFTMAX, "log_softmax": SOFTMAX,
     # spatial ops
-    F.max_pool1d: SPATIAL, F.max_pool2d: SPATIAL, F.avg_pool1d: SPATIAL, F.avg_pool2d: SPATIAL,
-    F.adaptive_avg_pool1d: SPATIAL, F.adaptive_avg_pool2d: SPATIAL, F.adaptive_max_pool2d: SPATIAL,
+    **{f: Rule(spatial, shape=_pool_fn_shapes(nd)[kind]) for f, (nd, kind) in _POOL_FUNCTIONS.items()},
     F.interpolate: SPATIAL, F.pad: Rule(pad), torch.roll: Rule(roll), "roll": Rule(roll),
     # matrix products
     F.scaled_dot_product_attention: SDPA,

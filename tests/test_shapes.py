@@ -136,6 +136,12 @@ def test_formulas_decline_what_the_layer_should_decide(layer, x):
     (F.layer_norm, (torch.randn(2, 3, 4), (3,)), {}),  # not the trailing size
     (F.layer_norm, (torch.randn(2, 4), (4,), torch.ones(4).double()), {}),  # weight of another dtype
     (F.layer_norm, (torch.randn(2, 4), (4,)), {"bias": torch.ones(3)}),
+    (F.max_pool2d, (torch.randn(1, 3, 8, 8), 2), {"return_indices": True}),  # a tuple comes back
+    (F.max_pool2d, (torch.randn(1, 3, 8, 8), 2), {"padding": 2}),  # padding over half the window
+    (F.avg_pool2d, (torch.randn(8, 8), 2), {}),  # a rank avg_pool2d refuses
+    (F.max_pool2d, (torch.randint(0, 3, (1, 3, 8, 8)), 2), {}),  # not a float tensor: run it
+    (F.max_pool2d, (torch.randn(1, 3, 2, 2), 3), {}),  # window larger than the input
+    (F.adaptive_avg_pool2d, (torch.randn(1, 3, 8, 8), (2, 2, 2)), {}),
 ])
 def test_function_formulas_decline_what_the_op_should_decide(op, args, kwargs):
     assert apib_fx.RULES[op].shape(*args, **kwargs) is None
@@ -146,6 +152,14 @@ def test_function_formulas_decline_what_the_op_should_decide(op, args, kwargs):
     (torch.clamp, (torch.randn(2, 3), 0.0, 6.0), {}),
     (F.layer_norm, (torch.randn(2, 3, 4), (3, 4), torch.ones(3, 4), torch.zeros(3, 4)), {}),
     (F.layer_norm, (torch.randn(2, 4).double(), (4,)), {"eps": 1e-3}),
+    (F.max_pool2d, (torch.randn(1, 3, 9, 9), 3), {}),
+    (F.max_pool2d, (torch.randn(1, 3, 9, 8), (3, 2), (2, 1), 1), {"ceil_mode": True}),
+    (F.max_pool2d, (torch.randn(3, 9, 9), 2), {"dilation": 2, "padding": 1}),
+    (F.avg_pool2d, (torch.randn(1, 3, 35, 35), 3), {"stride": 1, "padding": 1}),
+    (F.avg_pool2d, (torch.randn(1, 3, 7, 7), 2), {"ceil_mode": True, "count_include_pad": False}),
+    (F.avg_pool1d, (torch.randn(2, 3, 10), 4, 3), {}),
+    (F.adaptive_avg_pool2d, (torch.randn(1, 3, 9, 7), (1, None)), {}),
+    (F.adaptive_max_pool2d, (torch.randn(1, 3, 9, 7), 2), {}),
 ])
 def test_function_formulas_give_the_shape_and_dtype_of_a_run(op, args, kwargs):
     out = op(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
