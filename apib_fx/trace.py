@@ -265,16 +265,34 @@ def positional_inputs(graph: fx.Graph, root: nn.Module) -> fx.Graph:
     """Keyword arguments that could be positional become positional (``self.conv(input=x)`` ->
     ``self.conv(x)``, ``F.relu(input=x)`` -> ``F.relu(x)``), for modules and Python functions:
     rules, scoring and rewrites read a layer's input as its first argument."""
+    signatures: dict[tuple[Any, bool], Any] = {}  # GoogLeNet calls F.relu(x, inplace=True) 60 times
     for node in graph.nodes:
         if not node.kwargs or node.op not in ("call_module", "call_function"):
             continue
         fn = root.get_submodule(node.target).forward if node.op == "call_module" else node.target
         try:
-            bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
+            bound = _signature(fn, signatures).bind(*node.args, **node.kwargs)
         except (TypeError, ValueError):  # builtins without a signature; calls it cannot bind
             continue
         node.args, node.kwargs = tuple(bound.args), dict(bound.kwargs)
     return graph
+
+
+def _signature(fn: Any, cache: dict[tuple[Any, bool], Any]) -> inspect.Signature:
+    """inspect.signature(fn), looked up once per function (a bound forward: once per class)."""
+    key = (getattr(fn, "__func__", fn), hasattr(fn, "__self__"))
+    try:
+        found = cache.get(key)
+    except TypeError:  # an unhashable callable
+        return inspect.signature(fn)
+    if found is None:
+        try:
+            found = cache[key] = inspect.signature(fn)
+        except (TypeError, ValueError):
+            found = cache[key] = False
+    if found is False:
+        raise ValueError(f"no signature for {fn!r}")
+    return found
 
 
 _BATCH_NORM = inspect.signature(F.batch_norm)
