@@ -124,6 +124,20 @@ def _concat_tagged(parts: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     return flat, torch.repeat_interleave(torch.arange(len(parts)), lengths), lengths
 
 
+@dataclass
+class _BindingCounts:
+    """Per binding, how many of its positions each group has (pairs ``start..stop`` of ``group``
+    and ``count``) and how many carry no channel (``unlabeled``); ``distinct`` maps a binding's
+    key to its row (bindings sharing one label tensor share a row)."""
+
+    distinct: dict[tuple[str, int], int]
+    start: np.ndarray
+    stop: np.ndarray
+    group: np.ndarray
+    count: np.ndarray
+    unlabeled: np.ndarray
+
+
 def _storage_key(labels: Tensor) -> tuple[int, ...]:
     """Equal keys <=> the same label values: the same memory, read the same way."""
     return (labels.data_ptr(), labels.numel(), *labels.stride()) if labels.numel() else (0, 0)
@@ -150,8 +164,7 @@ class ChannelGraph:
         self.example_inputs = example_inputs
         self.node_labels = node_labels
         self._bindings = {k: b for k, b in space.bindings.items()}
-        self._build_groups(space)
-        self._build_flops(space)
+        self._build_flops(space, self._build_groups(space))
 
     @property
     def module(self) -> fx.GraphModule:
@@ -166,7 +179,7 @@ class ChannelGraph:
         return state
 
     # -- grouping ---------------------------------------------------------------------------
-    def _build_groups(self, space: LabelSpace) -> None:
+    def _build_groups(self, space: LabelSpace) -> "_BindingCounts":
         n = space.size
         rep = space.roots
         # All bindings' labelled positions in one flat array (binding k, position, channel id), so
@@ -231,6 +244,14 @@ class ChannelGraph:
             d, g = divmod(pk, max(1, n_groups))
             pairs_of[d].append((g, p_pos, p_cls))
         slot_of = {k: d for d, k in enumerate(distinct)}
+        pair_d, pair_g = np.divmod(pair_keys.numpy(), max(1, n_groups))
+        on_count = np.bincount(pair_d, weights=pair_counts.numpy(), minlength=len(distinct))
+        counts_of = _BindingCounts(
+            distinct={key: slot_of[first] for key, first in zip(all_keys, same_as)},
+            start=np.searchsorted(pair_d, np.arange(len(distinct))),
+            stop=np.searchsorted(pair_d, np.arange(len(distinct)), side="right"),
+            group=pair_g, count=pair_counts.numpy(), unlabeled=lengths.numpy() - on_count,
+        )
         # In binding order, as if each binding had been grouped on its own. (A dense block's
         # groups are read by every later layer of the block: DenseNet-121 has 3,400 members.)
         members: list[list[Member]] = [[] for _ in class_lists]
@@ -254,6 +275,7 @@ class ChannelGraph:
             )
             for gi, size in enumerate(class_lists)
         ]
+        return counts_of
 
     def _first_reasons(self, entries: list[tuple[Tensor, str]], n_groups: int) -> dict[int, str]:
         """Group -> the reason of the first entry (ids, reason) that touches it."""
@@ -292,7 +314,7 @@ class ChannelGraph:
         return [k for k, b in self._bindings.items() if b.role != "axis"]
 
     # -- FLOPs model --------------------------------------------------------------------------
-    def _build_flops(self, space: LabelSpace) -> None:
+    def _build_flops(self, space: LabelSpace, counts_of: "_BindingCounts") -> None:
         """Each MACs term is coef x prod of dim sizes; each dim size is affine in the groups'
         channel counts: size = const + sum_g multiplicity_g * channels_g."""
         G = len(self.groups)
@@ -302,26 +324,18 @@ class ChannelGraph:
         self._A = np.zeros((width, len(terms), G), dtype=np.float64)
         self._b = np.ones((width, len(terms)), dtype=np.float64)
         channels = np.array([g.channels for g in self.groups], dtype=np.float64)
-        # Every (term, dim) slot's labels in one flat array: positions that carry no channel add
-        # to the constant, the others count per group (vectorised: no loop over the slots' ids).
-        slots = [(ti, k, self._bindings[key].labels)
-                 for ti, term in enumerate(terms) for k, key in enumerate(term.dims)]
+        # A (term, dim) slot's size: the positions of its binding that carry no channel are the
+        # constant, the others count per group (the grouping counted both for every binding).
+        slots = [(ti, k, counts_of.distinct[key]) for ti, term in enumerate(terms) for k, key in enumerate(term.dims)]
         if slots:
-            term_of = np.array([t for t, _, _ in slots], dtype=np.int64)
-            dim_of = np.array([k for _, k, _ in slots], dtype=np.int64)
-            labels, slot, _ = _concat_tagged([lab for _, _, lab in slots])
-            on = labels != NONE
-            self._b[dim_of, term_of] = torch.bincount(slot[~on], minlength=len(slots)).double().numpy()
-            stride = max(1, G)
-            key = slot[on] * stride + self.id_group[labels[on]]
-            if len(slots) * stride <= 1 << 22:  # a dense count over (slot, group) beats sorting
-                counts = torch.bincount(key, minlength=len(slots) * stride)
-                pairs = torch.nonzero(counts).flatten()
-                counts = counts[pairs]
-            else:
-                pairs, counts = torch.unique(key, return_counts=True)
-            s_idx, g_idx = (pairs // stride).numpy(), (pairs % stride).numpy()
-            self._A[dim_of[s_idx], term_of[s_idx], g_idx] = counts.double().numpy() / channels[g_idx]
+            term_of, dim_of, binding = (np.array(v, dtype=np.int64) for v in zip(*slots))
+            self._b[dim_of, term_of] = counts_of.unlabeled[binding]
+            # Every slot's (group, count) pairs, one flat array: the ranges start..stop concatenated.
+            start, n_pairs = counts_of.start[binding], counts_of.stop[binding] - counts_of.start[binding]
+            slot = np.repeat(np.arange(len(slots)), n_pairs)
+            pair = np.arange(n_pairs.sum()) - np.repeat(np.cumsum(n_pairs) - n_pairs - start, n_pairs)
+            g_idx = counts_of.group[pair]
+            self._A[dim_of[slot], term_of[slot], g_idx] = counts_of.count[pair] / channels[g_idx]
         self._full = channels
 
     def channel_vector(self, channels: Optional[Mapping[int, int]] = None) -> np.ndarray:
