@@ -1379,9 +1379,10 @@ _BINARY = (
 
 # Functional pooling: (spatial dims, kind) for its shape formula.
 _POOL_FUNCTIONS = {
-    F.max_pool1d: (1, "max"), F.max_pool2d: (2, "max"), F.avg_pool1d: (1, "avg"), F.avg_pool2d: (2, "avg"),
-    F.adaptive_avg_pool1d: (1, "adaptive"), F.adaptive_avg_pool2d: (2, "adaptive"),
-    F.adaptive_max_pool2d: (2, "adaptive"),
+    F.max_pool1d: (1, "max"), F.max_pool2d: (2, "max"), F.max_pool3d: (3, "max"),
+    F.avg_pool1d: (1, "avg"), F.avg_pool2d: (2, "avg"), F.avg_pool3d: (3, "avg"),
+    F.adaptive_avg_pool1d: (1, "adaptive"), F.adaptive_avg_pool2d: (2, "adaptive"), F.adaptive_avg_pool3d: (3, "adaptive"),
+    F.adaptive_max_pool1d: (1, "adaptive"), F.adaptive_max_pool2d: (2, "adaptive"), F.adaptive_max_pool3d: (3, "adaptive"),
 }
 
 

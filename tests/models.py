@@ -432,6 +432,24 @@ class BlurPool(nn.Module):
         return self.conv2(x)
 
 
+class FunctionalPools(nn.Module):
+    """Volumes pooled with F.max_pool3d / F.avg_pool3d / F.adaptive_avg_pool3d, then a 1-D head
+    pooled with F.adaptive_max_pool1d: pooling never mixes channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv3d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv3d(8, 12, 3, padding=1)
+        self.mix = nn.Conv1d(12, 10, 1)
+        self.head = nn.Conv1d(10, 4, 1)
+
+    def forward(self, x):
+        x = F.max_pool3d(F.relu(self.conv1(x)), 2, ceil_mode=True)
+        x = F.avg_pool3d(self.conv2(x), 3, stride=1, padding=1)
+        x = F.adaptive_avg_pool3d(x, (2, None, 1)).flatten(2)  # (N, 12, 2 * W)
+        return self.head(F.adaptive_max_pool1d(F.relu(self.mix(x)), 3))
+
+
 class LayerScales(nn.Module):
     """Per-channel scales written three ways: ``view(1, -1, 1, 1)``, ``[:, None, None]``, and
     ``view(C, 1, 1)`` with C a literal."""

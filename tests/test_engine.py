@@ -32,6 +32,7 @@ CASES = [
     (M.NormAct, (2, 3, 8, 8)),
     (M.FunctionalBatchNorm, (2, 3, 8, 8)),
     (M.BlurPool, (2, 3, 8, 8)),
+    (M.FunctionalPools, (2, 3, 5, 6, 7)),
     (M.LayerScales, (2, 3, 8, 8)),
     (M.RolledChannelsLast, (2, 3, 8, 8)),
     (M.TalkingHeads, (2, 5, 16)),
@@ -89,6 +90,12 @@ def test_residual_stream_is_one_group():
     assert outs == ["blocks.0.2.weight", "blocks.1.2.weight", "blocks.2.2.weight", "stem.weight"]
     assert stream.prunable
     assert {m.param for m in stream.members if m.role == "in"} >= {"head.weight", "blocks.0.0.weight"}
+
+
+def test_functional_pooling_keeps_channels_prunable():
+    g = apib_fx.trace(_model(M.FunctionalPools), torch.randn(1, 3, 5, 6, 7))
+    prunable = {m.param for gr in g.prunable_groups for m in gr.members if m.role == "out"}
+    assert prunable == {"conv1.weight", "conv2.weight", "mix.weight"}
 
 
 def test_concat_offsets_and_slice():
