@@ -229,8 +229,8 @@ class ChannelGraph:
         mixed = self._first_reasons(space.mixed, n_groups)
 
         # Members: one per (binding, group) pair, positions ascending within it.
-        groups = self.id_group[ids]
-        key = which * max(1, n_groups) + groups
+        stride = max(1, n_groups)
+        key = which * stride + self.id_group[ids]
         # Bindings come in order and groups in creation order along most of them: sort only if not.
         if key.numel() > 1 and not bool((key[1:] >= key[:-1]).all()):
             order = torch.argsort(key, stable=True)
@@ -239,29 +239,27 @@ class ChannelGraph:
         counts = pair_counts.tolist()
         pos_parts = torch.split(pos, counts)
         cls_parts = torch.split(self.id_class[ids], counts)
-        pairs_of: list[list[tuple[int, Tensor, Tensor]]] = [[] for _ in distinct]  # (group, positions, classes)
-        for pk, p_pos, p_cls in zip(pair_keys.tolist(), pos_parts, cls_parts):
-            d, g = divmod(pk, max(1, n_groups))
-            pairs_of[d].append((g, p_pos, p_cls))
-        slot_of = {k: d for d, k in enumerate(distinct)}
-        pair_d, pair_g = np.divmod(pair_keys.numpy(), max(1, n_groups))
-        on_count = np.bincount(pair_d, weights=pair_counts.numpy(), minlength=len(distinct))
+        pair_d, pair_g = np.divmod(pair_keys.numpy(), stride)  # pairs ascending by binding row d
+        row_of = {k: d for d, k in enumerate(distinct)}
         counts_of = _BindingCounts(
-            distinct={key: slot_of[first] for key, first in zip(all_keys, same_as)},
+            distinct={key: row_of[first] for key, first in zip(all_keys, same_as)},
             start=np.searchsorted(pair_d, np.arange(len(distinct))),
             stop=np.searchsorted(pair_d, np.arange(len(distinct)), side="right"),
-            group=pair_g, count=pair_counts.numpy(), unlabeled=lengths.numpy() - on_count,
+            group=pair_g, count=pair_counts.numpy(),
+            unlabeled=lengths.numpy() - np.bincount(pair_d, weights=pair_counts.numpy(), minlength=len(distinct)),
         )
         # In binding order, as if each binding had been grouped on its own. (A dense block's
         # groups are read by every later layer of the block: DenseNet-121 has 3,400 members.)
         members: list[list[Member]] = [[] for _ in class_lists]
-        for (param, dim), binding, first in zip(all_keys, self._bindings.values(), same_as):
+        start, stop, group_of_pair = counts_of.start.tolist(), counts_of.stop.tolist(), pair_g.tolist()
+        for (param, dim), binding in self._bindings.items():
             if binding.role == "axis":
                 continue
             roles = (binding.role, *sorted(binding.also)) if binding.also else (binding.role,)
-            for g, p_pos, p_cls in pairs_of[slot_of[first]]:
+            d = counts_of.distinct[(param, dim)]
+            for i in range(start[d], stop[d]):
                 for role in roles:
-                    members[g].append(_member(param, dim, role, p_pos, p_cls))
+                    members[group_of_pair[i]].append(_member(param, dim, role, pos_parts[i], cls_parts[i]))
 
         self.groups = [
             ChannelGroup(

@@ -265,34 +265,37 @@ def positional_inputs(graph: fx.Graph, root: nn.Module) -> fx.Graph:
     """Keyword arguments that could be positional become positional (``self.conv(input=x)`` ->
     ``self.conv(x)``, ``F.relu(input=x)`` -> ``F.relu(x)``), for modules and Python functions:
     rules, scoring and rewrites read a layer's input as its first argument."""
-    signatures: dict[tuple[Any, bool], Any] = {}  # GoogLeNet calls F.relu(x, inplace=True) 60 times
+    signatures: dict[tuple[Any, bool], Optional[inspect.Signature]] = {}  # GoogLeNet calls F.relu(x, inplace=True) 60 times
     for node in graph.nodes:
         if not node.kwargs or node.op not in ("call_module", "call_function"):
             continue
         fn = root.get_submodule(node.target).forward if node.op == "call_module" else node.target
+        signature = _signature(fn, signatures)
+        if signature is None:  # builtins without one
+            continue
         try:
-            bound = _signature(fn, signatures).bind(*node.args, **node.kwargs)
-        except (TypeError, ValueError):  # builtins without a signature; calls it cannot bind
+            bound = signature.bind(*node.args, **node.kwargs)
+        except TypeError:  # a call it cannot bind
             continue
         node.args, node.kwargs = tuple(bound.args), dict(bound.kwargs)
     return graph
 
 
-def _signature(fn: Any, cache: dict[tuple[Any, bool], Any]) -> inspect.Signature:
-    """inspect.signature(fn), looked up once per function (a bound forward: once per class)."""
+def _signature(fn: Any, cache: dict[tuple[Any, bool], Any]) -> Optional[inspect.Signature]:
+    """inspect.signature(fn) or None, looked up once per function (a bound forward: per class)."""
     key = (getattr(fn, "__func__", fn), hasattr(fn, "__self__"))
     try:
-        found = cache.get(key)
+        if key in cache:
+            return cache[key]
     except TypeError:  # an unhashable callable
-        return inspect.signature(fn)
-    if found is None:
-        try:
-            found = cache[key] = inspect.signature(fn)
-        except (TypeError, ValueError):
-            found = cache[key] = False
-    if found is False:
-        raise ValueError(f"no signature for {fn!r}")
-    return found
+        key = None
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        signature = None
+    if key is not None:
+        cache[key] = signature
+    return signature
 
 
 _BATCH_NORM = inspect.signature(F.batch_norm)
@@ -683,6 +686,11 @@ def trace(model: nn.Module, example_inputs: Inputs, *, leaf_modules: Sequence[ty
         return _trace(model, inputs, leaf_modules)
 
 
+# What ChannelGraph.timings times: torch.fx's symbolic trace, the shape pass, the label
+# propagation, and grouping plus the FLOPs model.
+_PHASES = ("fx", "shapes", "labels", "groups")
+
+
 def _trace(model: nn.Module, inputs: tuple[Tensor, ...], leaf_modules: Sequence[type]) -> ChannelGraph:
     # The passes interpret the graph on the model itself; the GraphModule that apply() rewrites is
     # built on first use (ChannelGraph.module): a tenth of tracing, not needed to find the groups.
@@ -712,7 +720,3 @@ def _trace(model: nn.Module, inputs: tuple[Tensor, ...], leaf_modules: Sequence[
     result.timings = {phase: end - start for phase, start, end in zip(_PHASES, clock, clock[1:])}
     return result
 
-
-# What ChannelGraph.timings times: torch.fx's symbolic trace, the shape pass, the label
-# propagation, and grouping plus the FLOPs model.
-_PHASES = ("fx", "shapes", "labels", "groups")
