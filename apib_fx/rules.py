@@ -527,9 +527,25 @@ def softmax(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
 
 
 def spatial(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-    """Pooling, upsampling, padding: act on axes 2.. of an (N, C, ...) tensor; channels untouched."""
+    """Pooling, upsampling, padding: act on axes 2.. of an (N, C, ...) tensor; channels untouched.
+    A max pool that also returns its indices gives them the channels of the values they locate
+    (each channel's indices point into that channel's own plane)."""
     if any(a >= 2 for a in varying_axes(x)):
         return opaque(ctx, x)
+    meta = ctx.node.meta.get("tensor_meta")
+    if isinstance(meta, tuple) and not hasattr(meta, "shape"):  # (values, indices), not one TensorMetadata
+        return tuple(compress(x).expand(tuple(m.shape)) for m in meta)
+    return compress(x).expand(ctx.out_shape)
+
+
+def unpool(ctx: RuleContext, x: Any, indices: Any, *args: Any, **kwargs: Any) -> Any:
+    """Max unpooling (SegNet's decoder): each channel's values go back to the positions its max
+    pool recorded in that channel's ``indices``, so values and indices lose the same channels
+    (the encoder's channels are tied to the decoder's); axes 2.. change size."""
+    if not (is_labels(x) and is_labels(indices)) or x.shape != indices.shape \
+            or any(a >= 2 for a in varying_axes(x) + varying_axes(indices)):
+        return opaque(ctx, x, indices, *args, **kwargs)
+    ctx.space.unify(x, indices)
     return compress(x).expand(ctx.out_shape)
 
 
@@ -1337,6 +1353,7 @@ ARITHMETIC = Rule(broadcast, shape=arithmetic_shape)
 INPLACE_ARITHMETIC = Rule(broadcast, shape=inplace_arithmetic_shape)
 REDUCE = Rule(reduction)
 SPATIAL = Rule(spatial)
+UNPOOL = Rule(unpool)
 SOFTMAX = Rule(softmax)
 MATMUL = Rule(matmul, input_axis=-1)
 SDPA = Rule(sdpa, freeze_sdpa_scale, input_axis=-1)
@@ -1471,6 +1488,12 @@ RULES: dict[Any, Rule] = _RuleTable({
     "softmax": SOFTMAX, F.log_softmax: SOFTMAX, "log_softmax": SOFTMAX,
     # spatial ops
     **{f: Rule(spatial, shape=_pool_fn_shapes(nd)[kind]) for f, (nd, kind) in _POOL_FUNCTIONS.items()},
+    # (with return_indices=True: (values, indices))
+    F.max_pool1d_with_indices: SPATIAL, F.max_pool2d_with_indices: SPATIAL, F.max_pool3d_with_indices: SPATIAL,
+    F.adaptive_max_pool1d_with_indices: SPATIAL, F.adaptive_max_pool2d_with_indices: SPATIAL,
+    F.adaptive_max_pool3d_with_indices: SPATIAL,
+    nn.MaxUnpool1d: UNPOOL, nn.MaxUnpool2d: UNPOOL, nn.MaxUnpool3d: UNPOOL,
+    F.max_unpool1d: UNPOOL, F.max_unpool2d: UNPOOL, F.max_unpool3d: UNPOOL,
     F.interpolate: SPATIAL, F.pad: Rule(pad), torch.roll: Rule(roll), "roll": Rule(roll),
     # matrix products
     F.scaled_dot_product_attention: SDPA,

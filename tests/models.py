@@ -450,6 +450,33 @@ class FunctionalPools(nn.Module):
         return self.head(F.adaptive_max_pool1d(F.relu(self.mix(x)), 3))
 
 
+class Unpooling(nn.Module):
+    """SegNet's decoder: max pools that return their indices (module and functional) and max
+    unpooling with them, sized by ``output_size=x.size()``. The indices tie each encoder
+    channel to the decoder channel unpooled with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc1 = nn.Conv2d(3, 12, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.enc2 = nn.Conv2d(12, 16, 3, padding=1)
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2)
+        self.mid = nn.Conv2d(16, 20, 3, padding=1)
+        self.dec2 = nn.Conv2d(20, 16, 3, padding=1)
+        self.dec1 = nn.Conv2d(16, 12, 3, padding=1)
+        self.head = nn.Conv2d(12, 5, 1)
+
+    def forward(self, x):
+        e1 = F.relu(self.bn1(self.enc1(x)))
+        p1, i1 = F.max_pool2d(e1, 2, return_indices=True)
+        e2 = F.relu(self.enc2(p1))
+        p2, i2 = self.pool(e2)
+        d2 = self.unpool(self.dec2(F.relu(self.mid(p2))), i2, output_size=e2.size())
+        d1 = F.max_unpool2d(F.relu(self.dec1(d2)), i1, 2, output_size=e1.shape[2:])
+        return self.head(F.relu(d1))
+
+
 class LayerScales(nn.Module):
     """Per-channel scales written three ways: ``view(1, -1, 1, 1)``, ``[:, None, None]``, and
     ``view(C, 1, 1)`` with C a literal."""

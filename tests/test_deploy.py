@@ -40,6 +40,20 @@ def test_pruned_zoo_exports_with_parity(name, tmp_path):
         assert onnx_macs(tmp_path / "pruned.onnx", x.shape) == apib_fx.count_flops(pruned, x)
 
 
+def test_pruned_unpooling_exports_with_parity(tmp_path):
+    # ONNX MaxPool's indices count over the whole tensor, torch's per channel plane: the exporter
+    # converts them, and the pruned channel count must flow through that conversion.
+    from . import models as M
+
+    torch.manual_seed(0)
+    model = M.Unpooling().eval()
+    x = torch.randn(2, 3, 16, 12)
+    pruned = apib_fx.prune(model, 0.4, x, progress=False)
+    assert pruned.enc1.out_channels < 12 and pruned.enc1.out_channels == pruned.dec1.out_channels
+    path = export_onnx(pruned, tmp_path / "segnet.onnx", x[:1])
+    assert path.parity["max_diff"] <= 1e-4 * path.parity["scale"] and path.parity["batch_sizes"] == [1, 3]
+
+
 def test_export_leaves_model_untouched(tmp_path):
     model = zoo_model("resnet18")
     model.train()

@@ -33,6 +33,7 @@ CASES = [
     (M.FunctionalBatchNorm, (2, 3, 8, 8)),
     (M.BlurPool, (2, 3, 8, 8)),
     (M.FunctionalPools, (2, 3, 5, 6, 7)),
+    (M.Unpooling, (2, 3, 16, 12)),
     (M.LayerScales, (2, 3, 8, 8)),
     (M.RolledChannelsLast, (2, 3, 8, 8)),
     (M.TalkingHeads, (2, 5, 16)),
@@ -96,6 +97,13 @@ def test_functional_pooling_keeps_channels_prunable():
     g = apib_fx.trace(_model(M.FunctionalPools), torch.randn(1, 3, 5, 6, 7))
     prunable = {m.param for gr in g.prunable_groups for m in gr.members if m.role == "out"}
     assert prunable == {"conv1.weight", "conv2.weight", "mix.weight"}
+
+
+def test_unpooling_ties_encoder_and_decoder_channels():
+    g = apib_fx.trace(_model(M.Unpooling), torch.randn(1, 3, 16, 12))
+    outs = sorted(sorted(m.param for m in gr.members if m.role == "out") for gr in g.prunable_groups)
+    # each pool's indices carry its input's channels to the values unpooled with them
+    assert outs == [["dec1.weight", "enc1.weight"], ["dec2.weight", "enc2.weight"], ["mid.weight"]]
 
 
 def test_concat_offsets_and_slice():
