@@ -1,7 +1,7 @@
 """count_flops: multiply-accumulates of a model on given inputs, counted by running it.
 
 This counter is independent of the trace pass: it intercepts the torch functions that do the
-arithmetic (convolutions, linear layers, matrix products) with a ``TorchFunctionMode`` and reads
+arithmetic (convolutions, transposed ones too, linear layers, matrix products) with a ``TorchFunctionMode`` and reads
 their actual tensor shapes. "FLOPs" in the pruning literature (and in the APIB paper's tables)
 are these MACs: ResNet-50 at 1x3x224x224 is about 4.1e9.
 """
@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 _CONV = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+_CONV_TRANSPOSE = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, torch.conv_transpose1d,
+                   torch.conv_transpose2d, torch.conv_transpose3d}
 _MATMUL = {torch.matmul, Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__, torch.mm, Tensor.mm,
            torch.bmm, Tensor.bmm}
 _ADDMM = {torch.addmm, Tensor.addmm, torch.baddbmm, Tensor.baddbmm}
@@ -25,7 +27,7 @@ _ADDMM = {torch.addmm, Tensor.addmm, torch.baddbmm, Tensor.baddbmm}
 
 # Everything the counter below charges MACs for, as fx call_function / call_method targets.
 MAC_TARGETS: frozenset = frozenset(
-    _CONV | _MATMUL | _ADDMM
+    _CONV | _CONV_TRANSPOSE | _MATMUL | _ADDMM
     | {F.linear, torch.einsum, F.scaled_dot_product_attention, F.multi_head_attention_forward}
     | {"matmul", "mm", "bmm", "addmm", "baddbmm", "__matmul__", "__rmatmul__"}
 )
@@ -117,6 +119,11 @@ class _MacCounter(TorchFunctionMode):
             w = args[1] if len(args) > 1 else kwargs["weight"]
             # out: (N, C_out, *spatial); each output element needs C_in/groups * kernel MACs
             self.macs += out.numel() * math.prod(w.shape[1:])
+        elif func in _CONV_TRANSPOSE:
+            w = args[1] if len(args) > 1 else kwargs["weight"]
+            # weight (C_in, C_out/groups, *kernel): each input element meets its row of it
+            x = args[0] if args else kwargs["input"]
+            self.macs += x.numel() * math.prod(w.shape[1:])
         elif func is F.linear or func is torch._C._nn.linear:
             w = args[1] if len(args) > 1 else kwargs["weight"]
             self.macs += out.numel() * w.shape[1]

@@ -634,7 +634,8 @@ def _conv(ctx: RuleContext, x: Tensor, w: str, w_shape: tuple[int, ...], groups:
     space = ctx.space
     g, cout = groups, w_shape[0]
     ipg, opg = w_shape[1], cout // groups
-    xin = _channel_ids(ctx, x, 1)
+    axis = x.dim() + 1 - len(w_shape)  # the channel axis: 1, or 0 for an unbatched input
+    xin = _channel_ids(ctx, x, axis)
     if g == 1:
         space.bind(w, 1, xin, "in")
         out = space.param_ids(w, 0, cout)
@@ -654,15 +655,47 @@ def _conv(ctx: RuleContext, x: Tensor, w: str, w_shape: tuple[int, ...], groups:
     if bias is not None:
         space.bind(bias, 0, out, "pass")
     out_shape = ctx.out_shape
-    spatial_out = math.prod(out_shape[2:]) * out_shape[0]
-    space.add_flops(spatial_out * math.prod(w_shape[2:]), [(w, 0), (w, 1)])
-    return along(out, 1, out_shape)
+    positions = math.prod(out_shape) // max(1, out_shape[axis])  # samples x output positions
+    space.add_flops(positions * math.prod(w_shape[2:]), [(w, 0), (w, 1)])
+    return along(out, axis, out_shape)
 
 
 def conv(ctx: RuleContext, x: Tensor) -> Tensor:
     m: nn.modules.conv._ConvNd = ctx.module
     bias = ctx.param("bias") if m.bias is not None else None
     return _conv(ctx, x, ctx.param("weight"), tuple(m.weight.shape), m.groups, bias)
+
+
+def conv_transpose(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """Transposed convolution (a decoder's upsampling): its weight is (in, out / groups, k...),
+    input channels on dim 0 and each group's output positions on dim 1. ``output_size`` only sets
+    the spatial size (torch ignores any batch and channel sizes in it)."""
+    m: nn.modules.conv._ConvTransposeNd = ctx.module
+    space, w = ctx.space, ctx.param("weight")
+    g, (cin, opg) = m.groups, m.weight.shape[:2]
+    axis = x.dim() + 1 - m.weight.dim()  # the channel axis: 1, or 0 for an unbatched input
+    xin = _channel_ids(ctx, x, axis)
+    if g == 1:
+        space.bind(w, 0, xin, "in")
+        out = space.param_ids(w, 1, opg)
+    elif cin == g:
+        # Depthwise (opg outputs per input channel): input channel c owns w[c] and outputs
+        # c*opg..c*opg+opg-1, so the conv stays depthwise.
+        out = xin.repeat_interleave(opg)
+        space.bind(w, 0, xin, "pass")
+        space.bind(w, 1, torch.full((opg,), NONE, dtype=torch.long), "out")
+    else:
+        # Grouped: output j of every group is computed by column j of its group's rows, so it is
+        # one channel appearing once per group; inputs keep the same width in every group.
+        _tie_slices(space, xin, g)
+        space.bind(w, 0, xin, "in")
+        out = space.param_ids(w, 1, opg).repeat(g)
+    if m.bias is not None:
+        space.bind(ctx.param("bias"), 0, out, "pass")
+    # MACs: every input position meets every (in, out-per-group) weight pair of its group.
+    positions = math.prod(x.shape) // max(1, x.shape[axis])  # samples x input positions
+    space.add_flops(positions * math.prod(m.weight.shape[2:]), [(w, 0), (w, 1)])
+    return along(out, axis, ctx.out_shape)
 
 
 def _conv_signature(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
@@ -1075,6 +1108,14 @@ def resize_conv(node: fx.Node, m: nn.Module, keep: KeepView) -> None:
     m.in_channels = m.groups * w.shape[1]
 
 
+def resize_conv_transpose(node: fx.Node, m: nn.Module, keep: KeepView) -> None:
+    w = m.weight  # (in, out / groups, k...)
+    if m.in_channels == m.groups > 1:  # depthwise stays depthwise
+        m.groups = w.shape[0]
+    m.in_channels = w.shape[0]
+    m.out_channels = w.shape[1] * m.groups
+
+
 def resize_linear(node: fx.Node, m: nn.Module, keep: KeepView) -> None:
     m.out_features, m.in_features = m.weight.shape
 
@@ -1130,6 +1171,21 @@ def conv_shape(m: nn.Module, x: Tensor) -> Optional[tuple[int, ...]]:
         pad = (0,) * nd if m.padding == "valid" else m.padding
         out = [_window_out(n, k, st, p, d, False)
                for n, k, st, p, d in zip(size, m.kernel_size, m.stride, pad, m.dilation)]
+    return None if min(out) < 1 else (*x.shape[:-nd - 1], m.out_channels, *out)
+
+
+def conv_transpose_shape(m: nn.Module, x: Tensor) -> Optional[tuple[int, ...]]:
+    nd = len(m.kernel_size)
+    if (not m.transposed or m.padding_mode != "zeros" or x.dim() not in (nd + 1, nd + 2)
+            or x.shape[-nd - 1] != m.in_channels or not _fits(m, x, m.weight)):
+        return None
+    settings = (m.stride, m.padding, m.dilation, m.output_padding)
+    if any(len(v) != nd or not all(type(i) is int for i in v) for v in settings):
+        return None
+    if any(op >= max(s, d) for op, s, d in zip(m.output_padding, m.stride, m.dilation)):
+        return None  # torch refuses such output padding: let it say so
+    out = [(n - 1) * s - 2 * p + d * (k - 1) + op + 1
+           for n, k, s, p, d, op in zip(x.shape[-nd:], m.kernel_size, *settings)]
     return None if min(out) < 1 else (*x.shape[:-nd - 1], m.out_channels, *out)
 
 
@@ -1435,6 +1491,9 @@ RULES: dict[Any, Rule] = _RuleTable({
     nn.Conv1d: Rule(conv, resize_conv, input_axis=1, shape=conv_shape),
     nn.Conv2d: Rule(conv, resize_conv, input_axis=1, shape=conv_shape),
     nn.Conv3d: Rule(conv, resize_conv, input_axis=1, shape=conv_shape),
+    nn.ConvTranspose1d: Rule(conv_transpose, resize_conv_transpose, input_axis=1, shape=conv_transpose_shape),
+    nn.ConvTranspose2d: Rule(conv_transpose, resize_conv_transpose, input_axis=1, shape=conv_transpose_shape),
+    nn.ConvTranspose3d: Rule(conv_transpose, resize_conv_transpose, input_axis=1, shape=conv_transpose_shape),
     nn.Linear: Rule(linear, resize_linear, input_axis=-1, shape=linear_shape),
     F.linear: Rule(linear_fn, input_axis=-1),
     nn.Embedding: Rule(embedding, resize_embedding),

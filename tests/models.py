@@ -477,6 +477,29 @@ class Unpooling(nn.Module):
         return self.head(F.relu(d1))
 
 
+class TransposedConvs(nn.Module):
+    """A U-Net decoder: transposed convolutions (plain, sized by ``output_size``; grouped;
+    depthwise with two outputs per channel) upsample, and a skip connection is concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(3, 12, 3, padding=1)
+        self.down = nn.Conv2d(12, 16, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(16, 10, 3, stride=2, padding=1)
+        self.fuse = nn.Conv2d(22, 12, 3, padding=1)
+        self.grouped = nn.ConvTranspose2d(12, 8, 2, stride=2, groups=2)
+        self.bn = nn.BatchNorm2d(8)
+        self.depthwise = nn.ConvTranspose2d(8, 16, 3, padding=1, groups=8, bias=False)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        e = F.relu(self.enc(x))
+        u = F.relu(self.up(F.relu(self.down(e)), output_size=e.size()))
+        y = F.relu(self.fuse(torch.cat([e, u], dim=1)))
+        y = F.relu(self.bn(self.grouped(y)))
+        return self.head(F.relu(self.depthwise(y)))
+
+
 class LayerScales(nn.Module):
     """Per-channel scales written three ways: ``view(1, -1, 1, 1)``, ``[:, None, None]``, and
     ``view(C, 1, 1)`` with C a literal."""

@@ -34,6 +34,7 @@ CASES = [
     (M.BlurPool, (2, 3, 8, 8)),
     (M.FunctionalPools, (2, 3, 5, 6, 7)),
     (M.Unpooling, (2, 3, 16, 12)),
+    (M.TransposedConvs, (2, 3, 10, 12)),
     (M.LayerScales, (2, 3, 8, 8)),
     (M.RolledChannelsLast, (2, 3, 8, 8)),
     (M.TalkingHeads, (2, 5, 16)),
@@ -70,6 +71,40 @@ def test_exact(cls, shape, seed):
     assert report.flops_model == report.flops_after
 
 
+@pytest.mark.parametrize("cls,shape", CASES, ids=[c[0].__name__ for c in CASES])
+def test_count_flops_matches_flop_counter_mode(cls, shape):
+    # torch's own counter ÷ 2, on the op-by-op attention path (it has no formula for fused layers)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from apib_fx.flops import unfused_attention
+
+    model = _model(cls).eval()
+    x = torch.randn(shape)
+    with unfused_attention(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, \
+            torch.no_grad():
+        model(x)
+    assert apib_fx.count_flops(model, x) * 2 == counter.get_total_flops() > 0
+
+
+@pytest.mark.parametrize("layers,shape,prunable", [
+    ((nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 6, 3, groups=2), nn.ConvTranspose2d(6, 4, 3)), (3, 12, 12),
+     [True, True, False]),
+    ((nn.Conv1d(3, 6, 3), nn.ReLU(), nn.Conv1d(6, 6, 3, groups=6), nn.Conv1d(6, 4, 3)), (3, 12),
+     [True, False]),  # the depthwise conv keeps its input's channels
+], ids=["2d", "1d"])
+def test_unbatched_convolutions(layers, shape, prunable):
+    # torch convolutions take (C, ...) inputs: channels on axis 0, and no batch in the MACs
+    torch.manual_seed(0)
+    model = nn.Sequential(*layers).eval()
+    x = torch.randn(shape)
+    graph = apib_fx.trace(model, x)
+    assert [g.prunable for g in graph.groups] == prunable
+    assert graph.flops() == apib_fx.count_flops(model, x)
+    report = check_exact(model, x, graph=graph)
+    assert report.max_diff <= 1e-5 and report.flops_model == report.flops_after < report.flops_before
+
+
 def test_lenet_view_is_rewritten():
     model = _model(M.LeNet)
     x = torch.randn(2, 3, 32, 32)
@@ -104,6 +139,24 @@ def test_unpooling_ties_encoder_and_decoder_channels():
     outs = sorted(sorted(m.param for m in gr.members if m.role == "out") for gr in g.prunable_groups)
     # each pool's indices carry its input's channels to the values unpooled with them
     assert outs == [["dec1.weight", "enc1.weight"], ["dec2.weight", "enc2.weight"], ["mid.weight"]]
+
+
+def test_transposed_convolutions_prune_both_sides():
+    model = _model(M.TransposedConvs)
+    x = torch.randn(1, 3, 10, 12)
+    g = apib_fx.trace(model, x)
+    by_out = {(m.param, m.dim): gr for gr in g.prunable_groups for m in gr.members if m.role == "out"}
+    up, grouped = by_out[("up.weight", 1)], by_out[("grouped.weight", 1)]  # weights are (in, out / groups, k...)
+    assert ("up.weight", 0, "in") in {(m.param, m.dim, m.role) for m in by_out[("down.weight", 0)].members}
+    members = {m.param: m for m in grouped.members}
+    assert grouped.channels == 4 and members["grouped.bias"].multiplicity == 2  # output j of each group
+    assert (members["depthwise.weight"].role, members["depthwise.weight"].dim) == ("pass", 0)
+    assert members["head.weight"].multiplicity == 4  # 2 groups x 2 depthwise outputs per channel
+    pruned = apib_fx.apply(model, g, {up.index: torch.tensor([0, 4, 9]), grouped.index: torch.tensor([1, 2, 3])})
+    assert (pruned.up.out_channels, pruned.fuse.in_channels) == (3, 15)
+    assert (pruned.grouped.out_channels, pruned.grouped.groups, pruned.bn.num_features) == (6, 2, 6)
+    assert (pruned.depthwise.in_channels, pruned.depthwise.groups, pruned.depthwise.out_channels) == (6, 6, 12)
+    assert pruned(x).shape == model(x).shape
 
 
 def test_concat_offsets_and_slice():

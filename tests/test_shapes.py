@@ -25,6 +25,11 @@ LAYERS = [
     (nn.Conv2d(3, 6, 3), (3, 12, 12)),  # unbatched
     (nn.Conv1d(3, 5, 4, stride=3), (2, 3, 50)),
     (nn.Conv3d(2, 4, 3, stride=(1, 2, 2), padding=1), (1, 2, 5, 9, 9)),
+    (nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1), (2, 4, 5, 7)),
+    (nn.ConvTranspose2d(4, 6, (2, 3), stride=(2, 3), padding=(0, 1), output_padding=(1, 2), dilation=(1, 2),
+                        groups=2), (1, 4, 5, 6)),
+    (nn.ConvTranspose1d(3, 6, 4, stride=2, groups=3), (3, 9)),  # unbatched, depthwise
+    (nn.ConvTranspose3d(2, 4, 2, stride=2), (1, 2, 3, 4, 5)),
     (nn.Linear(7, 3), (2, 5, 7)),
     (nn.Linear(7, 3), (7,)),
     (nn.BatchNorm1d(4), (3, 4)),
@@ -118,6 +123,9 @@ def test_arithmetic_formula_declines_other_calls(op, args, kwargs):
     (nn.Conv2d(3, 8, 3), torch.randn(1, 3, 8, 8, dtype=torch.float64)),  # dtype the layer refuses
     (nn.Conv2d(3, 8, 5), torch.randn(1, 3, 3, 3)),  # kernel larger than the input
     (nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), torch.randn(1, 3, 8, 8)),
+    (nn.ConvTranspose2d(3, 8, 3), torch.randn(1, 4, 8, 8)),  # wrong channels
+    (nn.ConvTranspose2d(3, 8, 3, stride=2, output_padding=2), torch.randn(1, 3, 8, 8)),  # torch refuses it
+    (nn.ConvTranspose2d(3, 8, 3, padding=3), torch.randn(1, 3, 2, 2)),  # nothing left of the output
     (nn.Linear(4, 2), torch.randint(0, 3, (2, 4))),
     (nn.BatchNorm2d(4), torch.randn(2, 4, 3)),  # BatchNorm2d wants 4-D
     (nn.MaxPool2d(2, return_indices=True), torch.randn(1, 3, 8, 8)),
