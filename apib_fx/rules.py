@@ -554,8 +554,57 @@ def pad(ctx: RuleContext, x: Tensor, pad: Any, *args: Any, **kwargs: Any) -> Any
     sizes = list(pad)
     padded = {x.dim() - 1 - i for i in range(len(sizes) // 2) if sizes[2 * i] or sizes[2 * i + 1]}
     if padded & set(varying_axes(x)):
-        return opaque(ctx, x, pad, *args, **kwargs)
+        return _padded_across(ctx, x, pad, *args, **kwargs)
     return compress(x).expand(ctx.out_shape)
+
+
+_padded_across = kept_whole("which pads along their axis")
+
+
+def pad_module(ctx: RuleContext, x: Tensor) -> Any:
+    """Padding modules (ZeroPad2d, ReflectionPad1d, CircularPad3d...): as ``F.pad`` with their
+    ``padding`` (a 2-D pad of a 3-D tensor pads its channel axis: kept whole then)."""
+    return pad(ctx, x, ctx.module.padding)
+
+
+def _factor(ctx: RuleContext, attr: str, args: tuple, kwargs: dict) -> Any:
+    """The integer setting of a shuffle: the module's attribute, or the function's argument."""
+    if ctx.module is not None:
+        return getattr(ctx.module, attr)
+    return args[0] if args else kwargs.get(attr, kwargs.get("groups"))
+
+
+def pixel_shuffle(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+    """(*, C r², H, W) -> (*, C, H r, W r) (super-resolution upsampling): output channel c is
+    input channels c r² .. c r² + r² - 1 spread over r x r positions, so those go together."""
+    r = _factor(ctx, "upscale_factor", args, kwargs)
+    axis = x.dim() - 3
+    if type(r) is not int or axis < 0 or any(a != axis for a in varying_axes(x)):
+        return opaque(ctx, x, *args, **kwargs)
+    blocks = axis_ids(x, axis).view(-1, r * r)
+    ctx.space.unify(blocks, blocks[:, :1].expand_as(blocks))
+    return along(blocks[:, 0].contiguous(), axis, ctx.out_shape)
+
+
+def pixel_unshuffle(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+    """(*, C, H r, W r) -> (*, C r², H, W): input channel c becomes output channels
+    c r² .. c r² + r² - 1 (one per position of its r x r patches)."""
+    r = _factor(ctx, "downscale_factor", args, kwargs)
+    axis = x.dim() - 3
+    if type(r) is not int or axis < 0 or any(a != axis for a in varying_axes(x)):
+        return opaque(ctx, x, *args, **kwargs)
+    return along(axis_ids(x, axis).repeat_interleave(r * r), axis, ctx.out_shape)
+
+
+def channel_shuffle(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+    """(N, g C', *) -> position k of group i moves to k g + i (ShuffleNet). Every group must keep
+    the same positions, so position k of each group goes together and ``groups`` stays."""
+    g = _factor(ctx, "groups", args, kwargs)
+    if type(g) is not int or x.dim() < 3 or any(a != 1 for a in varying_axes(x)):
+        return opaque(ctx, x, *args, **kwargs)
+    ids = axis_ids(x, 1)
+    _tie_slices(ctx.space, ids, g)
+    return along(ids.view(g, -1).t().reshape(-1), 1, ctx.out_shape)
 
 
 def roll(ctx: RuleContext, x: Tensor, shifts: Any, dims: Any = None) -> Any:
@@ -830,6 +879,14 @@ def layer_norm_fn(ctx: RuleContext, x: Tensor, normalized_shape: Any, *args: Any
     if state is None:
         return opaque(ctx, x)
     return _normalized(ctx, x, len(tuple(normalized_shape)), [n.target for n in state])
+
+
+def rms_norm_fn(ctx: RuleContext, x: Tensor, normalized_shape: Any, *args: Any, **kwargs: Any) -> Tensor:
+    state = _read_state(ctx.arg_node(2, "weight"))
+    if state is None:
+        return opaque(ctx, x)
+    return _normalized(ctx, x, len(tuple(normalized_shape)) if isinstance(normalized_shape, (tuple, list)) else 1,
+                       [n.target for n in state])
 
 
 def _group_norm(ctx: RuleContext, x: Tensor, num_groups: int, weights: list[str]) -> Tensor:
@@ -1410,6 +1467,9 @@ INPLACE_ARITHMETIC = Rule(broadcast, shape=inplace_arithmetic_shape)
 REDUCE = Rule(reduction)
 SPATIAL = Rule(spatial)
 UNPOOL = Rule(unpool)
+PIXEL_SHUFFLE = Rule(pixel_shuffle)
+PIXEL_UNSHUFFLE = Rule(pixel_unshuffle)
+CHANNEL_SHUFFLE = Rule(channel_shuffle)
 SOFTMAX = Rule(softmax)
 MATMUL = Rule(matmul, input_axis=-1)
 SDPA = Rule(sdpa, freeze_sdpa_scale, input_axis=-1)
@@ -1425,9 +1485,13 @@ _ACTIVATIONS = (
 _POOLS = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
-    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad2d,
-    nn.ReflectionPad2d, nn.ReplicationPad2d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.LPPool3d, nn.Upsample,
+    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+)
+_PADS = (
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+    nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d,
 )
 _UNARY_FUNCTIONS = (
     torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.mish, F.hardswish,
@@ -1522,6 +1586,8 @@ RULES: dict[Any, Rule] = _RuleTable({
     # normalisations that mix channels
     nn.LayerNorm: Rule(layer_norm, resize_layer_norm, shape=layer_norm_shape),
     F.layer_norm: Rule(layer_norm_fn, rewrite_layer_norm_fn, shape=layer_norm_fn_shape),
+    nn.RMSNorm: Rule(layer_norm, resize_layer_norm, shape=layer_norm_shape),
+    F.rms_norm: Rule(rms_norm_fn, rewrite_layer_norm_fn),
     nn.GroupNorm: Rule(group_norm, resize_channels("num_channels", ("weight",)), shape=group_norm_shape),
     F.group_norm: Rule(group_norm_fn),
     # shape ops
@@ -1553,6 +1619,10 @@ RULES: dict[Any, Rule] = _RuleTable({
     F.adaptive_max_pool3d_with_indices: SPATIAL,
     nn.MaxUnpool1d: UNPOOL, nn.MaxUnpool2d: UNPOOL, nn.MaxUnpool3d: UNPOOL,
     F.max_unpool1d: UNPOOL, F.max_unpool2d: UNPOOL, F.max_unpool3d: UNPOOL,
+    nn.PixelShuffle: PIXEL_SHUFFLE, torch.pixel_shuffle: PIXEL_SHUFFLE,
+    nn.PixelUnshuffle: PIXEL_UNSHUFFLE, torch.pixel_unshuffle: PIXEL_UNSHUFFLE,
+    nn.ChannelShuffle: CHANNEL_SHUFFLE, torch.channel_shuffle: CHANNEL_SHUFFLE,
+    torch.native_channel_shuffle: CHANNEL_SHUFFLE,
     F.interpolate: SPATIAL, F.pad: Rule(pad), torch.roll: Rule(roll), "roll": Rule(roll),
     # matrix products
     F.scaled_dot_product_attention: SDPA,
@@ -1560,6 +1630,7 @@ RULES: dict[Any, Rule] = _RuleTable({
 })
 RULES.update({m: PASS_MODULE for m in _ACTIVATIONS})
 RULES.update({m: POOL if m in _POOL_DIMS else SPATIAL for m in _POOLS})
+RULES.update({m: Rule(pad_module) for m in _PADS})
 RULES.update({f: UNARY for f in _UNARY_FUNCTIONS})
 # Conversions change the dtype or device: no shape formula (running them is cheap).
 RULES.update({f: PASS if f in _CONVERSIONS else UNARY for f in _UNARY_METHODS})

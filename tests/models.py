@@ -500,6 +500,28 @@ class TransposedConvs(nn.Module):
         return self.head(F.relu(self.depthwise(y)))
 
 
+class SuperResolution(nn.Module):
+    """Space-to-depth and back (ESPCN-style sub-pixel upsampling), a channel shuffle module,
+    circular padding and an RMSNorm over the width (input 8 x 10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.unshuffle = nn.PixelUnshuffle(2)  # 4 -> 16 channels at half resolution
+        self.body = nn.Conv2d(16, 12, 3, padding=1, groups=2)
+        self.shuffle = nn.ChannelShuffle(2)
+        self.pad = nn.CircularPad2d(1)
+        self.mix = nn.Conv2d(12, 12, 3)
+        self.norm = nn.RMSNorm(5)
+        self.up = nn.Conv2d(12, 3 * 4, 3, padding=1)
+        self.head = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        y = self.body(self.unshuffle(F.relu(self.stem(x))))
+        y = F.relu(self.mix(self.pad(self.shuffle(y))))
+        return self.head(F.pixel_shuffle(self.up(self.norm(y)), 2))
+
+
 class LayerScales(nn.Module):
     """Per-channel scales written three ways: ``view(1, -1, 1, 1)``, ``[:, None, None]``, and
     ``view(C, 1, 1)`` with C a literal."""

@@ -40,17 +40,19 @@ def test_pruned_zoo_exports_with_parity(name, tmp_path):
         assert onnx_macs(tmp_path / "pruned.onnx", x.shape) == apib_fx.count_flops(pruned, x)
 
 
-def test_pruned_unpooling_exports_with_parity(tmp_path):
-    # ONNX MaxPool's indices count over the whole tensor, torch's per channel plane: the exporter
-    # converts them, and the pruned channel count must flow through that conversion.
+@pytest.mark.parametrize("name,shape", [("Unpooling", (2, 3, 16, 12)), ("TransposedConvs", (2, 3, 10, 12))])
+def test_pruned_decoders_export_with_parity(name, shape, tmp_path):
+    # Max unpooling (ONNX counts its indices over the whole tensor, torch per channel plane: the
+    # exporter converts them) and transposed convs, with pruned widths. (SuperResolution is left
+    # out: torch's exporters have no ONNX form of its nn.ChannelShuffle, pruned or not.)
     from . import models as M
 
     torch.manual_seed(0)
-    model = M.Unpooling().eval()
-    x = torch.randn(2, 3, 16, 12)
+    model = getattr(M, name)().eval()
+    x = torch.randn(shape)
     pruned = apib_fx.prune(model, 0.4, x, progress=False)
-    assert pruned.enc1.out_channels < 12 and pruned.enc1.out_channels == pruned.dec1.out_channels
-    path = export_onnx(pruned, tmp_path / "segnet.onnx", x[:1])
+    assert apib_fx.count_flops(pruned, x) < 0.65 * apib_fx.count_flops(model, x)
+    path = export_onnx(pruned, tmp_path / "decoder.onnx", x[:1])
     assert path.parity["max_diff"] <= 1e-4 * path.parity["scale"] and path.parity["batch_sizes"] == [1, 3]
 
 

@@ -35,6 +35,7 @@ CASES = [
     (M.FunctionalPools, (2, 3, 5, 6, 7)),
     (M.Unpooling, (2, 3, 16, 12)),
     (M.TransposedConvs, (2, 3, 10, 12)),
+    (M.SuperResolution, (2, 3, 8, 10)),
     (M.LayerScales, (2, 3, 8, 8)),
     (M.RolledChannelsLast, (2, 3, 8, 8)),
     (M.TalkingHeads, (2, 5, 16)),
@@ -157,6 +158,47 @@ def test_transposed_convolutions_prune_both_sides():
     assert (pruned.grouped.out_channels, pruned.grouped.groups, pruned.bn.num_features) == (6, 2, 6)
     assert (pruned.depthwise.in_channels, pruned.depthwise.groups, pruned.depthwise.out_channels) == (6, 6, 12)
     assert pruned(x).shape == model(x).shape
+
+
+def test_pixel_and_channel_shuffles_keep_channels_prunable():
+    model = _model(M.SuperResolution)
+    g = apib_fx.trace(model, torch.randn(1, 3, 8, 10))
+    members = {(m.param, m.role): (gr, m) for gr in g.groups for m in gr.members}
+    stem, body_in = members[("stem.weight", "out")][0], members[("body.weight", "in")][1]
+    # one stem channel is 4 channels after the unshuffle (4 input positions of the body's filters),
+    # and the grouped body ties stem channel c (its group 0) to c + 2 (its group 1)
+    assert stem.prunable and stem.channels == 2 and body_in.multiplicity == 4
+    body = members[("body.weight", "out")][0]
+    assert body.prunable and body.channels == 6  # position j of both shuffled groups goes together
+    up, up_out = members[("up.weight", "out")]
+    assert up.prunable and up.channels == 3 and up_out.multiplicity == 4  # 4 conv outputs per pixel-shuffled channel
+    assert members[("head.weight", "in")][0] is up
+    keep = {stem.index: torch.tensor([1]), body.index: torch.tensor([1, 4, 5]), up.index: torch.tensor([1])}
+    pruned = apib_fx.apply(model, g, keep)
+    assert (pruned.body.in_channels, pruned.body.out_channels, pruned.mix.in_channels) == (8, 6, 6)
+    assert (pruned.up.out_channels, pruned.head.in_channels) == (4, 1)
+
+
+class _ChannelsLastRMSNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.norm = nn.RMSNorm(8)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+def test_rms_norm_over_channels_is_prunable_not_exact():
+    model = _model(_ChannelsLastRMSNorm)
+    x = torch.randn(2, 3, 6, 6)
+    g = apib_fx.trace(model, x)
+    (conv,) = g.prunable_groups
+    assert ("norm.weight", 0, "pass") in {(m.param, m.dim, m.role) for m in conv.members}
+    report = check_exact(model, x, graph=g)
+    assert not report.exact_expected and "RMSNorm" in report.note and report.shapes_ok and report.finite
+    assert apib_fx.apply(model, g, {conv.index: torch.tensor([1, 2, 6])}).norm.normalized_shape == (3,)
 
 
 def test_concat_offsets_and_slice():
