@@ -106,7 +106,19 @@ class RuleContext:
                 return {k: build(v) for k, v in meta.items()}
             return None
 
-        return build(self.node.meta.get("tensor_meta"))
+        out = build(self.node.meta.get("tensor_meta"))
+        return _as_type(self.node.meta.get("type"), out)
+
+
+def _as_type(cls: Any, values: Any) -> Any:
+    """``values`` (a tuple) as ``cls`` when that is a named tuple or a torch structseq
+    (``x.max(dim)``'s ``(values, indices)``), so ``.values`` reads work on labels too."""
+    if not (isinstance(values, tuple) and isinstance(cls, type) and issubclass(cls, tuple) and cls is not tuple):
+        return values
+    try:
+        return cls(*values) if hasattr(cls, "_fields") else cls(values)
+    except Exception:  # a tuple subclass built another way: a plain tuple indexes the same
+        return values
 
 
 class KeepView:
@@ -237,6 +249,14 @@ def passthrough(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     """Elementwise on one tensor: channels stay where they are."""
     x = _first_labels(args, kwargs)
     return x if x is not None else ctx.unlabeled_output()
+
+
+def clamp(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
+    """``clamp``/``clip``: elementwise on one tensor; with tensor bounds (``x.clamp(min=t)``),
+    elementwise on all of them, which must then line up channel for channel."""
+    if sum(isinstance(v, Tensor) for v in flatten_values((args, kwargs))) > 1:
+        return broadcast(ctx, *args, **kwargs)
+    return passthrough(ctx, *args, **kwargs)
 
 
 def relabel(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
@@ -381,6 +401,21 @@ def getitem(ctx: RuleContext, x: Any, index: Any) -> Any:
     return _relabeled(ctx.space, x[index])
 
 
+def narrow(ctx: RuleContext, x: Any, dim: Any, start: Any, length: Any) -> Any:
+    """``x.narrow(dim, start, length)``: ``x[..., start:start + length]`` along ``dim``; along a
+    channel axis only with literal bounds, which the rewrite moves to the kept positions."""
+    if not is_labels(x) or type(dim) is not int:
+        return relabel(ctx, x, dim, start, length)
+    d = dim % x.dim()
+    if d not in varying_axes(x):
+        return relabel(ctx, x, dim, start, length)
+    if type(start) is not int or type(length) is not int or ctx.node.kwargs:
+        ctx.space.block(x, f"narrowed along their axis by {ctx.op_name} to computed bounds")
+        return unlabeled(ctx.out_shape)
+    start = start + x.shape[d] if start < 0 else start
+    return getitem(ctx, x, (slice(None),) * d + (slice(start, start + length),))
+
+
 def broadcast(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     """Elementwise ops of several tensors (add, mul, where...): channels that meet at the same
     position must be removed together (a residual add, an SE block's ``x * scale``)."""
@@ -471,8 +506,8 @@ def _parameter_of(node: Any) -> Optional[tuple[str, tuple[int, ...]]]:
             return None
         node = node.args[0]
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) and node.op == "get_attr" else None
-    if meta is None:
-        return None
+    if meta is None or node.target in getattr(node.graph, "_apib_constants", ()):
+        return None  # (a tensor the forward creates is no parameter to slice)
     shape = tuple(meta.shape)
     allowed = {1, -1} | ({shape[0]} if len(shape) == 1 else set())
     if not all(isinstance(v, int) and v in allowed for v in literals):
@@ -516,6 +551,24 @@ def reduction(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         ctx.space.block(x, f"reduced over their axis by {ctx.op_name}")
         return ctx.unlabeled_output()
     return compress(x).amax(dim=dims, keepdim=keepdim).expand(ctx.out_shape)
+
+
+def max_min(ctx: RuleContext, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """``max``/``min``: of two tensors, elementwise; over one axis, ``(values, indices)``, which
+    keep the channels of the axes left; over everything or over a channel axis, kept whole."""
+    if any(isinstance(v, Tensor) for v in list(args) + list(kwargs.values())):
+        return broadcast(ctx, x, *args, **kwargs)
+    dim = args[0] if args else kwargs.get("dim")
+    if dim is None or not is_labels(x):
+        return reduction(ctx, x)
+    keepdim = args[1] if len(args) > 1 else kwargs.get("keepdim", False)
+    d = dim % x.dim()
+    if d in ctx.space.class_varying_axes(x):
+        ctx.space.block(x, f"reduced over their axis by {ctx.op_name}")
+        return ctx.unlabeled_output()
+    values = compress(x).amax(dim=d, keepdim=keepdim)
+    out = tuple(values.expand(tuple(m.shape)) for m in ctx.node.meta["tensor_meta"])
+    return _as_type(ctx.node.meta.get("type"), out)
 
 
 def softmax(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -1104,6 +1157,24 @@ def rewrite_split(node: fx.Node, module: Any, keep: KeepView) -> None:
     node.kwargs = {"dim": dim}
 
 
+def _moved_bounds(keep: KeepView, labels: Tensor, axis: int) -> Optional[Callable[[Optional[int]], Optional[int]]]:
+    """Slice bound along ``axis`` before pruning -> the same bound counting only kept positions;
+    None when nothing along the axis goes."""
+    kept = keep.kept_along(labels, axis)
+    if bool(kept.all()):
+        return None  # channels vary along this axis (tokens of two producers), none go
+    n = kept.numel()
+    prefix = torch.cat([torch.zeros(1, dtype=torch.long), kept.long().cumsum(0)])
+
+    def moved(b: Optional[int]) -> Optional[int]:
+        if b is None:
+            return None
+        b = max(0, min(n, b + n if b < 0 else b))
+        return int(prefix[b])
+
+    return moved
+
+
 def rewrite_getitem(node: fx.Node, module: Any, keep: KeepView) -> None:
     """Literal slices along a channel axis (``x[:, :32]``): count only the kept positions."""
     src = node.args[0]
@@ -1117,20 +1188,26 @@ def rewrite_getitem(node: fx.Node, module: Any, keep: KeepView) -> None:
     for i, axis in _index_axes(index, labels.dim()):
         item = items[i]
         if axis in varying and isinstance(item, slice):
-            kept = keep.kept_along(labels, axis)
-            if bool(kept.all()):
-                continue  # channels vary along this axis (tokens of two producers), none go
-            n = kept.numel()
-            prefix = torch.cat([torch.zeros(1, dtype=torch.long), kept.long().cumsum(0)])
-
-            def moved(b: Optional[int]) -> Optional[int]:
-                if b is None:
-                    return None
-                b = max(0, min(n, b + n if b < 0 else b))
-                return int(prefix[b])
-
-            new_items[i] = slice(moved(item.start), moved(item.stop), item.step)
+            moved = _moved_bounds(keep, labels, axis)
+            if moved is not None:
+                new_items[i] = slice(moved(item.start), moved(item.stop), item.step)
     node.args = (src, tuple(new_items) if isinstance(index, tuple) else new_items[0])
+
+
+def rewrite_narrow(node: fx.Node, module: Any, keep: KeepView) -> None:
+    """``x.narrow(dim, start, length)`` along a channel axis: bounds over the kept positions."""
+    labels = keep.labels(node.args[0])
+    if not is_labels(labels) or len(node.args) != 4 or not all(type(a) is int for a in node.args[1:]):
+        return
+    dim, start, length = node.args[1:]
+    d = dim % labels.dim()
+    if d not in varying_axes(labels):
+        return
+    moved = _moved_bounds(keep, labels, d)
+    if moved is not None:
+        start = start + labels.shape[d] if start < 0 else start
+        new_start = moved(start)
+        node.args = (node.args[0], dim, new_start, moved(start + length) - new_start)
 
 
 def rewrite_unflatten(node: fx.Node, module: Any, keep: KeepView) -> None:
@@ -1455,6 +1532,7 @@ def _pool_fn_shapes(nd: int) -> dict[str, Callable[..., Any]]:
 
 PASS = Rule(passthrough)
 UNARY = Rule(passthrough, shape=unary_shape)  # elementwise functions and methods of one tensor
+CLAMP = Rule(clamp, shape=unary_shape)  # (the formula declines tensor bounds)
 PASS_MODULE = Rule(passthrough, shape=elementwise_shape)  # activations, dropout, identity
 POOL = Rule(spatial, shape=pool_shape)
 SHAPE = Rule(relabel)
@@ -1474,6 +1552,8 @@ SOFTMAX = Rule(softmax)
 MATMUL = Rule(matmul, input_axis=-1)
 SDPA = Rule(sdpa, freeze_sdpa_scale, input_axis=-1)
 UNFLATTEN = Rule(relabel, rewrite_unflatten)
+NARROW = Rule(narrow, rewrite_narrow)
+MAX_MIN = Rule(max_min)
 _UNMASKED_ONLY = kept_whole("which is written out only without masks or is_causal")
 
 _ACTIVATIONS = (
@@ -1602,13 +1682,17 @@ RULES: dict[Any, Rule] = _RuleTable({
     torch.permute: SHAPE, "permute": SHAPE, torch.transpose: SHAPE, "transpose": SHAPE,
     torch.swapaxes: SHAPE, "swapaxes": SHAPE, torch.movedim: SHAPE, "movedim": SHAPE,
     torch.t: SHAPE, "t": SHAPE, torch.squeeze: SHAPE, "squeeze": SHAPE,
-    torch.unsqueeze: SHAPE, "unsqueeze": SHAPE, torch.narrow: SHAPE, "narrow": SHAPE,
+    torch.unsqueeze: SHAPE, "unsqueeze": SHAPE, torch.narrow: NARROW, "narrow": NARROW,
     operator.getitem: Rule(getitem, rewrite_getitem),
     "size": Rule(size_of), "dim": Rule(run_plain), getattr: Rule(size_of),
-    operator.floordiv: Rule(run_plain), operator.mod: Rule(run_plain),
+    # sizes (``h // p``) are computed; tensors are elementwise
+    operator.floordiv: BROADCAST, operator.mod: BROADCAST, torch.floor_divide: BROADCAST,
+    "floor_divide": BROADCAST, torch.remainder: BROADCAST, "remainder": BROADCAST, torch.fmod: BROADCAST,
+    "fmod": BROADCAST,
     # reductions, softmax
     torch.mean: REDUCE, "mean": REDUCE, torch.sum: REDUCE, "sum": REDUCE, torch.amax: REDUCE,
     "amax": REDUCE, torch.amin: REDUCE, "amin": REDUCE,
+    torch.max: MAX_MIN, "max": MAX_MIN, torch.min: MAX_MIN, "min": MAX_MIN,
     nn.Softmax: SOFTMAX, nn.LogSoftmax: SOFTMAX, F.softmax: SOFTMAX, torch.softmax: SOFTMAX,
     "softmax": SOFTMAX, F.log_softmax: SOFTMAX, "log_softmax": SOFTMAX,
     # spatial ops
@@ -1634,6 +1718,7 @@ RULES.update({m: Rule(pad_module) for m in _PADS})
 RULES.update({f: UNARY for f in _UNARY_FUNCTIONS})
 # Conversions change the dtype or device: no shape formula (running them is cheap).
 RULES.update({f: PASS if f in _CONVERSIONS else UNARY for f in _UNARY_METHODS})
+RULES.update({f: CLAMP for f in (torch.clamp, torch.clip, "clamp", "clamp_", "clip", "clip_")})
 RULES.update({f: BROADCAST for f in _BINARY})
 RULES.update({f: ARITHMETIC for f in (operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul,
                                       "add", "sub", "mul")})

@@ -164,7 +164,25 @@ class _Tracer(fx.Tracer):
 
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
         self._param_names: Optional[dict[int, tuple[str, Tensor]]] = None  # built on the first read
-        return super().trace(root, concrete_args)
+        # fx stores tensors a forward creates (``torch.zeros(1, 8, 1, 1)``) as new attributes of
+        # the traced module: they are taken off it again and kept with the graph, so the user's
+        # model comes back as it was.
+        self._constant_names: list[str] = []
+        try:
+            graph = super().trace(root, concrete_args)
+        finally:
+            constants = {}
+            for name in self._constant_names:
+                if isinstance(root, nn.Module) and name in root.__dict__:
+                    constants[name] = root.__dict__.pop(name)
+        if constants:
+            graph._apib_constants = constants
+        return graph
+
+    def get_fresh_qualname(self, prefix: str) -> str:
+        name = super().get_fresh_qualname(prefix)
+        self._constant_names.append(name)  # fx sets it on the root next
+        return name
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         # fx finds the name of a parameter that a forward reads (ConvNeXt's layer scales) by
@@ -231,7 +249,21 @@ def symbolic_trace(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.Gr
 
 def graph_module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """The GraphModule of a graph from :func:`trace_graph` (it shares ``model``'s tensors)."""
-    return _TracedModule(model, graph, type(model).__name__)
+    constants = graph_constants(graph)
+    root = model
+    if constants:
+        # The GraphModule copies what the graph reads from its root: a stand-in sharing the model's
+        # submodules and tensors, plus the constants, so the model itself gets no new attributes.
+        root = nn.Module.__new__(nn.Module)
+        root.__dict__.update(model.__dict__)
+        root.__dict__.update(constants)
+    return _TracedModule(root, graph, type(model).__name__)
+
+
+def graph_constants(graph: fx.Graph) -> dict[str, Tensor]:
+    """Tensors the traced forward created (fx's ``_tensor_constant0``...), read by ``get_attr``
+    nodes of ``graph`` but not attributes of the model."""
+    return getattr(graph, "_apib_constants", {})
 
 
 def trace_graph(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.Graph:
@@ -393,6 +425,7 @@ class _GraphPass(fx.Interpreter):
         # Interpreter walked the module tree already: resolving dotted names attribute by
         # attribute through nn.Module.__getattr__ costs more (parameters are resolved on first use).
         self._attrs: dict[str, Any] = dict(self.submodules)
+        self._attrs.update(graph_constants(self.graph))
 
     def fetch_attr(self, target: str) -> Any:
         try:

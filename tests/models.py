@@ -522,6 +522,28 @@ class SuperResolution(nn.Module):
         return self.head(F.pixel_shuffle(self.up(self.norm(y)), 2))
 
 
+class TensorOps(nn.Module):
+    """Ops whose channel handling is easy to get wrong: floor division and remainder of tensors
+    (elementwise, not size arithmetic), ``narrow`` along the channels (a slice), a max over the
+    width read as ``.values``, and tensors the forward creates: one along the width (channels
+    untouched) and one along the channels (input width 10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(4, 6, 1)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        y = y - torch.floor_divide(y, 2.0) + y % 1.5
+        y = self.conv2(y).narrow(1, 2, 4)
+        y = y * y.max(dim=3, keepdim=True).values + torch.linspace(0.0, 1.0, 10)
+        y = self.conv3(y).clamp(min=torch.full((1, 6, 1, 1), -0.5))
+        return self.head(y)
+
+
 class LayerScales(nn.Module):
     """Per-channel scales written three ways: ``view(1, -1, 1, 1)``, ``[:, None, None]``, and
     ``view(C, 1, 1)`` with C a literal."""

@@ -36,6 +36,7 @@ CASES = [
     (M.Unpooling, (2, 3, 16, 12)),
     (M.TransposedConvs, (2, 3, 10, 12)),
     (M.SuperResolution, (2, 3, 8, 10)),
+    (M.TensorOps, (2, 3, 6, 10)),
     (M.LayerScales, (2, 3, 8, 8)),
     (M.RolledChannelsLast, (2, 3, 8, 8)),
     (M.TalkingHeads, (2, 5, 16)),
@@ -199,6 +200,27 @@ def test_rms_norm_over_channels_is_prunable_not_exact():
     report = check_exact(model, x, graph=g)
     assert not report.exact_expected and "RMSNorm" in report.note and report.shapes_ok and report.finite
     assert apib_fx.apply(model, g, {conv.index: torch.tensor([1, 2, 6])}).norm.normalized_shape == (3,)
+
+
+def test_tensors_the_forward_creates_stay_off_the_model():
+    # fx keeps a tensor the forward creates as a new attribute of the traced module
+    model = _model(M.TensorOps)
+    x = torch.randn(2, 3, 6, 10)
+    before = set(vars(model))
+    g = apib_fx.trace(model, x)
+    pruned = apib_fx.apply(model, g, random_keep(g, 0.5))
+    assert set(vars(model)) == before and not hasattr(model, "_tensor_constant0")
+    assert torch.equal(pruned._tensor_constant0, torch.linspace(0.0, 1.0, 10))
+    by_out = {m.param: gr for gr in g.groups for m in gr.members if m.role == "out"}
+    # the one along the channels cannot be sliced (it is no parameter): those channels stay
+    assert not by_out["conv3.weight"].prunable and "clamp" in by_out["conv3.weight"].reason
+    assert by_out["conv1.weight"].prunable and by_out["conv2.weight"].prunable
+    members = {m.param: m for m in by_out["conv2.weight"].members}
+    seen = {}  # conv2's output channel -> the conv3 input it becomes (narrow(1, 2, 4): 2..5 -> 0..3)
+    for k in range(by_out["conv2.weight"].channels):
+        (c,) = members["conv2.weight"].index(torch.tensor([k])).tolist()
+        seen[c] = members["conv3.weight"].index(torch.tensor([k])).tolist()
+    assert seen == {2: [0], 3: [1], 4: [2], 5: [3]}  # (channels 0, 1, 6, 7 reach nothing: a group of their own)
 
 
 def test_concat_offsets_and_slice():
