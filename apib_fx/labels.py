@@ -30,7 +30,7 @@ class ShapeSize(int):
 
     def _wrap(self, value: object, other: object) -> object:
         if not isinstance(value, int) or isinstance(value, bool):
-            return value
+            return ChannelValue(value) if isinstance(value, float) and isinstance(other, ChannelSize) else value
         if isinstance(other, ChannelSize):
             return ChannelSize(value, other.ids, pure=False)
         return ShapeSize(value)
@@ -53,10 +53,37 @@ class ChannelSize(int):
 
     def _wrap(self, value: object, other: object) -> object:
         if not isinstance(value, int) or isinstance(value, bool):
-            return value
+            return ChannelValue(value) if isinstance(value, float) else value
         if isinstance(other, ChannelSize):
             return ChannelSize(value, torch.cat([self.ids, other.ids]), self.pure and other.pure)
         return ChannelSize(value, self.ids, self.pure and not isinstance(other, ShapeSize))
+
+
+class ChannelValue(float):
+    """A number computed from a channel count that is no size (``C ** -0.5``, ``C / 2``,
+    ``math.sqrt(C)``). Used as a value in tensor arithmetic (``x / C ** 0.5``), it keeps its
+    unpruned value in the rewritten model: the model then computes the same function of its
+    remaining channels (exactness), as ``F.scaled_dot_product_attention``'s frozen scale."""
+
+    def _wrap(self, value: object, other: object) -> object:
+        return ChannelValue(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _float_arith(name: str) -> None:
+    base = getattr(float, name)
+
+    def op(self: float, other: object = None) -> object:
+        value = base(self) if other is None else base(self, other)
+        if value is NotImplemented:
+            return value
+        return self._wrap(value, other)  # type: ignore[attr-defined]
+
+    setattr(ChannelValue, name, op)
+
+
+for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
+              "__rtruediv__", "__pow__", "__rpow__", "__neg__"):
+    _float_arith(_name)
 
 
 def _arith(name: str) -> None:
@@ -65,6 +92,8 @@ def _arith(name: str) -> None:
 
     def op(self: int, other: object = None) -> object:
         value = base(self) if other is None else base(self, other)
+        if value is NotImplemented and isinstance(other, float) and hasattr(float, name):
+            value = getattr(float, name)(float(self), other)  # C ** 0.5: int has no answer, float's is it
         if value is NotImplemented:
             return value
         return self._wrap(value, other)  # type: ignore[attr-defined]
@@ -74,7 +103,8 @@ def _arith(name: str) -> None:
 
 
 for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__floordiv__",
-              "__rfloordiv__", "__mod__", "__rmod__", "__neg__"):
+              "__rfloordiv__", "__mod__", "__rmod__", "__neg__", "__truediv__", "__rtruediv__", "__pow__",
+              "__rpow__"):
     _arith(_name)
 
 

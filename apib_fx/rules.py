@@ -30,6 +30,7 @@ from . import attention
 from .labels import (
     NONE,
     ChannelSize,
+    ChannelValue,
     ShapeSize,
     LabelSpace,
     along,
@@ -286,12 +287,18 @@ def concat(ctx: RuleContext, tensors: Any, dim: int = 0, **kwargs: Any) -> Any:
 
 
 def run_plain(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
-    """Python-level ops (size arithmetic, ``getattr(x, 'shape')``): evaluate; tensors become labels."""
-    if not any(is_labels(v) for v in flatten_values((args, kwargs))):
+    """Python-level ops (size arithmetic, ``getattr(x, 'shape')``, ``math.sqrt(C)``): evaluate;
+    tensors become labels. A float computed from a channel count stays tagged (:class:`ChannelValue`)."""
+    values = flatten_values((args, kwargs))
+    if not any(is_labels(v) for v in values):
         target = ctx.node.target
         if ctx.node.op == "call_method":
-            return _relabeled(ctx.space, getattr(args[0], target)(*args[1:], **kwargs))
-        return _relabeled(ctx.space, target(*args, **kwargs))
+            out = _relabeled(ctx.space, getattr(args[0], target)(*args[1:], **kwargs))
+        else:
+            out = _relabeled(ctx.space, target(*args, **kwargs))
+        if type(out) is float and any(isinstance(v, (ChannelSize, ChannelValue)) for v in values):
+            out = ChannelValue(out)
+        return out
     return relabel(ctx, *args, **kwargs)
 
 
@@ -421,6 +428,13 @@ def broadcast(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     position must be removed together (a residual add, an SE block's ``x * scale``)."""
     if ctx.node.meta.get("tensor_meta") is None:  # arithmetic on sizes (``h // p * w // p``)
         return run_plain(ctx, *args, **kwargs)
+    # A number computed from channel counts used as a value (``x / C ** 0.5``): the rewrite keeps
+    # its unpruned value (freeze_channel_values).
+    frozen = {k: (int(v) if isinstance(v, int) else float(v))
+              for k, v in list(enumerate(args)) + list(kwargs.items())
+              if isinstance(v, (ChannelSize, ChannelValue))}
+    if frozen:
+        ctx.node.meta["apib_frozen"] = frozen
     out_shape = ctx.out_shape
     nd = len(out_shape)
     space = ctx.space
@@ -1175,6 +1189,22 @@ def _moved_bounds(keep: KeepView, labels: Tensor, axis: int) -> Optional[Callabl
     return moved
 
 
+def freeze_channel_values(node: fx.Node, module: Any, keep: KeepView) -> None:
+    """Numbers computed from channel counts and used as values in elementwise arithmetic
+    (``x / C ** 0.5``, ``x * C``) become their unpruned literals, so the pruned model computes the
+    same function of the channels it keeps."""
+    frozen = node.meta.get("apib_frozen")
+    if not frozen:
+        return
+    args, kwargs = list(node.args), dict(node.kwargs)
+    for key, value in frozen.items():
+        if isinstance(key, int) and key < len(args):
+            args[key] = value
+        elif key in kwargs:
+            kwargs[key] = value
+    node.args, node.kwargs = tuple(args), kwargs
+
+
 def rewrite_getitem(node: fx.Node, module: Any, keep: KeepView) -> None:
     """Literal slices along a channel axis (``x[:, :32]``): count only the kept positions."""
     src = node.args[0]
@@ -1539,9 +1569,9 @@ SHAPE = Rule(relabel)
 CAT = Rule(concat, shape=concat_shape)
 RESHAPE = Rule(reshape, rewrite_shape_args)
 SPLIT = Rule(relabel, rewrite_split)
-BROADCAST = Rule(broadcast)
-ARITHMETIC = Rule(broadcast, shape=arithmetic_shape)
-INPLACE_ARITHMETIC = Rule(broadcast, shape=inplace_arithmetic_shape)
+BROADCAST = Rule(broadcast, freeze_channel_values)
+ARITHMETIC = Rule(broadcast, freeze_channel_values, shape=arithmetic_shape)
+INPLACE_ARITHMETIC = Rule(broadcast, freeze_channel_values, shape=inplace_arithmetic_shape)
 REDUCE = Rule(reduction)
 SPATIAL = Rule(spatial)
 UNPOOL = Rule(unpool)
@@ -1579,12 +1609,15 @@ _UNARY_FUNCTIONS = (
     F.softplus, F.hardtanh, torch.clamp, torch.clip, F.dropout, F.dropout1d, F.dropout2d,
     F.dropout3d, F.alpha_dropout, torch.exp, torch.neg, operator.neg, operator.pos, torch.abs,
     torch.sqrt, torch.rsqrt, torch.square, torch.erf, torch.nn.functional.hardtanh_, torch.clone,
-    torch.detach,
+    torch.detach, torch.sign, torch.nan_to_num, torch.log, torch.log1p, torch.sin, torch.cos,
+    torch.reciprocal, torch.floor, torch.ceil, torch.round, torch.trunc, torch.frac, F.softsign,
+    F.logsigmoid, F.hardshrink, F.softshrink, F.tanhshrink, F.threshold, F.rrelu, F.celu,
 )
 _UNARY_METHODS = (
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "contiguous",
     "clone", "detach", "float", "half", "double", "bfloat16", "to", "type_as", "exp", "neg", "abs",
-    "sqrt", "rsqrt", "square", "hardtanh_", "requires_grad_", "cpu", "cuda",
+    "sqrt", "rsqrt", "square", "hardtanh_", "requires_grad_", "cpu", "cuda", "sign", "nan_to_num", "log",
+    "log1p", "sin", "cos", "reciprocal", "floor", "ceil", "round", "trunc", "frac",
 )
 _CONVERSIONS = ("float", "half", "double", "bfloat16", "to", "type_as", "cpu", "cuda", "requires_grad_")
 _BINARY = (
@@ -1592,7 +1625,10 @@ _BINARY = (
     operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
     torch.minimum, torch.where, operator.gt, operator.lt, operator.ge, operator.le,
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum",
+    operator.pow, torch.pow, "pow", "masked_fill", "masked_fill_", torch.masked_fill,
 )
+# New tensors shaped like their input: its positions, so its channels.
+_LIKE = (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like)
 
 # Functional pooling: (spatial dims, kind) for its shape formula.
 _POOL_FUNCTIONS = {
@@ -1685,6 +1721,9 @@ RULES: dict[Any, Rule] = _RuleTable({
     torch.unsqueeze: SHAPE, "unsqueeze": SHAPE, torch.narrow: NARROW, "narrow": NARROW,
     operator.getitem: Rule(getitem, rewrite_getitem),
     "size": Rule(size_of), "dim": Rule(run_plain), getattr: Rule(size_of),
+    # (fx records math functions of sizes as calls: ``1 / math.sqrt(C)``)
+    math.sqrt: Rule(run_plain), math.pow: Rule(run_plain), math.log: Rule(run_plain),
+    math.floor: Rule(run_plain), math.ceil: Rule(run_plain),
     # sizes (``h // p``) are computed; tensors are elementwise
     operator.floordiv: BROADCAST, operator.mod: BROADCAST, torch.floor_divide: BROADCAST,
     "floor_divide": BROADCAST, torch.remainder: BROADCAST, "remainder": BROADCAST, torch.fmod: BROADCAST,
@@ -1720,6 +1759,7 @@ RULES.update({f: UNARY for f in _UNARY_FUNCTIONS})
 RULES.update({f: PASS if f in _CONVERSIONS else UNARY for f in _UNARY_METHODS})
 RULES.update({f: CLAMP for f in (torch.clamp, torch.clip, "clamp", "clamp_", "clip", "clip_")})
 RULES.update({f: BROADCAST for f in _BINARY})
+RULES.update({f: PASS for f in _LIKE})
 RULES.update({f: ARITHMETIC for f in (operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul,
                                       "add", "sub", "mul")})
 RULES.update({f: INPLACE_ARITHMETIC for f in (operator.iadd, operator.isub, operator.imul, "add_", "sub_", "mul_")})

@@ -1,4 +1,6 @@
 """Small hand-written models, each exercising one channel-mapping situation."""
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -524,7 +526,8 @@ class SuperResolution(nn.Module):
 
 class TensorOps(nn.Module):
     """Ops whose channel handling is easy to get wrong: floor division and remainder of tensors
-    (elementwise, not size arithmetic), ``narrow`` along the channels (a slice), a max over the
+    (elementwise, not size arithmetic), masked_fill, zeros_like, pow, scales computed from the
+    channel count (they keep their unpruned value), ``narrow`` along the channels (a slice), a max over the
     width read as ``.values``, and tensors the forward creates: one along the width (channels
     untouched) and one along the channels (input width 10)."""
 
@@ -538,6 +541,8 @@ class TensorOps(nn.Module):
     def forward(self, x):
         y = self.conv1(x)
         y = y - torch.floor_divide(y, 2.0) + y % 1.5
+        y = y * y.shape[1] ** -0.5 + y / math.sqrt(y.size(1))  # scales from the channel count
+        y = y.masked_fill(y < -2, -2.0) + torch.zeros_like(y) + 0.1 * y.pow(2).sign() + F.softsign(y)
         y = self.conv2(y).narrow(1, 2, 4)
         y = y * y.max(dim=3, keepdim=True).values + torch.linspace(0.0, 1.0, 10)
         y = self.conv3(y).clamp(min=torch.full((1, 6, 1, 1), -0.5))
