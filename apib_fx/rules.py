@@ -1046,6 +1046,27 @@ def _pair_batch_axes(ctx: RuleContext, a: Tensor, b: Tensor, nd: int) -> None:
             return
 
 
+def _parameter_matrix(node: Any) -> Optional[tuple[str, int]]:
+    """(name, the dim it contracts) of the right operand of ``x @ W`` read straight from a
+    parameter (dim 0) or transposed (``W.t()``, ``W.T``, ``W.transpose(0, 1)``: dim 1)."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        return node.target, 0
+    inner = node.args[0] if node.args else None
+    if not (isinstance(inner, fx.Node) and inner.op == "get_attr") or node.kwargs:
+        return None
+    rest = node.args[1:]
+    transposed = (
+        (node.target in ("t", torch.t) and not rest)
+        or (node.target in ("transpose", torch.transpose) and len(rest) == 2 and {d % 2 for d in rest} == {0, 1}
+            and all(isinstance(d, int) for d in rest))
+        or (node.target is getattr and rest in (("T",), ("mT",)))
+    )
+    meta = inner.meta.get("tensor_meta")
+    return (inner.target, 1) if transposed and meta is not None and len(meta.shape) == 2 else None
+
+
 def matmul(ctx: RuleContext, a: Any, b: Any) -> Any:
     """(..., M, K) @ (..., K, N): the contraction channels of both sides go together; M comes from
     ``a`` and N from ``b``. The sizes enter FLOPs as activation axes."""
@@ -1057,13 +1078,13 @@ def matmul(ctx: RuleContext, a: Any, b: Any) -> Any:
     space.link(ka, kb)
     # Contracted against values without these channels: a parameter matrix (x @ W) reads them
     # like a Linear layer; anything else of fixed size (a relative-position table) keeps them.
-    w = ctx.arg_node(1)
+    w = _parameter_matrix(ctx.arg_node(1))
     for ids, other, t, axis in ((ka, kb, a, a.dim() - 1), (kb, ka, b, b.dim() - 2)):
         lone = (ids != NONE) & (other == NONE)
         if axis not in space.class_varying_axes(t) or not bool(lone.any()):
             continue  # (labels constant along the contracted axis belong to another axis)
-        if ids is ka and isinstance(w, fx.Node) and w.op == "get_attr" and b.dim() == 2 and bool((kb == NONE).all()):
-            space.bind(w.target, 0, axis_ids(a, -1), "in")
+        if ids is ka and w is not None and b.dim() == 2 and bool((kb == NONE).all()):
+            space.bind(w[0], w[1], axis_ids(a, -1), "in")
         else:
             space.block(ids[lone], f"contracted with values without these channels in {ctx.op_name}")
     rows = compress(a).narrow(-1, 0, 1).expand(*a.shape[:-1], 1)
@@ -1694,7 +1715,11 @@ RULES: dict[Any, Rule] = _RuleTable({
                          resize_channels("num_features"), shape=batch_norm_shape),
     nn.BatchNorm3d: Rule(channel_affine("weight", "bias", "running_mean", "running_var"),
                          resize_channels("num_features"), shape=batch_norm_shape),
+    nn.InstanceNorm1d: Rule(channel_affine("weight", "bias", "running_mean", "running_var"),
+                            resize_channels("num_features")),
     nn.InstanceNorm2d: Rule(channel_affine("weight", "bias", "running_mean", "running_var"),
+                            resize_channels("num_features")),
+    nn.InstanceNorm3d: Rule(channel_affine("weight", "bias", "running_mean", "running_var"),
                             resize_channels("num_features")),
     nn.PReLU: Rule(channel_affine("weight"), resize_channels("num_parameters", ("weight",))),
     F.batch_norm: Rule(batch_norm_fn),

@@ -549,6 +549,23 @@ class TensorOps(nn.Module):
         return self.head(y)
 
 
+class TransposedParameterMatmul(nn.Module):
+    """A 1-D conv with InstanceNorm1d, pooled, then hand-written linear layers ``x @ W.t()`` and
+    ``x @ V.T`` (weights stored out x in, as nn.Linear's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 3)
+        self.norm = nn.InstanceNorm1d(8, affine=True)
+        self.W = nn.Parameter(torch.randn(6, 8) / 3)
+        self.V = nn.Parameter(torch.randn(5, 8) / 3)
+        self.head = nn.Linear(11, 2)
+
+    def forward(self, x):
+        f = torch.relu(self.norm(self.conv(x))).mean(2)
+        return self.head(torch.cat([f @ self.W.t(), f @ self.V.T], 1))
+
+
 class LayerScales(nn.Module):
     """Per-channel scales written three ways: ``view(1, -1, 1, 1)``, ``[:, None, None]``, and
     ``view(C, 1, 1)`` with C a literal."""
@@ -606,7 +623,8 @@ class TalkingHeads(SelfAttention):
 
 
 class RelativePosition(SelfAttention):
-    """q also contracted with a fixed table (relative-position logits): q/k head dims stay."""
+    """q also contracted with a parameter table (relative-position logits): its columns go with
+    q's head dims."""
 
     def __init__(self, tokens=5):
         super().__init__()

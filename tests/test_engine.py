@@ -37,6 +37,7 @@ CASES = [
     (M.TransposedConvs, (2, 3, 10, 12)),
     (M.SuperResolution, (2, 3, 8, 10)),
     (M.TensorOps, (2, 3, 6, 10)),
+    (M.TransposedParameterMatmul, (2, 3, 12)),
     (M.LayerScales, (2, 3, 8, 8)),
     (M.RolledChannelsLast, (2, 3, 8, 8)),
     (M.TalkingHeads, (2, 5, 16)),
@@ -221,6 +222,13 @@ def test_tensors_the_forward_creates_stay_off_the_model():
         (c,) = members["conv2.weight"].index(torch.tensor([k])).tolist()
         seen[c] = members["conv3.weight"].index(torch.tensor([k])).tolist()
     assert seen == {2: [0], 3: [1], 4: [2], 5: [3]}  # (channels 0, 1, 6, 7 reach nothing: a group of their own)
+
+
+def test_transposed_parameter_matmul_prunes_like_linear():
+    g = apib_fx.trace(_model(M.TransposedParameterMatmul), torch.randn(2, 3, 12))
+    (conv,) = [gr for gr in g.groups if any(m.param == "conv.weight" for m in gr.members)]
+    assert conv.prunable
+    assert {(m.param, m.dim, m.role) for m in conv.members} >= {("W", 1, "in"), ("V", 1, "in"), ("norm.weight", 0, "pass")}
 
 
 def test_concat_offsets_and_slice():
@@ -749,16 +757,20 @@ def test_functional_group_norm_is_prunable_but_not_exact():
     assert pruned.weight.numel() % 2 == 0  # both groups keep the same width
 
 
-@pytest.mark.parametrize("cls,param,words", [
-    (M.TalkingHeads, "proj_l.weight", "matmul"),  # (exactness of the rest: test_exact)
-    (M.RelativePosition, "qkv.weight", "contracted with values without these channels"),
-])
-def test_products_with_fixed_axes_keep_channels_whole(cls, param, words):
-    graph = apib_fx.trace(_model(cls), torch.randn(2, 5, 16))
-    fixed = [g for g in graph.groups if any(m.param == param and m.role == "out" for m in g.members) and not g.prunable]
-    assert fixed and any(words in g.reason for g in fixed), [g.reason for g in fixed]
-    if param == "proj_l.weight":  # the heads it mixes meet v's fixed heads
-        assert all(not g.prunable for g in graph.groups if any(m.param == param for m in g.members))
+def test_products_with_fixed_axes_keep_channels_whole():
+    graph = apib_fx.trace(_model(M.TalkingHeads), torch.randn(2, 5, 16))
+    fixed = [g for g in graph.groups if any(m.param == "proj_l.weight" and m.role == "out" for m in g.members)
+             and not g.prunable]
+    assert fixed and any("matmul" in g.reason for g in fixed), [g.reason for g in fixed]
+    # the heads it mixes meet v's fixed heads (exactness of the rest: test_exact)
+    assert all(not g.prunable for g in graph.groups if any(m.param == "proj_l.weight" for m in g.members))
+
+
+def test_relative_position_table_loses_the_head_dims_of_q():
+    # q @ rel.transpose(-1, -2) with rel (tokens, head dim): the table's columns are sliced with q's
+    graph = apib_fx.trace(_model(M.RelativePosition), torch.randn(2, 5, 16))
+    (qk,) = [g for g in graph.groups if any(m.param == "rel" for m in g.members)]
+    assert qk.prunable and ("rel", 1, "in") in {(m.param, m.dim, m.role) for m in qk.members}
 
 
 def test_parameter_matrix_reads_channels_as_a_linear_layer():

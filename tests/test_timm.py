@@ -21,11 +21,9 @@ SLOW = ["resnet50d", "efficientnetv2_rw_t", "densenet121", "cspdarknet53", "mixn
         "swin_tiny_patch4_window7_224", "deit_tiny_patch16_224", "pit_ti_224", "botnet26t_256",
         "levit_128s", "starnet_s050"]
 MODELS = [pytest.param(n) for n in FAST] + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW]
-# These also keep some groups whole, with a reason: relative-position tables contracted with q/k
-# (BoTNet, Swin), class and position tokens added to the stream (DeiT, PiT), a softmax over
-# split-attention branches (ResNeSt).
-PARTLY_FIXED = {"swin_tiny_patch4_window7_224", "botnet26t_256", "deit_tiny_patch16_224",
-                "pit_ti_224", "resnest14d"}
+# These also keep some groups whole, with a reason: class and position tokens added to the stream
+# (DeiT, PiT), a softmax over split-attention branches (ResNeSt).
+PARTLY_FIXED = {"swin_tiny_patch4_window7_224", "deit_tiny_patch16_224", "pit_ti_224", "resnest14d"}
 
 
 def timm_model(name: str, **kwargs) -> tuple[torch.nn.Module, torch.Tensor]:
