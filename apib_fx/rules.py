@@ -257,6 +257,7 @@ def clamp(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     elementwise on all of them, which must then line up channel for channel."""
     if sum(isinstance(v, Tensor) for v in flatten_values((args, kwargs))) > 1:
         return broadcast(ctx, *args, **kwargs)
+    _mark_channel_values(ctx, args, kwargs)
     return passthrough(ctx, *args, **kwargs)
 
 
@@ -423,18 +424,22 @@ def narrow(ctx: RuleContext, x: Any, dim: Any, start: Any, length: Any) -> Any:
     return getitem(ctx, x, (slice(None),) * d + (slice(start, start + length),))
 
 
-def broadcast(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
-    """Elementwise ops of several tensors (add, mul, where...): channels that meet at the same
-    position must be removed together (a residual add, an SE block's ``x * scale``)."""
-    if ctx.node.meta.get("tensor_meta") is None:  # arithmetic on sizes (``h // p * w // p``)
-        return run_plain(ctx, *args, **kwargs)
-    # A number computed from channel counts used as a value (``x / C ** 0.5``): the rewrite keeps
-    # its unpruned value (freeze_channel_values).
+def _mark_channel_values(ctx: RuleContext, args: tuple, kwargs: dict) -> None:
+    """Numbers computed from channel counts among a tensor op's arguments (``x / C ** 0.5``,
+    ``x.clamp(max=C / 4)``): the rewrite keeps their unpruned values (freeze_channel_values)."""
     frozen = {k: (int(v) if isinstance(v, int) else float(v))
               for k, v in list(enumerate(args)) + list(kwargs.items())
               if isinstance(v, (ChannelSize, ChannelValue))}
     if frozen:
         ctx.node.meta["apib_frozen"] = frozen
+
+
+def broadcast(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
+    """Elementwise ops of several tensors (add, mul, where...): channels that meet at the same
+    position must be removed together (a residual add, an SE block's ``x * scale``)."""
+    if ctx.node.meta.get("tensor_meta") is None:  # arithmetic on sizes (``h // p * w // p``)
+        return run_plain(ctx, *args, **kwargs)
+    _mark_channel_values(ctx, args, kwargs)
     out_shape = ctx.out_shape
     nd = len(out_shape)
     space = ctx.space
@@ -1583,7 +1588,7 @@ def _pool_fn_shapes(nd: int) -> dict[str, Callable[..., Any]]:
 
 PASS = Rule(passthrough)
 UNARY = Rule(passthrough, shape=unary_shape)  # elementwise functions and methods of one tensor
-CLAMP = Rule(clamp, shape=unary_shape)  # (the formula declines tensor bounds)
+CLAMP = Rule(clamp, freeze_channel_values, shape=unary_shape)  # (the formula declines tensor bounds)
 PASS_MODULE = Rule(passthrough, shape=elementwise_shape)  # activations, dropout, identity
 POOL = Rule(spatial, shape=pool_shape)
 SHAPE = Rule(relabel)
@@ -1604,7 +1609,7 @@ MATMUL = Rule(matmul, input_axis=-1)
 SDPA = Rule(sdpa, freeze_sdpa_scale, input_axis=-1)
 UNFLATTEN = Rule(relabel, rewrite_unflatten)
 NARROW = Rule(narrow, rewrite_narrow)
-MAX_MIN = Rule(max_min)
+MAX_MIN = Rule(max_min, freeze_channel_values)
 _UNMASKED_ONLY = kept_whole("which is written out only without masks or is_causal")
 
 _ACTIVATIONS = (

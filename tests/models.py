@@ -527,9 +527,9 @@ class SuperResolution(nn.Module):
 class TensorOps(nn.Module):
     """Ops whose channel handling is easy to get wrong: floor division and remainder of tensors
     (elementwise, not size arithmetic), masked_fill, zeros_like, pow, scales computed from the
-    channel count (they keep their unpruned value), ``narrow`` along the channels (a slice), a max over the
-    width read as ``.values``, and tensors the forward creates: one along the width (channels
-    untouched) and one along the channels (input width 10)."""
+    channel count (they keep their unpruned value), ``narrow`` along the channels (a slice), a max
+    over the width read as ``.values``, and tensors the forward creates: one along the width
+    (channels untouched) and one along the channels (input width 10)."""
 
     def __init__(self):
         super().__init__()
@@ -542,6 +542,7 @@ class TensorOps(nn.Module):
         y = self.conv1(x)
         y = y - torch.floor_divide(y, 2.0) + y % 1.5
         y = y * y.shape[1] ** -0.5 + y / math.sqrt(y.size(1))  # scales from the channel count
+        y = y.clamp(max=y.shape[1] / 2) + torch.where(y > 0, y, y.shape[1] * 0.1)
         y = y.masked_fill(y < -2, -2.0) + torch.zeros_like(y) + 0.1 * y.pow(2).sign() + F.softsign(y)
         y = self.conv2(y).narrow(1, 2, 4)
         y = y * y.max(dim=3, keepdim=True).values + torch.linspace(0.0, 1.0, 10)
