@@ -233,9 +233,14 @@ def kept_whole(why: str) -> Propagate:
     Marked ``keeps_whole``, so the trace measures the op's MACs as a constant."""
 
     def rule(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
-        for v in flatten_values((args, kwargs)):
-            if is_labels(v) and has_labels(v):
+        tensors = [v for v in flatten_values((args, kwargs)) if is_labels(v)]
+        for v in tensors:
+            if has_labels(v):
                 ctx.space.block(v, f"consumed by {ctx.op_name}, {why}")
+        if not tensors and ctx.node.op != "call_module" and ctx.node.meta.get("tensor_meta") is None:
+            # Plain values in and out (a wrapped helper computing pad sizes from sizes, as
+            # torchvision's Swin3d has): computed, since later ops index and use them.
+            return run_plain(ctx, *args, **kwargs)
         return ctx.unlabeled_output()
 
     rule.keeps_whole = True  # type: ignore[attr-defined]

@@ -13,6 +13,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx import traceback as fx_traceback
 from torch.fx.node import map_aggregate
 from torch.fx.proxy import ParameterProxy
@@ -447,10 +448,24 @@ class _GraphPass(fx.Interpreter):
             t = type(a)
             if t is fx.Node:
                 return env[a]
-            return a if t in _PLAIN_ARGS else self.map_nodes_to_values(a, n)
+            return a if t in _PLAIN_ARGS else _mutable(self.map_nodes_to_values(a, n))
 
         args = tuple([value(a) for a in n.args])
         return args, ({k: value(v) for k, v in n.kwargs.items()} if n.kwargs else {})
+
+
+def _mutable(value: Any) -> Any:
+    """Lists and dicts as the traced model's generated code passes them: fresh and mutable
+    (fx keeps a node's arguments as immutable collections, and a function that edits the list it
+    is given, as torchvision's Swin3d window-size helper does, would fail on them)."""
+    t = type(value)
+    if t is immutable_list or t is list:
+        return [_mutable(v) for v in value]
+    if t is immutable_dict or t is dict:
+        return {k: _mutable(v) for k, v in value.items()}
+    if t is tuple:
+        return tuple([_mutable(v) for v in value])
+    return value
 
 
 _INPLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv,

@@ -1,5 +1,5 @@
 """Models outside the classification zoo: segmentation heads (dict outputs, atrous convs) and
-video networks (Conv3d, including torchvision's Conv3d subclasses), exact and on target."""
+video networks (Conv3d, including torchvision's Conv3d subclasses; Swin3d), exact and on target."""
 import pytest
 import torch
 from torchvision.models import segmentation, video
@@ -30,3 +30,18 @@ def test_exact_and_on_target(name):
     pruned = apib_fx.prune(model, 0.4, calib, num_calib=8, batch_size=8, progress=False)
     removed = 1 - apib_fx.count_flops(pruned, x[:1]) / apib_fx.count_flops(model, x[:1])
     assert abs(removed - 0.4) <= 0.005
+
+
+def test_swin3d_traces_and_prunes_exactly():
+    # Its window helpers take and edit Python lists (fx keeps node arguments immutable) and return
+    # pad sizes from a wrapped function (no tensor out): both are computed as the model does.
+    torch.manual_seed(0)
+    model = video.swin3d_t(weights=None, num_classes=5).eval()
+    x = torch.randn(1, 3, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    graph = apib_fx.trace(model, x)
+    fixed = {g.reason for g in graph.groups if not g.prunable}
+    # (the wrapped window attention keeps its input channels, as in the 2-D Swin)
+    assert len(graph.prunable_groups) >= 12 and all("shifted_window_attention_3d" in r or "output" in r for r in fixed)
+    report = check_exact(model, x, graph=graph)
+    assert report.shapes_ok and report.max_diff <= 1e-5, report
+    assert report.flops_model == report.flops_after < report.flops_before
