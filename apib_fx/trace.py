@@ -505,8 +505,10 @@ class ShapeAndMacsProp(_GraphPass):
         self._placeholders: set[fx.Node] = set()  # nodes holding zeros for values not computed
         self._views: set[fx.Node] = set()  # placeholders still a broadcast view of one zero
         self._zeros: dict[tuple, Tensor] = {}  # that zero, per dtype and device
+        self.current: Optional[fx.Node] = None  # the node being run
 
     def run_node(self, n: fx.Node) -> Any:
+        self.current = n
         out = None
         reads_placeholders = bool(self._placeholders) and any(a in self._placeholders for a in n.all_input_nodes)
         if self.by_formula:
@@ -625,15 +627,19 @@ def propagate_shapes(module: nn.Module, inputs: Sequence[Tensor], graph: Optiona
     """:class:`ShapeAndMacsProp` over a GraphModule (or ``graph`` on ``module``): by formula where
     layers allow it (a batch-1 forward of MobileNetV3 spends most of its time in convolutions the
     shapes do not need), by running every op where a value the formulas skipped is needed."""
-    if torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu"):
-        ShapeAndMacsProp(module, graph=graph).propagate(*inputs)  # autocast changes dtypes the formulas keep
-        return
+    if not (torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu")):  # (autocast changes dtypes)
+        try:
+            ShapeAndMacsProp(module, by_formula=True, graph=graph).propagate(*inputs)
+            return
+        except Exception:  # a value was needed, or an op failed on the zeros: a real run decides
+            for n in (graph if graph is not None else module.graph).nodes:
+                n.meta.pop("macs", None)
+    prop = ShapeAndMacsProp(module, graph=graph)
     try:
-        ShapeAndMacsProp(module, by_formula=True, graph=graph).propagate(*inputs)
-    except Exception:  # a value was needed, or an op failed on the zeros: a real run decides
-        for n in (graph if graph is not None else module.graph).nodes:
-            n.meta.pop("macs", None)
-        ShapeAndMacsProp(module, graph=graph).propagate(*inputs)
+        prop.propagate(*inputs)
+    except Exception as e:
+        e.apib_node = prop.current  # type: ignore[attr-defined]  # where the graph failed, for the error
+        raise
 
 
 class ChannelPropagation(_GraphPass):
@@ -739,6 +745,27 @@ def trace(model: nn.Module, example_inputs: Inputs, *, leaf_modules: Sequence[ty
 _PHASES = ("fx", "shapes", "labels", "groups")
 
 
+def _runs(model: nn.Module, inputs: tuple[Tensor, ...]) -> bool:
+    """Whether the model itself runs on ``inputs`` (asked only once its traced graph has failed)."""
+    try:
+        model(*inputs)
+        return True
+    except Exception:
+        return False
+
+
+def _graph_failure(node: fx.Node, first: str, kind: str) -> str:
+    """The error for a traced graph that fails where the model runs: the op and its module."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path, cls = next(reversed(stack.values())) if stack else ("", None)
+    where = f" in module '{path}' ({cls.__name__})" if cls is not None else ""
+    fix = (f"keep it opaque with apib_fx.trace(model, example_inputs, leaf_modules=({cls.__name__},)): its "
+           "channels are then left whole" if cls is not None else "the model's own forward is not traceable as is")
+    return (f"torch.fx's graph of the model fails where the model itself runs on these inputs, at "
+            f"'{node.format_node()}'{where}: {kind}: {first}\nThe traced code differs from the model's "
+            f"(it branched on a value, or it mutates an argument); {fix}.")
+
+
 def _trace(model: nn.Module, inputs: tuple[Tensor, ...], leaf_modules: Sequence[type]) -> ChannelGraph:
     # The passes interpret the graph on the model itself; the GraphModule that apply() rewrites is
     # built on first use (ChannelGraph.module): a tenth of tracing, not needed to find the groups.
@@ -752,6 +779,9 @@ def _trace(model: nn.Module, inputs: tuple[Tensor, ...], leaf_modules: Sequence[
         except Exception as e:
             cause = e.__cause__ or e
             first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            node = getattr(e, "apib_node", None)
+            if node is not None and _runs(model, inputs):
+                raise TraceError(_graph_failure(node, first, type(cause).__name__)) from e
             shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
             raise InputShapeError(
                 f"the model does not run on example inputs of shape {shapes}: {first}"

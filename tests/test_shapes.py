@@ -284,6 +284,33 @@ def test_an_input_that_does_not_fit_still_names_the_layers_error():
         apib_fx.trace(M.LeNet(), torch.randn(1, 4, 32, 32))
 
 
+class _CumsumBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.cumsum(self.conv(x), 2)
+
+
+def test_a_graph_that_fails_where_the_model_runs_names_the_op_and_module(monkeypatch):
+    # (a traced graph that differs from the model's code, simulated: its cumsum fails)
+    run = ShapeAndMacsProp.call_function
+
+    def failing(self, target, args, kwargs):
+        if target is torch.cumsum:
+            raise RuntimeError("cannot run this op here")
+        return run(self, target, args, kwargs)
+
+    monkeypatch.setattr(ShapeAndMacsProp, "call_function", failing)
+    model = nn.Sequential(_CumsumBlock(), nn.Conv2d(4, 2, 1))
+    with pytest.raises(apib_fx.TraceError, match=r"fails where the model itself runs.*cumsum.*module '0' "
+                       r"\(_CumsumBlock\).*cannot run this op here(.|\n)*leaf_modules=\(_CumsumBlock,\)"):
+        apib_fx.trace(model, torch.randn(1, 3, 8, 8))
+    with pytest.raises(InputShapeError):  # where the model itself fails too, the input is the problem
+        apib_fx.trace(model, torch.randn(1, 5, 8, 8))
+
+
 def test_a_formula_that_does_not_fit_a_registered_module_runs_it():
     class Doubler(nn.Module):  # registered with a conv's rule by mistake: no kernel_size
         def forward(self, x):
