@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import attention
 from .labels import (
@@ -1401,6 +1402,14 @@ def batch_norm_shape(m: nn.Module, x: Tensor) -> Optional[tuple[int, ...]]:
     return tuple(x.shape)
 
 
+def batch_norm_of_shape(module: Any, x: Any) -> Optional[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of :func:`batch_norm_of` (timm's BatchNormAct2d's BatchNorm): the module's."""
+    if not (isinstance(module, _BatchNorm) and isinstance(x, Tensor)):
+        return None
+    shape = batch_norm_shape(module, x)
+    return None if shape is None else (shape, x.dtype)
+
+
 def elementwise_shape(m: nn.Module, x: Tensor) -> Optional[tuple[int, ...]]:
     return tuple(x.shape) if _fits(m, x, None) else None
 
@@ -1733,7 +1742,7 @@ RULES: dict[Any, Rule] = _RuleTable({
                             resize_channels("num_features")),
     nn.PReLU: Rule(channel_affine("weight"), resize_channels("num_parameters", ("weight",))),
     F.batch_norm: Rule(batch_norm_fn),
-    batch_norm_of: Rule(module_batch_norm, resize_module_batch_norm),
+    batch_norm_of: Rule(module_batch_norm, resize_module_batch_norm, shape=batch_norm_of_shape),
     # normalisations that mix channels
     nn.LayerNorm: Rule(layer_norm, resize_layer_norm, shape=layer_norm_shape),
     F.layer_norm: Rule(layer_norm_fn, rewrite_layer_norm_fn, shape=layer_norm_fn_shape),

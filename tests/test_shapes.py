@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import apib_fx
-from apib_fx.rules import module_rule
+from apib_fx.rules import batch_norm_of, module_rule
 from apib_fx.testing import CNN_ZOO, zoo_input_size, zoo_model
 from apib_fx.trace import InputShapeError, ShapeAndMacsProp, eval_mode, propagate_shapes, symbolic_trace
 
@@ -150,6 +150,9 @@ def test_formulas_decline_what_the_layer_should_decide(layer, x):
     (F.max_pool2d, (torch.randint(0, 3, (1, 3, 8, 8)), 2), {}),  # not a float tensor: run it
     (F.max_pool2d, (torch.randn(1, 3, 2, 2), 3), {}),  # window larger than the input
     (F.adaptive_avg_pool2d, (torch.randn(1, 3, 8, 8), (2, 2, 2)), {}),
+    (batch_norm_of, (nn.BatchNorm2d(3), torch.randn(2, 3, 4, 5)), {}),  # training: batch statistics
+    (batch_norm_of, (nn.BatchNorm2d(3).eval(), torch.randn(2, 4, 4, 5)), {}),  # wrong channels
+    (batch_norm_of, (nn.BatchNorm2d(3).eval(), torch.randn(2, 3, 4)), {}),  # BatchNorm2d wants 4-D
 ])
 def test_function_formulas_decline_what_the_op_should_decide(op, args, kwargs):
     assert apib_fx.RULES[op].shape(*args, **kwargs) is None
@@ -168,6 +171,8 @@ def test_function_formulas_decline_what_the_op_should_decide(op, args, kwargs):
     (F.avg_pool1d, (torch.randn(2, 3, 10), 4, 3), {}),
     (F.adaptive_avg_pool2d, (torch.randn(1, 3, 9, 7), (1, None)), {}),
     (F.adaptive_max_pool2d, (torch.randn(1, 3, 9, 7), 2), {}),
+    (batch_norm_of, (nn.BatchNorm2d(3).eval(), torch.randn(2, 3, 4, 5)), {}),
+    (batch_norm_of, (nn.BatchNorm1d(3).eval(), torch.randn(2, 3)), {}),
 ])
 def test_function_formulas_give_the_shape_and_dtype_of_a_run(op, args, kwargs):
     out = op(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
