@@ -40,18 +40,26 @@ def test_pruned_zoo_exports_with_parity(name, tmp_path):
         assert onnx_macs(tmp_path / "pruned.onnx", x.shape) == apib_fx.count_flops(pruned, x)
 
 
-@pytest.mark.parametrize("name,shape", [("Unpooling", (2, 3, 16, 12)), ("TransposedConvs", (2, 3, 10, 12))])
+def _shuffles():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.PixelUnshuffle(2), torch.nn.Conv2d(64, 12, 1, groups=4),
+                               torch.nn.ChannelShuffle(4), torch.nn.Conv2d(12, 8, 1), torch.nn.PixelShuffle(2),
+                               torch.nn.Conv2d(2, 2, 1))
+
+
+@pytest.mark.parametrize("name,shape", [("Unpooling", (2, 3, 16, 12)), ("TransposedConvs", (2, 3, 10, 12)),
+                                        ("shuffles", (2, 3, 10, 10))])
 def test_pruned_decoders_export_with_parity(name, shape, tmp_path):
     # Max unpooling (ONNX counts its indices over the whole tensor, torch per channel plane: the
-    # exporter converts them) and transposed convs, with pruned widths. (SuperResolution is left
-    # out: torch's exporters have no ONNX form of its nn.ChannelShuffle, pruned or not.)
+    # exporter converts them), transposed convs, pixel and channel shuffles (the latter through
+    # torch's dynamo exporter), with pruned widths. (SuperResolution's RMSNorm has no ONNX form at
+    # opset 17.)
     from . import models as M
 
     torch.manual_seed(0)
-    model = getattr(M, name)().eval()
+    model = (_shuffles() if name == "shuffles" else getattr(M, name)()).eval()
     x = torch.randn(shape)
     pruned = apib_fx.prune(model, 0.4, x, progress=False)
-    assert apib_fx.count_flops(pruned, x) < 0.65 * apib_fx.count_flops(model, x)
+    assert apib_fx.count_flops(pruned, x) < 0.7 * apib_fx.count_flops(model, x)  # (few, coarse groups)
     path = export_onnx(pruned, tmp_path / "decoder.onnx", x[:1])
     assert path.parity["max_diff"] <= 1e-4 * path.parity["scale"] and path.parity["batch_sizes"] == [1, 3]
 
