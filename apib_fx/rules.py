@@ -58,6 +58,12 @@ def node_arg(node: fx.Node, index: int, kwarg: Optional[str] = None) -> Any:
     return node.args[index] if index < len(node.args) else None
 
 
+def graph_constants(graph: fx.Graph) -> dict[str, Tensor]:
+    """Tensors the traced forward created (fx's ``_tensor_constant0``...), read by ``get_attr``
+    nodes of ``graph`` but not attributes of the model (the tracer keeps them on the graph)."""
+    return getattr(graph, "_apib_constants", {})
+
+
 def weight_param(node: fx.Node) -> Optional[str]:
     """The parameter a functional layer reads its weight from (``F.linear(x, self.weight)``: a
     ``get_attr`` node), None if the weight is computed or absent."""
@@ -534,7 +540,7 @@ def _parameter_of(node: Any) -> Optional[tuple[str, tuple[int, ...]]]:
             return None
         node = node.args[0]
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) and node.op == "get_attr" else None
-    if meta is None or node.target in getattr(node.graph, "_apib_constants", ()):
+    if meta is None or node.target in graph_constants(node.graph):
         return None  # (a tensor the forward creates is no parameter to slice)
     shape = tuple(meta.shape)
     allowed = {1, -1} | ({shape[0]} if len(shape) == 1 else set())
@@ -655,13 +661,22 @@ def _factor(ctx: RuleContext, attr: str, args: tuple, kwargs: dict) -> Any:
     return args[0] if args else kwargs.get(attr, kwargs.get("groups"))
 
 
+def _pixel_channels(ctx: RuleContext, x: Tensor, attr: str, args: tuple, kwargs: dict) -> Optional[tuple[int, int]]:
+    """(factor r, channel axis) of a pixel (un)shuffle of ``x`` (*, C, H, W) whose channels vary
+    along that axis alone; None otherwise (kept whole)."""
+    r, axis = _factor(ctx, attr, args, kwargs), x.dim() - 3
+    if type(r) is not int or axis < 0 or any(a != axis for a in varying_axes(x)):
+        return None
+    return r, axis
+
+
 def pixel_shuffle(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
     """(*, C r², H, W) -> (*, C, H r, W r) (super-resolution upsampling): output channel c is
     input channels c r² .. c r² + r² - 1 spread over r x r positions, so those go together."""
-    r = _factor(ctx, "upscale_factor", args, kwargs)
-    axis = x.dim() - 3
-    if type(r) is not int or axis < 0 or any(a != axis for a in varying_axes(x)):
+    found = _pixel_channels(ctx, x, "upscale_factor", args, kwargs)
+    if found is None:
         return opaque(ctx, x, *args, **kwargs)
+    r, axis = found
     blocks = axis_ids(x, axis).view(-1, r * r)
     ctx.space.unify(blocks, blocks[:, :1].expand_as(blocks))
     return along(blocks[:, 0].contiguous(), axis, ctx.out_shape)
@@ -670,10 +685,10 @@ def pixel_shuffle(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any
 def pixel_unshuffle(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
     """(*, C, H r, W r) -> (*, C r², H, W): input channel c becomes output channels
     c r² .. c r² + r² - 1 (one per position of its r x r patches)."""
-    r = _factor(ctx, "downscale_factor", args, kwargs)
-    axis = x.dim() - 3
-    if type(r) is not int or axis < 0 or any(a != axis for a in varying_axes(x)):
+    found = _pixel_channels(ctx, x, "downscale_factor", args, kwargs)
+    if found is None:
         return opaque(ctx, x, *args, **kwargs)
+    r, axis = found
     return along(axis_ids(x, axis).repeat_interleave(r * r), axis, ctx.out_shape)
 
 
@@ -1090,8 +1105,9 @@ def matmul(ctx: RuleContext, a: Any, b: Any) -> Any:
     out_shape = ctx.out_shape
     ka, kb = torch.broadcast_tensors(compress(a).select(-2, 0), compress(b).select(-1, 0))
     space.link(ka, kb)
-    # Contracted against values without these channels: a parameter matrix (x @ W) reads them
-    # like a Linear layer; anything else of fixed size (a relative-position table) keeps them.
+    # Contracted against values without these channels: a parameter matrix (x @ W, x @ W.t(), a
+    # relative-position table) reads them like a Linear layer; anything else of fixed size (a
+    # computed table) keeps them.
     w = _parameter_matrix(ctx.arg_node(1))
     for ids, other, t, axis in ((ka, kb, a, a.dim() - 1), (kb, ka, b, b.dim() - 2)):
         lone = (ids != NONE) & (other == NONE)
@@ -1649,7 +1665,7 @@ _PADS = (
 _UNARY_FUNCTIONS = (
     torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.mish, F.hardswish,
     F.hardsigmoid, F.sigmoid, torch.sigmoid, F.tanh, torch.tanh, F.leaky_relu, F.elu, F.selu,
-    F.softplus, F.hardtanh, torch.clamp, torch.clip, F.dropout, F.dropout1d, F.dropout2d,
+    F.softplus, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d,
     F.dropout3d, F.alpha_dropout, torch.exp, torch.neg, operator.neg, operator.pos, torch.abs,
     torch.sqrt, torch.rsqrt, torch.square, torch.erf, torch.nn.functional.hardtanh_, torch.clone,
     torch.detach, torch.sign, torch.nan_to_num, torch.log, torch.log1p, torch.sin, torch.cos,
@@ -1657,7 +1673,7 @@ _UNARY_FUNCTIONS = (
     F.logsigmoid, F.hardshrink, F.softshrink, F.tanhshrink, F.threshold, F.rrelu, F.celu,
 )
 _UNARY_METHODS = (
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "contiguous",
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous",
     "clone", "detach", "float", "half", "double", "bfloat16", "to", "type_as", "exp", "neg", "abs",
     "sqrt", "rsqrt", "square", "hardtanh_", "requires_grad_", "cpu", "cuda", "sign", "nan_to_num", "log",
     "log1p", "sin", "cos", "reciprocal", "floor", "ceil", "round", "trunc", "frac",

@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .flops import MAC_TARGETS, _MacCounter, unfused_attention
 from .graph import ChannelGraph, graph_tensors
 from .labels import LabelSpace, flatten_values, is_labels, unlabeled
-from .rules import DEFAULT_LEAF_MODULES, RuleContext, batch_norm_of, module_rule, opaque, rule_for
+from .rules import DEFAULT_LEAF_MODULES, RuleContext, batch_norm_of, graph_constants, module_rule, opaque, rule_for
 
 Inputs = Union[Tensor, Sequence[Tensor]]
 
@@ -165,19 +165,25 @@ class _Tracer(fx.Tracer):
             # A buffer passed to a function (F.batch_norm(x, self.running_mean, ...), timm's
             # BatchNormAct2d): fx finds its name by walking root.named_buffers() for every such
             # argument (a third of tracing timm's EfficientNet). Here by identity, from one walk.
-            names = self._buffer_names
-            if names is None:
-                names = self._buffer_names = {}
-                for n, b in self.root.named_buffers():
-                    names.setdefault(id(b), (n, b))
-            found = names.get(id(a))
-            if found is not None and found[1] is a:
-                return self.create_node("get_attr", found[0], (), {})
+            name = self._first_name("buffers", a)
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
         return super().create_arg(a)
 
+    def _first_name(self, kind: str, t: Tensor) -> Optional[str]:
+        """The name fx would find for ``t`` among the root's ``named_{kind}()`` (its first), by
+        identity from one walk per trace; None if it is not there (registered since: fx searches)."""
+        cache = self.__dict__.setdefault("_names_by_identity", {})
+        names = cache.get(kind)
+        if names is None:
+            names = cache[kind] = {}
+            for n, v in getattr(self.root, f"named_{kind}")():
+                names.setdefault(id(v), (n, v))
+        found = names.get(id(t))
+        return found[0] if found is not None and found[1] is t else None
+
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
-        self._param_names: Optional[dict[int, tuple[str, Tensor]]] = None  # built on the first read
-        self._buffer_names: Optional[dict[int, tuple[str, Tensor]]] = None  # likewise
+        self._names_by_identity: dict[str, dict[int, tuple[str, Tensor]]] = {}  # see _first_name
         # fx stores tensors a forward creates (``torch.zeros(1, 8, 1, 1)``) as new attributes of
         # the traced module: they are taken off it again and kept with the graph, so the user's
         # model comes back as it was.
@@ -206,15 +212,9 @@ class _Tracer(fx.Tracer):
             if self.proxy_buffer_attributes and isinstance(attr_val, Tensor):
                 return super().getattr(attr, attr_val, parameter_proxy_cache)
             return attr_val  # a submodule, a buffer, a plain attribute: fx returns it as it is
-        names = getattr(self, "_param_names", None)
-        if names is None:
-            names = self._param_names = {}
-            for n, p in self.root.named_parameters():
-                names.setdefault(id(p), (n, p))
-        found = names.get(id(attr_val))
-        if found is None or found[1] is not attr_val:  # registered during the trace: fx searches
+        name = self._first_name("parameters", attr_val)
+        if name is None:
             return super().getattr(attr, attr_val, parameter_proxy_cache)
-        name = found[0]
         if name not in parameter_proxy_cache:
             factory = (lambda node: ParameterProxy(self, node, name, attr_val)) if self.param_shapes_constant else None
             parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {}, proxy_factory_fn=factory)
@@ -272,12 +272,6 @@ def graph_module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
         root.__dict__.update(model.__dict__)
         root.__dict__.update(constants)
     return _TracedModule(root, graph, type(model).__name__)
-
-
-def graph_constants(graph: fx.Graph) -> dict[str, Tensor]:
-    """Tensors the traced forward created (fx's ``_tensor_constant0``...), read by ``get_attr``
-    nodes of ``graph`` but not attributes of the model."""
-    return getattr(graph, "_apib_constants", {})
 
 
 def trace_graph(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.Graph:
