@@ -4,13 +4,16 @@
 For APIB the threshold *is* the global penalty α: channels whose survival α is below it are the
 ones the HSIC Lasso drops at that α. Channels are removed in increasing score order (ties broken
 by the secondary score, then group and channel index, so results are reproducible); each group keeps
-at least ``min_channels`` (the paper's ω) and, with ``round_to``, a multiple of it.
+at least ``min_channels`` (the paper's ω) and, with ``round_to``, a multiple of it. Where one
+channel is worth more MACs than the tolerance (a small model's first conv), the search skips
+such channels and, if it still falls short, makes up one more of them with fine channels given
+back; a target no choice found lands within tolerance of is an error, never a model off target.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -42,6 +45,39 @@ def _rounded(kept: np.ndarray, full: np.ndarray, floor: np.ndarray, round_to: Op
     return kept
 
 
+def _give_back(removed: np.ndarray, keys: list[np.ndarray], reduction_of: Callable[[np.ndarray], float],
+               flops_target: float, tolerance: float, budget: int = 4096) -> Optional[np.ndarray]:
+    """Removal counts within ``tolerance`` of ``flops_target`` near ``removed`` (which falls short
+    of it, and whose every group's next channel overshoots), or None. Each try removes the next
+    channel in score order (overshooting), then gives back the highest-scored removed channels of
+    other groups (skipping groups whose channel would fall short) until the reduction is back in
+    tolerance: a small model's fine channels (a Linear's) make up for a coarse one (a first conv's).
+    ``keys[g]``: group g's candidates' scores in removal order; ``budget``: the most FLOPs
+    evaluations spent (only small models get here: their few channels make it cheap)."""
+    nxt = sorted((float(keys[g][n]), g) for g, n in enumerate(removed.tolist()) if n < len(keys[g]))
+    for _, b in nxt:
+        trial = removed.copy()
+        trial[b] += 1
+        # Removed channels of the other groups, highest score first (each group's from its last).
+        back = sorted(((float(keys[a][i]), a) for a, n in enumerate(trial.tolist()) if a != b for i in range(n)),
+                      reverse=True)
+        stuck = np.zeros(len(trial), dtype=bool)
+        for _, a in back:
+            if stuck[a]:
+                continue
+            if budget <= 0:
+                return None
+            budget -= 1
+            trial[a] -= 1
+            red = reduction_of(trial)
+            if red < flops_target - tolerance:
+                trial[a] += 1
+                stuck[a] = True
+            elif red <= flops_target + tolerance:
+                return trial
+    return None
+
+
 def search_threshold(
     graph: ChannelGraph,
     primary: dict[int, Tensor],
@@ -71,7 +107,7 @@ def search_threshold(
         n_cand = int(full[gi] - floor[gi])
         cand = idx[:n_cand]
         cand_group.append(np.full(n_cand, gi))
-        cand_key1.append(p[cand])
+        cand_key1.append(p[cand])  # per group: its candidates' primary scores, in removal order
         cand_key2.append(s[cand])
         cand_rank.append(np.arange(n_cand))
     if groups:
@@ -122,7 +158,6 @@ def search_threshold(
     k = hi if macs(lo) > goal else lo
     removed = removed_after(k)
     reduction = 1.0 - macs_of(removed) / base
-    last = k - 1
     if reduction > flops_target + tolerance and k > 0:
         # One more channel overshoots (a channel worth many MACs): from just below the goal, take
         # the following candidates in order, skipping groups whose next channel overshoots.
@@ -138,14 +173,30 @@ def search_threshold(
             if red > flops_target + tolerance:
                 exhausted[g] = True
                 continue
-            removed, last = trial, j
+            removed = trial
             if red >= flops_target:
                 break
+        below = 1.0 - macs_of(removed) / base
+        if below < flops_target - tolerance:
+            settled = _give_back(removed, cand_key1, lambda r: 1.0 - macs_of(r) / base, flops_target, tolerance)
+            if settled is None:
+                # Channels too coarse for the tolerance (a small model: one channel is worth
+                # several percent of its MACs). A model off target must not come back as if on it.
+                needed = math.ceil(min(flops_target - below, reduction - flops_target) * 1000 + 1e-6) / 1000
+                raise UnreachableTarget(
+                    f"flops_target={flops_target:.3f} cannot be met within tolerance={tolerance:g}: the "
+                    f"nearest reductions found are {below:.3f} and {reduction:.3f} (this model's channels "
+                    f"are coarse). Choose one of them as flops_target, or pass tolerance={needed:g}."
+                )
+            removed = settled
     elif k > 0:
         # Prefer the side of the goal that is closer when both are within tolerance of it.
         below = 1.0 - macs(k - 1) / base
         if abs(below - flops_target) < abs(reduction - flops_target) and abs(below - flops_target) <= tolerance:
-            removed, last = removed_after(k - 1), k - 2
+            removed = removed_after(k - 1)
+    # The global cut: the highest score among the removed channels (each group's last).
+    cuts = [cand_key1[gi][n - 1] for gi, n in enumerate(removed.tolist()) if n > 0]
+    threshold = float(max(cuts)) if cuts else 0.0
     kept = kept_of(removed)
     keep = {}
     for gi, g in enumerate(groups):
@@ -156,7 +207,7 @@ def search_threshold(
     return SearchResult(
         keep=keep,
         channels={g: int(n) for g, n in zip(groups, kept)},
-        threshold=float(k1[last]) if last >= 0 else 0.0,
+        threshold=threshold,
         reduction=1.0 - after / base,
         flops_before=base,
         flops_after=after,

@@ -58,8 +58,8 @@ def test_pruned_decoders_export_with_parity(name, shape, tmp_path):
     torch.manual_seed(0)
     model = (_shuffles() if name == "shuffles" else getattr(M, name)()).eval()
     x = torch.randn(shape)
-    pruned = apib_fx.prune(model, 0.4, x, progress=False)
-    assert apib_fx.count_flops(pruned, x) < 0.7 * apib_fx.count_flops(model, x)  # (few, coarse groups)
+    pruned = apib_fx.prune(model, 0.4, x, tolerance=0.15, progress=False)  # (few, coarse groups)
+    assert apib_fx.count_flops(pruned, x) <= 0.75 * apib_fx.count_flops(model, x)
     path = export_onnx(pruned, tmp_path / "decoder.onnx", x[:1])
     assert path.parity["max_diff"] <= 1e-4 * path.parity["scale"] and path.parity["batch_sizes"] == [1, 3]
 

@@ -1,6 +1,7 @@
 """apib_fx.prune: FLOPs targets met exactly, APIB's choices, bad input, progress and reports."""
 import copy
 import gc
+import re
 
 import pytest
 import torch
@@ -152,7 +153,7 @@ def test_a_layer_reading_several_groups_computes_its_output_kernel_once(monkeypa
 def test_apib_end_to_end_drops_dead_channels():
     model = DupDead()
     x = _digits()
-    pruned = apib_fx.prune(model, 0.2, x, num_calib=64, batch_size=32, progress=False)
+    pruned = apib_fx.prune(model, 0.25, x, num_calib=64, batch_size=32, progress=False)
     report = pruned.apib_report
     row = [r for r in report.groups if r.name.startswith("conv1.weight")][0]
     assert row.channels_after < row.channels_before
@@ -177,6 +178,43 @@ def test_unreachable_target_states_largest_reduction():
     with pytest.raises(apib_fx.UnreachableTarget, match=r"largest reachable reduction is 0\.\d+"):
         apib_fx.prune(model, 0.99, torch.randn(8, 3, 32, 32), min_channels=4, progress=False)
     assert gc.isenabled()  # garbage collection is paused while pruning, and back after an error
+
+
+def test_target_between_coarse_channels_is_an_error_with_the_nearest_reachable():
+    # Few channels, each worth 6-15% of the MACs: 0.1 +- 0.005 lies between two reachable
+    # reductions. A model off target must not come back as if it met it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(apib_fx.UnreachableTarget) as info:
+        apib_fx.prune(model, 0.1, example_inputs=x, method="l1", progress=False)
+    message = str(info.value)
+    below, above, tol = re.search(r"are (0\.\d+) and (0\.\d+) .* pass tolerance=(0\.\d+)", message).groups()
+    assert float(below) < 0.1 - 0.005 and float(above) > 0.1 + 0.005
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # Each way out it names works and lands where it said.
+    near = apib_fx.prune(model, 0.1, example_inputs=x, method="l1", tolerance=float(tol), progress=False)
+    assert abs(near.apib_report.flops_reduction - 0.1) <= float(tol)
+    exact = apib_fx.prune(model, float(above), example_inputs=x, method="l1", progress=False)
+    assert abs(exact.apib_report.flops_reduction - float(above)) <= 0.005
+    assert exact.apib_report.flops_after == apib_fx.count_flops(exact, x[:1])
+
+
+@pytest.mark.parametrize("target", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+def test_coarse_first_layer_is_made_up_by_fine_ones(target):
+    # LeNet: one conv1 channel is worth 15% of the MACs, one fc1 output 0.07%. Removing in score
+    # order can fall short with every next channel overshooting; giving back fine channels after
+    # one more coarse one lands within tolerance instead.
+    torch.manual_seed(0)
+    model = M.LeNet()
+    x = torch.randn(8, 3, 32, 32)
+    for method in ("apib", "l1", "fpgm", "random"):
+        pruned = apib_fx.prune(model, target, x, method=method, progress=False)
+        report = pruned.apib_report
+        assert abs(report.flops_reduction - target) <= 0.005
+        assert report.flops_after == apib_fx.count_flops(pruned, x[:1])
 
 
 def test_garbage_collection_state_is_the_callers():
