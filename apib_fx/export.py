@@ -79,11 +79,16 @@ def _export(model: nn.Module, inputs: tuple[Tensor, ...], path: pathlib.Path, dy
     # covers what it cannot (e.g. adaptive pooling to sizes that do not divide the input).
     for dynamo in (False, True):
         kwargs: dict[str, Any] = dict(input_names=in_names, output_names=out_names, dynamo=dynamo)
+        example = inputs
         if dynamo:
             kwargs.update(external_data=False, opset_version=opset)
             if dynamic_batch:
                 batch = torch.export.Dim("batch")
                 kwargs["dynamic_shapes"] = tuple({0: batch} for _ in inputs)
+                # torch.export takes a size-1 dimension for the constant 1 wherever an op could
+                # specialise on it (a view, a norm's decomposition), and then refuses the dynamic
+                # batch: the example is exported at batch 2 (the parity check runs batch 1).
+                example = tuple(torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t for t in inputs)
         else:
             kwargs.update(dynamic_axes=axes, opset_version=opset or 17, do_constant_folding=True)
         try:
@@ -91,7 +96,7 @@ def _export(model: nn.Module, inputs: tuple[Tensor, ...], path: pathlib.Path, dy
                 warnings.simplefilter("ignore")
                 logging.disable(logging.WARNING)
                 try:
-                    torch.onnx.export(model, inputs, str(path), **kwargs)
+                    torch.onnx.export(model, example, str(path), **kwargs)
                 finally:
                     logging.disable(logging.NOTSET)
             return "dynamo" if dynamo else "torchscript"
