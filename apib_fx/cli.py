@@ -84,7 +84,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     pruned = prune(
         model, args.flops_target, calib, example_inputs=example, method=args.method,
         kernel=args.kernel, min_channels=args.min_channels, num_calib=args.num_calib,
-        batch_size=args.batch_size, round_to=args.round_to, progress=not args.quiet, seed=args.seed,
+        batch_size=args.batch_size, round_to=args.round_to, tolerance=args.tolerance,
+        progress=not args.quiet, seed=args.seed,
         workers=args.workers, device=args.device,
     )
     report = pruned.apib_report
@@ -169,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", required=True,
                     help="torchvision:NAME (random weights), cifar:resnet56|vgg16, or a saved .apibfx file")
     pr.add_argument("--flops-target", type=float, default=0.48, help="fraction of FLOPs to remove (default 0.48)")
+    pr.add_argument("--tolerance", type=float, default=0.005,
+                    help="how far (absolute) the achieved reduction may be from --flops-target (default 0.005)")
     pr.add_argument("--calib", default="synthetic",
                     help="synthetic | digits | imagefolder:PATH | cifar10:PATH | cifar100:PATH (default synthetic)")
     pr.add_argument("--out", required=True, help="output directory")
