@@ -10,7 +10,7 @@ multiplicity, so every member sees every channel of its group the same way: that
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -349,9 +349,17 @@ class ChannelGraph:
         sizes = self._A @ c + self._b  # (width, terms)
         return int(round(float((self._coef * sizes.prod(axis=0)).sum())))
 
-    def flops_batch(self, channel_matrix: np.ndarray) -> np.ndarray:
-        """MACs for many channel vectors at once: ``channel_matrix`` is (n, groups)."""
-        sizes = np.einsum("wtg,ng->nwt", self._A, channel_matrix) + self._b[None]
+    def flops_batch(self, channel_matrix: np.ndarray, groups: Optional[Sequence[int]] = None) -> np.ndarray:
+        """MACs for many channel vectors at once: ``channel_matrix`` is (n, groups); with
+        ``groups``, (n, len(groups)): those groups' channels, the others keeping all of theirs."""
+        if groups is None:
+            sizes = np.einsum("wtg,ng->nwt", self._A, channel_matrix) + self._b[None]
+        else:
+            groups = np.asarray(groups, dtype=np.int64)
+            rest = self._full.copy()
+            rest[groups] = 0.0
+            fixed = self._A @ rest + self._b  # (width, terms): what the other groups contribute
+            sizes = np.einsum("wtg,ng->nwt", self._A[:, :, groups], channel_matrix) + fixed[None]
         return (self._coef[None] * sizes.prod(axis=1)).sum(axis=1)
 
     @property

@@ -7,7 +7,8 @@ by the secondary score, then group and channel index, so results are reproducibl
 at least ``min_channels`` (the paper's ω) and, with ``round_to``, a multiple of it. Where one
 channel is worth more MACs than the tolerance (a small model's first conv), the search skips
 such channels and, if it still falls short, makes up one more of them with fine channels given
-back; a target no choice found lands within tolerance of is an error, never a model off target.
+back, and a small model has every combination of widths tried; a target no choice found lands
+within tolerance of is an error naming the nearest reductions, never a model off target.
 """
 from __future__ import annotations
 
@@ -55,13 +56,13 @@ def _give_back(removed: np.ndarray, keys: list[np.ndarray], reduction_of: Callab
     ``keys[g]``: group g's candidates' scores in removal order; ``budget``: the most FLOPs
     evaluations spent (only small models get here: their few channels make it cheap)."""
     nxt = sorted((float(keys[g][n]), g) for g, n in enumerate(removed.tolist()) if n < len(keys[g]))
+    # The removed channels, highest score first (so each group's from its last).
+    back = sorted(((float(keys[a][i]), a) for a, n in enumerate(removed.tolist()) for i in range(n)), reverse=True)
     for _, b in nxt:
         trial = removed.copy()
         trial[b] += 1
-        # Removed channels of the other groups, highest score first (each group's from its last).
-        back = sorted(((float(keys[a][i]), a) for a, n in enumerate(trial.tolist()) if a != b for i in range(n)),
-                      reverse=True)
         stuck = np.zeros(len(trial), dtype=bool)
+        stuck[b] = True  # (given back, it would undo the try)
         for _, a in back:
             if stuck[a]:
                 continue
@@ -76,6 +77,30 @@ def _give_back(removed: np.ndarray, keys: list[np.ndarray], reduction_of: Callab
             elif red <= flops_target + tolerance:
                 return trial
     return None
+
+
+def _every_choice(removable: np.ndarray, keys: list[np.ndarray],
+                  reductions_of: Callable[[np.ndarray], np.ndarray], flops_target: float, tolerance: float,
+                  limit: int = 1 << 16) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """Every combination of per-group removal counts (0..``removable[g]``), when there are at
+    most ``limit`` (a small model): the one within ``tolerance`` of ``flops_target`` with the
+    lowest global cut (the highest score it removes), then the closest reduction; and every
+    combination's reduction. (None, None) when there are too many, (None, reductions) when none
+    lands within tolerance. ``keys[g]``: group g's candidates' scores in removal order."""
+    if float(np.prod(removable + 1.0)) > limit:
+        return None, None
+    axes = [np.arange(r + 1) for r in removable.tolist()]
+    counts = np.stack([a.ravel() for a in np.meshgrid(*axes, indexing="ij")], axis=1) if axes else np.zeros((1, 0), int)
+    reductions = np.concatenate([reductions_of(counts[i : i + 32768]) for i in range(0, len(counts), 32768)])
+    hit = np.abs(reductions - flops_target) <= tolerance
+    if not hit.any():
+        return None, reductions
+    counts, close = counts[hit], np.abs(reductions[hit] - flops_target)
+    scores = np.full((len(keys), int(removable.max(initial=0)) + 1), -np.inf)
+    for g, k in enumerate(keys):
+        scores[g, 1 : len(k) + 1] = k
+    cut = scores[np.arange(len(keys))[None, :], counts].max(axis=1)
+    return counts[np.lexsort((close, cut))[0]], reductions
 
 
 def search_threshold(
@@ -132,6 +157,9 @@ def search_threshold(
     def macs(k: int) -> int:
         return macs_of(removed_after(k))
 
+    def reductions_of(counts: np.ndarray) -> np.ndarray:  # (n, groups) removal counts at once
+        return 1.0 - graph.flops_batch(kept_of(counts), groups) / base
+
     base = graph.flops()
     if not 0.0 < flops_target < 1.0:
         raise ValueError(f"flops_target must be a fraction of FLOPs removed in (0, 1), got {flops_target}")
@@ -179,13 +207,20 @@ def search_threshold(
         below = 1.0 - macs_of(removed) / base
         if below < flops_target - tolerance:
             settled = _give_back(removed, cand_key1, lambda r: 1.0 - macs_of(r) / base, flops_target, tolerance)
+            every = None
+            if settled is None:  # a small model: its few widths can all be tried
+                settled, every = _every_choice(full - floor, cand_key1, reductions_of, flops_target, tolerance)
             if settled is None:
-                # Channels too coarse for the tolerance (a small model: one channel is worth
-                # several percent of its MACs). A model off target must not come back as if on it.
+                # Channels too coarse for the tolerance (one channel is worth several percent of
+                # the MACs). A model off target must not come back as if it met it.
+                if every is not None:  # the true nearest reductions, on either side
+                    below = float(every[every < flops_target].max(initial=0.0))
+                    reduction = float(every[every > flops_target].min(initial=1.0))
                 needed = math.ceil(min(flops_target - below, reduction - flops_target) * 1000 + 1e-6) / 1000
+                found = "reachable" if every is not None else "found"
                 raise UnreachableTarget(
                     f"flops_target={flops_target:.3f} cannot be met within tolerance={tolerance:g}: the "
-                    f"nearest reductions found are {below:.3f} and {reduction:.3f} (this model's channels "
+                    f"nearest reductions {found} are {below:.3f} and {reduction:.3f} (this model's channels "
                     f"are coarse). Choose one of them as flops_target, or pass tolerance={needed:g}."
                 )
             removed = settled

@@ -3,6 +3,7 @@ import gc
 import importlib
 import time
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -72,6 +73,21 @@ def test_exact(cls, shape, seed):
     assert report.max_diff <= 1e-5, report
     assert report.flops_after < report.flops_before
     assert report.flops_model == report.flops_after
+
+
+@pytest.mark.parametrize("cls,shape", CASES, ids=[c[0].__name__ for c in CASES])
+def test_flops_batch_equals_flops(cls, shape):
+    # The vectorised FLOPs model (the search tries many width vectors at once on small models)
+    # against the one-vector form, which the exactness tests tie to count_flops of built models.
+    graph = apib_fx.trace(_model(cls), torch.randn(shape))
+    gen = torch.Generator().manual_seed(0)
+    full = np.array([g.channels for g in graph.groups])
+    rows = np.stack([torch.randint(1, int(c) + 1, (6,), generator=gen).numpy() for c in full], axis=1)
+    want = np.array([graph.flops(dict(enumerate(r.tolist()))) for r in rows], dtype=np.float64)
+    assert np.allclose(graph.flops_batch(rows), want, rtol=1e-12, atol=0)
+    some = [g.index for g in graph.prunable_groups][:3]
+    want = np.array([graph.flops(dict(zip(some, r[some].tolist()))) for r in rows], dtype=np.float64)
+    assert np.allclose(graph.flops_batch(rows[:, some], some), want, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("cls,shape", CASES, ids=[c[0].__name__ for c in CASES])
