@@ -271,7 +271,40 @@ def graph_module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
         root = nn.Module.__new__(nn.Module)
         root.__dict__.update(model.__dict__)
         root.__dict__.update(constants)
-    return _TracedModule(root, graph, type(model).__name__)
+    return _with_containers(_TracedModule(root, graph, type(model).__name__), model)
+
+
+# torch's containers: a GraphModule rebuilt from them keeps indexing (``pruned.layer4[-1]``,
+# ``pruned.classifier[1] = nn.Linear(...)``), which fine-tuning and inspection code relies on.
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _with_containers(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
+    """Give ``gm`` torch's container where ``model`` has one: fx rebuilds the module tree from the
+    paths its graph calls, with a plain ``nn.Module`` at every inner level, which cannot be indexed.
+    A container holding exactly the original's children (a child the graph never calls would shift
+    positions) becomes an ``nn.Sequential`` / ``ModuleList`` / ``ModuleDict``, also for a subclass
+    that keeps the container's forward (torchvision's ``Conv2dNormActivation``): only torch's own
+    classes, so a saved model loads without the model's code, and calling one runs what the original
+    ran. In place; returns ``gm``."""
+    for name, sub in list(gm.named_modules()):
+        if not name or type(sub) is not nn.Module or sub._parameters or sub._buffers:
+            continue
+        try:
+            original = model.get_submodule(name)
+        except AttributeError:
+            continue
+        kind = next((c for c in _CONTAINERS if isinstance(original, c)), None)
+        if kind is None or (kind is nn.Sequential and type(original).forward is not nn.Sequential.forward):
+            continue
+        if list(sub._modules) != list(original._modules):
+            continue
+        children = collections.OrderedDict(sub._modules)
+        container = kind(list(children.values())) if kind is nn.ModuleList else kind(children)
+        container.training = original.training
+        parent, _, leaf = name.rpartition(".")
+        (gm.get_submodule(parent) if parent else gm)._modules[leaf] = container
+    return gm
 
 
 def trace_graph(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.Graph:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import apib_fx
-from apib_fx.testing import check_exact, random_keep
+from apib_fx.testing import check_exact, random_keep, zoo_model
 
 from . import models as M
 
@@ -591,6 +591,57 @@ def test_parameter_names_kept():
     g = apib_fx.trace(model, torch.randn(1, 3, 8, 8))
     pruned = apib_fx.apply(model, g, random_keep(g, 0.5))
     assert {k for k, _ in pruned.named_parameters()} == {k for k, _ in model.named_parameters()}
+
+
+def test_pruned_model_keeps_torch_containers(tmp_path):
+    # Fine-tuning code indexes containers: model.classifier[1] = nn.Linear(...), model.features[-1].
+    # fx rebuilds the module tree with plain Modules; the result has torch's containers again,
+    # also after saving and loading, without the model's own code.
+    model = zoo_model("mobilenet_v2").eval()
+    x = torch.randn(1, 3, 64, 64)
+    g = apib_fx.trace(model, x)
+    pruned = apib_fx.apply(model, g, random_keep(g, 0.3)).eval()
+    assert type(pruned.features) is nn.Sequential and len(pruned.features) == len(model.features)
+    assert type(pruned.features[0]) is nn.Sequential  # a Conv2dNormActivation: a Sequential subclass
+    assert pruned.features[-1][0] is pruned.get_submodule(f"features.{len(model.features) - 1}.0")
+    assert isinstance(pruned.classifier[-1], nn.Linear)
+    with torch.no_grad():
+        want = pruned(x)
+        stem = pruned.features[0]  # calling a container runs its children, as the original did
+        assert torch.equal(stem(x), stem[2](stem[1](stem[0](x))))
+        pruned.classifier[1] = nn.Linear(pruned.classifier[1].in_features, 7)  # a new head
+        assert pruned(x).shape == (1, 7) and not torch.equal(pruned(x)[:, :7], want[:, :7])
+        apib_fx.save(pruned, tmp_path / "m.apibfx")
+        again = apib_fx.load(tmp_path / "m.apibfx").eval()
+        assert type(again.features[0]) is nn.Sequential and torch.equal(again(x), pruned(x))
+
+
+class SkipsAChild(nn.Module):
+    """A Sequential whose middle child the forward never calls, and a Sequential subclass with
+    its own forward: neither may come back as an nn.Sequential (positions would shift; calling it
+    would run another function)."""
+
+    class Twice(nn.Sequential):
+        def forward(self, x):
+            return self[0](x) + self[1](x)
+
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1))
+        self.twice = self.Twice(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1))
+
+    def forward(self, x):
+        return self.twice(self.seq[2](torch.relu(self.seq[0](x))))
+
+
+def test_containers_the_graph_does_not_match_stay_plain_modules():
+    model = SkipsAChild().eval()
+    x = torch.randn(1, 3, 8, 8)
+    g = apib_fx.trace(model, x)
+    pruned = apib_fx.apply(model, g, random_keep(g, 0.5))
+    assert not isinstance(pruned.seq, nn.Sequential) and not isinstance(pruned.twice, nn.Sequential)
+    assert isinstance(pruned.get_submodule("seq.2"), nn.Conv2d)
+    assert pruned(x).shape == model(x).shape
 
 
 @pytest.mark.parametrize(
