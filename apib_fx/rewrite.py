@@ -9,6 +9,7 @@ from torch import Tensor, fx, nn
 
 from .graph import ChannelGraph, stored_tensors
 from .rules import KeepView, rule_for
+from .trace import _with_containers
 
 
 def _validated(graph: ChannelGraph, keep: Mapping[int, Any]) -> dict[int, Tensor]:
@@ -73,8 +74,16 @@ def apply(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Any]) -> fx.
         rule = rule_for(node, module)
         if rule is not None and rule.rewrite is not None:
             rule.rewrite(node, module, view)
-    gm.recompile()
-    getattr(gm, "real_recompile", lambda: None)()  # the code now, not at the user's first call
+    for node in gm.graph.find_nodes(op="output"):
+        # The forward's return annotation, which fx copies into the code, may name what another
+        # branch returns (GoogLeNet: its outputs tuple, in training); TorchScript holds the code to it.
+        traced = node.meta.get("type")
+        if isinstance(node.type, type) and traced is not None and not issubclass(traced, node.type):
+            node.type = None
+    # A plain GraphModule (the trace's is lazy: its code is generated on first use), built from the
+    # rewritten one: its code exists now, not at the user's first call, and TorchScript can
+    # compile it (it cannot compile the lazy class). Its module tree is rebuilt: containers again.
+    gm = _with_containers(fx.GraphModule(gm, gm.graph, type(model).__name__), model)
     # Same per-module training flags as the user's model.
     flags = dict(model.named_modules())
     for name, m in gm.named_modules():

@@ -279,15 +279,29 @@ def graph_module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
+class BlockSequence(nn.Sequential):
+    """An ``nn.Sequential`` (indexing, slicing, ``len``) of blocks whose own forward the traced
+    graph inlined, so it cannot be called: it names the pruned layers (``pruned.layer4[-1].conv2``).
+    With no forward of its own, TorchScript leaves it alone."""
+
+    forward = nn.Module.forward
+
+
+def _callable(module: nn.Module) -> bool:
+    return type(module).forward is not nn.Module.forward
+
+
 def _with_containers(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
     """Give ``gm`` torch's container where ``model`` has one: fx rebuilds the module tree from the
     paths its graph calls, with a plain ``nn.Module`` at every inner level, which cannot be indexed.
     A container holding exactly the original's children (a child the graph never calls would shift
-    positions) becomes an ``nn.Sequential`` / ``ModuleList`` / ``ModuleDict``, also for a subclass
-    that keeps the container's forward (torchvision's ``Conv2dNormActivation``): only torch's own
-    classes, so a saved model loads without the model's code, and calling one runs what the original
-    ran. In place; returns ``gm``."""
-    for name, sub in list(gm.named_modules()):
+    positions) becomes an ``nn.ModuleList`` / ``ModuleDict`` / ``Sequential``, also for a subclass
+    that keeps the container's forward (torchvision's ``Conv2dNormActivation``), and a
+    :class:`BlockSequence` where some child cannot run on its own (a residual block the graph
+    inlined). Only torch's classes and that one, so a saved model loads without the model's code,
+    and a container that can be called computes what the original did. In place; returns ``gm``."""
+    # Deepest first: whether a container can be called depends on its children's final form.
+    for name, sub in reversed(list(gm.named_modules())):
         if not name or type(sub) is not nn.Module or sub._parameters or sub._buffers:
             continue
         try:
@@ -300,6 +314,8 @@ def _with_containers(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
         if list(sub._modules) != list(original._modules):
             continue
         children = collections.OrderedDict(sub._modules)
+        if kind is nn.Sequential and not all(_callable(c) for c in children.values()):
+            kind = BlockSequence
         container = kind(list(children.values())) if kind is nn.ModuleList else kind(children)
         container.training = original.training
         parent, _, leaf = name.rpartition(".")

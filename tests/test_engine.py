@@ -593,20 +593,26 @@ def test_parameter_names_kept():
     assert {k for k, _ in pruned.named_parameters()} == {k for k, _ in model.named_parameters()}
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:The TorchScript type system")
 def test_pruned_model_keeps_torch_containers(tmp_path):
     # Fine-tuning code indexes containers: model.classifier[1] = nn.Linear(...), model.features[-1].
-    # fx rebuilds the module tree with plain Modules; the result has torch's containers again,
-    # also after saving and loading, without the model's own code.
+    # fx rebuilds the module tree with plain Modules; the result has containers again, also after
+    # saving and loading, without the model's own code.
     model = zoo_model("mobilenet_v2").eval()
     x = torch.randn(1, 3, 64, 64)
     g = apib_fx.trace(model, x)
     pruned = apib_fx.apply(model, g, random_keep(g, 0.3)).eval()
-    assert type(pruned.features) is nn.Sequential and len(pruned.features) == len(model.features)
+    # features holds inverted residual blocks, which the graph inlined: indexable, not callable
+    assert isinstance(pruned.features, nn.Sequential) and len(pruned.features) == len(model.features)
+    with pytest.raises(NotImplementedError):
+        pruned.features(x)
     assert type(pruned.features[0]) is nn.Sequential  # a Conv2dNormActivation: a Sequential subclass
     assert pruned.features[-1][0] is pruned.get_submodule(f"features.{len(model.features) - 1}.0")
     assert isinstance(pruned.classifier[-1], nn.Linear)
     with torch.no_grad():
         want = pruned(x)
+        assert torch.equal(torch.jit.script(pruned)(x), want)  # a plain GraphModule: TorchScript compiles it
+        assert torch.equal(torch.export.export(pruned, (x,)).module()(x), want)
         stem = pruned.features[0]  # calling a container runs its children, as the original did
         assert torch.equal(stem(x), stem[2](stem[1](stem[0](x))))
         pruned.classifier[1] = nn.Linear(pruned.classifier[1].in_features, 7)  # a new head
@@ -614,6 +620,18 @@ def test_pruned_model_keeps_torch_containers(tmp_path):
         apib_fx.save(pruned, tmp_path / "m.apibfx")
         again = apib_fx.load(tmp_path / "m.apibfx").eval()
         assert type(again.features[0]) is nn.Sequential and torch.equal(again(x), pruned(x))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:The TorchScript type system")
+def test_return_annotation_of_another_branch_is_dropped():
+    # GoogLeNet's forward is annotated with the outputs tuple its training branch returns; traced in
+    # eval mode it returns a tensor, and TorchScript refused the annotated code.
+    model = zoo_model("googlenet").eval()
+    x = torch.randn(2, 3, 64, 64)
+    g = apib_fx.trace(model, x)
+    pruned = apib_fx.apply(model, g, random_keep(g, 0.3)).eval()
+    with torch.no_grad():
+        assert torch.equal(torch.jit.script(pruned)(x), pruned(x))
 
 
 class SkipsAChild(nn.Module):
