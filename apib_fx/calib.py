@@ -53,11 +53,13 @@ def calibration_batches(
     batch_size: int,
     example_inputs: Optional[Tensor] = None,
     seed: int = 0,
+    scoring: bool = True,
 ) -> list[Tensor]:
     """Up to ``num_calib`` samples from ``calib_data`` re-cut into batches of ``batch_size``.
 
     ``calib_data``: a DataLoader or any iterable of batches, or one tensor of samples; ``None``
-    draws Gaussian inputs shaped like ``example_inputs`` (scores are then only indicative).
+    draws Gaussian inputs shaped like ``example_inputs`` (scores are then only indicative, which
+    a warning says when ``scoring``: the samples feed a data-driven score, not only the trace).
     """
     if num_calib < 2:
         raise CalibrationError(f"num_calib must be at least 2 (kernels compare samples), got {num_calib}")
@@ -68,11 +70,12 @@ def calibration_batches(
                 "iterable of batches or a tensor of inputs) or example_inputs=torch.randn(1, C, H, W) "
                 "so synthetic inputs of the right shape can be drawn"
             )
-        warnings.warn(
-            "apib_fx.prune: no calib_data given, scoring on synthetic Gaussian inputs; data-driven "
-            "scores (APIB) are only meaningful on real data",
-            stacklevel=3,
-        )
+        if scoring:
+            warnings.warn(
+                "apib_fx.prune: no calib_data given, scoring on synthetic Gaussian inputs; data-driven "
+                "scores (APIB) are only meaningful on real data",
+                stacklevel=3,
+            )
         data = random_inputs(example_inputs, num_calib, torch.Generator().manual_seed(seed))
         return _cut(data, batch_size)
     if isinstance(calib_data, Tensor):

@@ -179,6 +179,7 @@ def prune(
         batch_size,
         example_inputs,
         seed,
+        scoring=needs_data,  # (a data-free method only traces on them: nothing to warn about)
     ) if (needs_data or calib_data is not None or example_inputs is not None) else None
     if batches is None:
         raise CalibrationError(
