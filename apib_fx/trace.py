@@ -300,14 +300,12 @@ def _with_containers(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
     :class:`BlockSequence` where some child cannot run on its own (a residual block the graph
     inlined). Only torch's classes and that one, so a saved model loads without the model's code,
     and a container that can be called computes what the original did. In place; returns ``gm``."""
+    originals = dict(model.named_modules(remove_duplicate=False))
     # Deepest first: whether a container can be called depends on its children's final form.
     for name, sub in reversed(list(gm.named_modules())):
         if not name or type(sub) is not nn.Module or sub._parameters or sub._buffers:
             continue
-        try:
-            original = model.get_submodule(name)
-        except AttributeError:
-            continue
+        original = originals.get(name)
         kind = next((c for c in _CONTAINERS if isinstance(original, c)), None)
         if kind is None or (kind is nn.Sequential and type(original).forward is not nn.Sequential.forward):
             continue
