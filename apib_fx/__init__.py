@@ -11,14 +11,14 @@ from .recalibrate import recalibrate_bn
 from .rewrite import apply
 from .rules import RULES, Rule, register_rule
 from .search import UnreachableTarget
-from .trace import TraceError, trace
+from .trace import BlockSequence, TraceError, trace
 from .bench import benchmark
 from .export import export_onnx
 from .serialize import load, save
 from . import models
 
 __all__ = [
-    "CalibrationError", "ChannelGraph", "ChannelGroup", "Member", "PruneReport", "RULES", "Rule",
+    "BlockSequence", "CalibrationError", "ChannelGraph", "ChannelGroup", "Member", "PruneReport", "RULES", "Rule",
     "TraceError", "UnreachableTarget", "apply", "benchmark", "count_flops", "export_onnx", "load",
     "prune", "recalibrate_bn", "register_rule", "save", "trace",
 ]
