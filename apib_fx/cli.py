@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--epochs", type=int, default=12)
     de.add_argument("--finetune-epochs", type=int, default=6)
     de.add_argument("--seed", type=int, default=0)
-    de.add_argument("--out", default=None, help="where to keep the ONNX files (default: a temp dir)")
+    de.add_argument("--out", default=None, help="where to keep the ONNX files (default: not kept)")
     de.add_argument("--no-bench", action="store_true")
     de.add_argument("--quiet", action="store_true")
     de.set_defaults(func=cmd_demo)

@@ -3,6 +3,7 @@ train a CIFAR-style ResNet-20, prune it with APIB, fine-tune, export to ONNX (ch
 Runtime), benchmark latency, and print one table."""
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -96,15 +97,21 @@ def run_demo(
     acc2 = evaluate(pruned, test)
 
     x = calib[:1]
-    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="apib_fx_demo_"))
-    out.mkdir(parents=True, exist_ok=True)
-    onnx_path = export_onnx(pruned, out / "pruned.onnx", x, check=True)
-    max_diff = onnx_path.parity["max_diff"] if onnx_path.parity else None
-    rows: list[dict[str, Any]] = []
-    if bench:
-        base_path = export_onnx(model, out / "unpruned.onnx", x, check=False)
-        rows = benchmark({"unpruned": base_path, "pruned": onnx_path}, x, batch_sizes=(1, 32),
-                         backends=("ort-cpu",), warmup=10, iters=50, progress=progress)
+    # Without out_dir the ONNX files are only needed for the benchmark: a temporary folder, removed
+    # afterwards (every run would otherwise leave ~2 MB behind).
+    with contextlib.ExitStack() as stack:
+        if out_dir:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+        else:
+            out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="apib_fx_demo_")))
+        onnx_path = export_onnx(pruned, out / "pruned.onnx", x, check=True)
+        max_diff = onnx_path.parity["max_diff"] if onnx_path.parity else None
+        rows: list[dict[str, Any]] = []
+        if bench:
+            base_path = export_onnx(model, out / "unpruned.onnx", x, check=False)
+            rows = benchmark({"unpruned": base_path, "pruned": onnx_path}, x, batch_sizes=(1, 32),
+                             backends=("ort-cpu",), warmup=10, iters=50, progress=progress)
     report = pruned.apib_report
     return DemoResult(
         acc_unpruned=acc0, acc_oneshot=acc1, acc_finetuned=acc2,

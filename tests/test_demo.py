@@ -1,4 +1,6 @@
 """The demo end to end on a reduced budget."""
+import tempfile
+
 import torch
 
 from apib_fx.demo import run_demo
@@ -17,3 +19,11 @@ def test_demo_reduced_budget(tmp_path):
     assert {row["batch"] for row in ok} == {1, 32}
     table = r.table()
     assert "APIB + fine-tune" in table and "ideal" in table
+
+
+def test_demo_without_out_dir_leaves_no_files(tmp_path, monkeypatch):
+    # The ONNX files go to a temporary folder that is removed after the run.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    r = run_demo(flops_target=0.48, epochs=1, finetune_epochs=0, seed=0, bench=False, progress=False)
+    assert r.onnx_max_diff is not None and r.onnx_max_diff < 1e-3
+    assert list(tmp_path.iterdir()) == []
