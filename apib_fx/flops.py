@@ -2,8 +2,8 @@
 
 This counter is independent of the trace pass: it intercepts the torch functions that do the
 arithmetic (convolutions, transposed ones too, linear layers, matrix products) with a
-``TorchFunctionMode`` and reads their actual tensor shapes. "FLOPs" in the pruning literature (and in the APIB paper's tables)
-are these MACs: ResNet-50 at 1x3x224x224 is about 4.1e9.
+``TorchFunctionMode`` and reads their actual tensor shapes. "FLOPs" in the pruning literature
+(and in the APIB paper's tables) are these MACs: ResNet-50 at 1x3x224x224 is about 4.1e9.
 """
 from __future__ import annotations
 

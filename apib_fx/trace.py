@@ -173,10 +173,9 @@ class _Tracer(fx.Tracer):
     def _first_name(self, kind: str, t: Tensor) -> Optional[str]:
         """The name fx would find for ``t`` among the root's ``named_{kind}()`` (its first), by
         identity from one walk per trace; None if it is not there (registered since: fx searches)."""
-        cache = self.__dict__.setdefault("_names_by_identity", {})
-        names = cache.get(kind)
+        names = self._names_by_identity.get(kind)
         if names is None:
-            names = cache[kind] = {}
+            names = self._names_by_identity[kind] = {}
             for n, v in getattr(self.root, f"named_{kind}")():
                 names.setdefault(id(v), (n, v))
         found = names.get(id(t))
