@@ -670,6 +670,33 @@ def _pixel_channels(ctx: RuleContext, x: Tensor, attr: str, args: tuple, kwargs:
     return r, axis
 
 
+def glu(ctx: RuleContext, x: Any, dim: int = -1) -> Any:
+    """``F.glu(x, dim)`` / ``nn.GLU``: ``a * sigmoid(b)`` for the two halves of ``x`` along ``dim``;
+    position i of each half meets the other's, so they are removed together (the halves are cut
+    at run time: nothing to rewrite)."""
+    if isinstance(ctx.module, nn.GLU):
+        dim = ctx.module.dim
+    if not is_labels(x):
+        return ctx.unlabeled_output()
+    first, second = x.chunk(2, dim)
+    ctx.space.unify(first, second)
+    return _relabeled(ctx.space, first)
+
+
+def unflatten_module(ctx: RuleContext, x: Tensor) -> Tensor:
+    return _relabeled(ctx.space, x.unflatten(ctx.module.dim, ctx.module.unflattened_size))
+
+
+def resize_unflatten(node: fx.Node, m: nn.Module, keep: KeepView) -> None:
+    """``nn.Unflatten``: the sizes of resized axes become their new sizes."""
+    sizes = _new_sizes(node, keep)
+    if sizes is None:
+        return
+    dim = m.dim % (len(sizes) - len(m.unflattened_size) + 1)  # in the input's rank
+    new = sizes[dim:dim + len(m.unflattened_size)]
+    m.unflattened_size = type(m.unflattened_size)(new) if isinstance(m.unflattened_size, (tuple, list)) else new
+
+
 def pixel_shuffle(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
     """(*, C r², H, W) -> (*, C, H r, W r) (super-resolution upsampling): output channel c is
     input channels c r² .. c r² + r² - 1 spread over r x r positions, so those go together."""
@@ -1641,6 +1668,7 @@ SOFTMAX = Rule(softmax)
 MATMUL = Rule(matmul, input_axis=-1)
 SDPA = Rule(sdpa, freeze_sdpa_scale, input_axis=-1)
 UNFLATTEN = Rule(relabel, rewrite_unflatten)
+GLU = Rule(glu)
 NARROW = Rule(narrow, rewrite_narrow)
 MAX_MIN = Rule(max_min, freeze_channel_values)
 _UNMASKED_ONLY = kept_whole("which is written out only without masks or is_causal")
@@ -1767,7 +1795,7 @@ RULES: dict[Any, Rule] = _RuleTable({
     nn.GroupNorm: Rule(group_norm, resize_channels("num_channels", ("weight",)), shape=group_norm_shape),
     F.group_norm: Rule(group_norm_fn),
     # shape ops
-    nn.Flatten: Rule(flatten_module),
+    nn.Flatten: Rule(flatten_module), nn.Unflatten: Rule(unflatten_module, resize_unflatten),
     torch.flatten: SHAPE, "flatten": SHAPE,
     torch.cat: CAT, torch.concat: CAT, torch.stack: SHAPE,
     torch.split: SPLIT, "split": SPLIT, torch.chunk: SPLIT, "chunk": SPLIT,
@@ -1804,6 +1832,7 @@ RULES: dict[Any, Rule] = _RuleTable({
     F.max_unpool1d: UNPOOL, F.max_unpool2d: UNPOOL, F.max_unpool3d: UNPOOL,
     nn.PixelShuffle: PIXEL_SHUFFLE, torch.pixel_shuffle: PIXEL_SHUFFLE,
     nn.PixelUnshuffle: PIXEL_UNSHUFFLE, torch.pixel_unshuffle: PIXEL_UNSHUFFLE,
+    nn.GLU: GLU, F.glu: GLU,
     nn.ChannelShuffle: CHANNEL_SHUFFLE, torch.channel_shuffle: CHANNEL_SHUFFLE,
     torch.native_channel_shuffle: CHANNEL_SHUFFLE,
     F.interpolate: SPATIAL, F.pad: Rule(pad), torch.roll: Rule(roll), "roll": Rule(roll),

@@ -524,6 +524,25 @@ class SuperResolution(nn.Module):
         return self.head(F.pixel_shuffle(self.up(self.norm(y)), 2))
 
 
+class GatedDecoder(nn.Module):
+    """A generator-style decoder: a code vector through a Linear unflattened into a 1x1 map
+    (``nn.Unflatten``), transposed convs, gated linear units over the channels (``nn.GLU`` and
+    ``F.glu``: channel i of one half gates channel i of the other). Input (batch, 10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(10, 32)
+        self.unflatten = nn.Unflatten(-1, (32, 1, 1))
+        self.up1 = nn.ConvTranspose2d(32, 16, 4)
+        self.gate = nn.GLU(dim=1)  # 16 -> 8 channels
+        self.up2 = nn.ConvTranspose2d(8, 12, 4, stride=2, padding=1)
+        self.head = nn.Conv2d(6, 3, 3, padding=1)
+
+    def forward(self, z):
+        y = self.gate(self.up1(F.relu(self.unflatten(self.fc(z)))))
+        return self.head(F.glu(self.up2(y), 1))
+
+
 class TensorOps(nn.Module):
     """Ops whose channel handling is easy to get wrong: floor division and remainder of tensors
     (elementwise, not size arithmetic), masked_fill, zeros_like, pow, scales computed from the

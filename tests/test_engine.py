@@ -37,6 +37,7 @@ CASES = [
     (M.Unpooling, (2, 3, 16, 12)),
     (M.TransposedConvs, (2, 3, 10, 12)),
     (M.SuperResolution, (2, 3, 8, 10)),
+    (M.GatedDecoder, (2, 10)),
     (M.TensorOps, (2, 3, 6, 10)),
     (M.TransposedParameterMatmul, (2, 3, 12)),
     (M.LayerScales, (2, 3, 8, 8)),
@@ -195,6 +196,27 @@ def test_pixel_and_channel_shuffles_keep_channels_prunable():
     pruned = apib_fx.apply(model, g, keep)
     assert (pruned.body.in_channels, pruned.body.out_channels, pruned.mix.in_channels) == (8, 6, 6)
     assert (pruned.up.out_channels, pruned.head.in_channels) == (4, 1)
+
+
+def test_gated_decoder_groups():
+    # a GLU ties channel i of its first half to channel i of its second; Unflatten's sizes follow
+    model = _model(M.GatedDecoder)
+    g = apib_fx.trace(model, torch.randn(1, 10))
+    members = {(m.param, m.role): (gr, m) for gr in g.groups for m in gr.members}
+    fc = members[("fc.weight", "out")][0]
+    assert fc.prunable and fc.channels == 32 and members[("up1.weight", "in")][0] is fc
+    up1 = members[("up1.weight", "out")][0]
+    assert up1.prunable and up1.channels == 8 and members[("up1.weight", "out")][1].multiplicity == 2
+    assert members[("up2.weight", "in")][0] is up1
+    up2 = members[("up2.weight", "out")][0]
+    assert up2.prunable and up2.channels == 6 and members[("head.weight", "in")][0] is up2
+    keep = {fc.index: torch.tensor([0, 5, 31]), up1.index: torch.tensor([2, 7]), up2.index: torch.tensor([0, 1, 5])}
+    pruned = apib_fx.apply(model, g, keep)
+    assert pruned.unflatten.unflattened_size == (3, 1, 1)
+    assert (pruned.up1.in_channels, pruned.up1.out_channels, pruned.up2.in_channels) == (3, 4, 2)
+    assert (pruned.up2.out_channels, pruned.head.in_channels) == (6, 3)
+    # the kept halves line up: output channel 7 of up1 gates with channel 15
+    assert torch.equal(pruned.up1.weight, model.up1.weight[[0, 5, 31]][:, [2, 7, 10, 15]])
 
 
 class _ChannelsLastRMSNorm(nn.Module):
