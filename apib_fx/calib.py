@@ -6,6 +6,7 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 CalibData = Union[Tensor, Iterable[Any], None]
 
@@ -57,7 +58,8 @@ def calibration_batches(
 ) -> list[Tensor]:
     """Up to ``num_calib`` samples from ``calib_data`` re-cut into batches of ``batch_size``.
 
-    ``calib_data``: a DataLoader or any iterable of batches, or one tensor of samples; ``None``
+    ``calib_data``: a DataLoader or any iterable of batches, a map-style Dataset of samples
+    (``num_calib`` of them drawn at random, seeded by ``seed``), or one tensor of samples; ``None``
     draws Gaussian inputs shaped like ``example_inputs`` (scores are then only indicative, which
     a warning says when ``scoring``: the samples feed a data-driven score, not only the trace).
     """
@@ -80,6 +82,10 @@ def calibration_batches(
         return _cut(data, batch_size)
     if isinstance(calib_data, Tensor):
         source: Iterable[Any] = [calib_data]
+    elif isinstance(calib_data, Dataset) and not isinstance(calib_data, IterableDataset):
+        # A map-style dataset yields samples, not batches; and stored in order (an ImageFolder:
+        # class by class), its first samples would all be one class.
+        source = _batched(calib_data, batch_size, num_calib, seed)
     else:
         try:
             source = iter(calib_data)
@@ -104,6 +110,11 @@ def calibration_batches(
             raise CalibrationError(
                 f"calibration batch {i} has shape {tuple(x.shape)}; expected (batch, ...) model inputs"
             )
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise CalibrationError(
+                f"calibration batch {i} holds {bad} NaN or infinite values; expected finite model inputs"
+            )
         if expected is None:
             expected = tuple(x.shape[1:])
         elif tuple(x.shape[1:]) != expected:
@@ -121,6 +132,26 @@ def calibration_batches(
     if count < 2:
         raise CalibrationError(f"calib_data yielded {count} sample; kernels need at least 2")
     return _cut(torch.cat(taken), batch_size)
+
+
+def _batched(dataset: Dataset, batch_size: int, num: int, seed: int) -> Iterable[Any]:
+    """``num`` samples of a map-style ``dataset`` drawn without replacement (seeded), collated
+    into batches of ``batch_size``."""
+    try:
+        size = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        raise CalibrationError(
+            f"calib_data is a {type(dataset).__name__} (a map-style Dataset) without a length; pass a "
+            "DataLoader over it"
+        ) from None
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:num]
+    try:
+        yield from DataLoader(dataset, batch_size=batch_size, sampler=order.tolist())
+    except (TypeError, RuntimeError) as e:
+        raise CalibrationError(
+            f"calib_data is a {type(dataset).__name__} whose samples could not be batched ({e}); give it a "
+            "transform that returns tensors (e.g. torchvision.transforms.ToTensor()) or pass a DataLoader"
+        ) from e
 
 
 def _cut(data: Tensor, batch_size: int) -> list[Tensor]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence, Union
@@ -16,7 +17,7 @@ from .rewrite import apply
 from .scoring import METHODS, score_apib, score_data_free
 from .recalibrate import recalibrate_bn
 from .search import UnreachableTarget, search_threshold
-from .trace import InputShapeError, as_inputs, eval_mode, gc_paused, trace
+from .trace import InputShapeError, as_inputs, check_model, eval_mode, gc_paused, trace
 
 KERNELS = ("laplace", "gaussian", "linear")
 
@@ -147,9 +148,13 @@ def prune(
     :class:`PruneReport`.
     """
     t_start = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(flops_target, (int, float)) or not 0.0 < float(flops_target) < 1.0:
+    check_model(model)
+    if isinstance(flops_target, bool) or not isinstance(flops_target, numbers.Real):
+        raise TypeError(
+            f"flops_target must be a number (the fraction of FLOPs to remove, e.g. 0.48), got "
+            f"{type(flops_target).__name__}"
+        )
+    if not 0.0 < float(flops_target) < 1.0:
         raise ValueError(
             f"flops_target is the fraction of FLOPs to remove and must lie in (0, 1), got {flops_target!r}"
             " (e.g. 0.48 removes 48%)"

@@ -25,6 +25,7 @@ from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
 from ._fork import fork_map
+from .calib import CalibrationError
 from ._malloc import keep_freed_memory
 from .graph import ChannelGraph
 from .inplace import inplace_arithmetic
@@ -219,6 +220,12 @@ def score_apib(
     for g in graph.prunable_groups:
         if g.index in scored:
             problems[g.index] = stats[g.index].gram()
+            if not all(bool(torch.isfinite(t).all()) for t in problems[g.index]):
+                raise CalibrationError(
+                    f"the calibration forward gave NaN or infinite activations around group {g.index} "
+                    f"('{g.name}'): the inputs are finite, so a layer overflowed. Check that the data is "
+                    "scaled as in training; a float16 model may overflow where a float32 copy would not"
+                )
             secondary[g.index] = problems[g.index][1].double().cpu()
         else:
             # Nothing mixes these channels (no layer, no contraction reads them): keep them unless forced.

@@ -777,6 +777,24 @@ def block_computed_weights(tensors: Mapping[str, Tensor], space: LabelSpace) -> 
                         "remove_parametrizations) to prune these channels")
 
 
+def check_model(model: Any) -> None:
+    """A TypeError for anything but a module apib_fx can trace, and for wrappers of one (data
+    parallel, ``torch.compile``), naming the module inside to pass instead."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise TypeError(
+            f"model is wrapped in {type(model).__name__}: pass the module inside (model.module) and wrap "
+            "the pruned model again"
+        )
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+        raise TypeError(
+            "model is compiled with torch.compile: pass the module it compiles (model._orig_mod) and "
+            "compile the pruned model"
+        )
+
+
 def trace(model: nn.Module, example_inputs: Inputs, *, leaf_modules: Sequence[type] = ()) -> ChannelGraph:
     """Build the channel-dependency graph of ``model``.
 
@@ -786,8 +804,7 @@ def trace(model: nn.Module, example_inputs: Inputs, *, leaf_modules: Sequence[ty
     through every op. ``leaf_modules``: module classes to keep opaque. The model is not modified.
     Python's cyclic garbage collector is paused for the call (:func:`gc_paused`).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     inputs = as_inputs(example_inputs)
     with gc_paused():
         return _trace(model, inputs, leaf_modules)

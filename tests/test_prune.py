@@ -3,12 +3,14 @@ import copy
 import gc
 import re
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import apib_fx
-from apib_fx.calib import CalibrationError
+from apib_fx.calib import CalibrationError, calibration_batches
 from apib_fx.testing import zoo_model
 
 from . import models as M
@@ -167,10 +169,30 @@ def test_apib_end_to_end_drops_dead_channels():
 
 # ---- bad input ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("target", [0, 1, 1.5, -0.1, "half"])
+@pytest.mark.parametrize("target", [0, 1, 1.5, -0.1])
 def test_target_outside_unit_interval(target):
     with pytest.raises(ValueError, match="flops_target"):
         apib_fx.prune(M.LeNet(), target, torch.randn(4, 3, 32, 32), progress=False)
+
+
+@pytest.mark.parametrize("target", ["half", torch.tensor(0.3), True])
+def test_target_that_is_not_a_number(target):
+    with pytest.raises(TypeError, match="flops_target must be a number"):
+        apib_fx.prune(M.LeNet(), target, torch.randn(4, 3, 32, 32), progress=False)
+
+
+def test_numpy_target_is_a_number():
+    pruned = apib_fx.prune(M.LeNet(), np.float32(0.3), torch.randn(4, 3, 32, 32), method="l1", progress=False)
+    assert abs(pruned.apib_report.flops_reduction - 0.3) <= 0.005
+
+
+@pytest.mark.parametrize("wrap,inner", [(nn.DataParallel, "model.module"), (torch.compile, "model._orig_mod")])
+def test_wrapped_model_names_the_module_inside(wrap, inner):
+    model = M.LeNet()
+    with pytest.raises(TypeError, match=re.escape(inner)):
+        apib_fx.prune(wrap(model), 0.3, torch.randn(4, 3, 32, 32), progress=False)
+    with pytest.raises(TypeError, match=re.escape(inner)):
+        apib_fx.trace(wrap(model), torch.randn(1, 3, 32, 32))
 
 
 def test_unreachable_target_states_largest_reduction():
@@ -244,6 +266,24 @@ def test_garbage_collection_state_is_the_callers():
         gc.enable()
 
 
+class _SampleDataset(torch.utils.data.Dataset):
+    """A map-style dataset: one (sample, label) per index, as torchvision's datasets."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i], i
+
+
+class _UnsizedDataset(torch.utils.data.Dataset):
+    def __getitem__(self, i):
+        return torch.randn(3, 32, 32)
+
+
 @pytest.mark.parametrize(
     "data,words",
     [
@@ -253,6 +293,9 @@ def test_garbage_collection_state_is_the_callers():
         ([(torch.randn(4, 3, 32, 32), 0), (torch.randn(4, 3, 28, 28), 0)], "expected"),
         ([{"x": 3}], "not a tensor"),
         (42, "expected a DataLoader"),
+        ([torch.randn(4, 3, 32, 32), torch.full((4, 3, 32, 32), float("nan"))], "batch 1 holds 12288 NaN"),
+        (_SampleDataset([Image.new("RGB", (32, 32))] * 4), "could not be batched.*ToTensor"),  # no transform
+        (_UnsizedDataset(), "without a length"),
     ],
 )
 def test_bad_calibration_data(data, words):
@@ -488,3 +531,35 @@ def test_low_rank_gram_paths_end_instead_of_cycling():
         warnings.simplefilter("error", RuntimeWarning)
         pruned = apib_fx.prune(model, 0.48, x, num_calib=8, batch_size=8, progress=False)
     assert abs(pruned.apib_report.flops_reduction - 0.48) <= 0.005
+
+
+def test_map_style_dataset_is_batched_from_a_seeded_random_draw():
+    # A dataset yields samples, not batches; stored class by class, its first samples would be
+    # one class: num_calib of them are drawn at random (seeded), as a shuffled DataLoader would.
+    samples = [torch.full((3, 32, 32), float(i)) for i in range(20)]
+    batches = calibration_batches(_SampleDataset(samples), num_calib=8, batch_size=4, seed=0)
+    assert [tuple(b.shape) for b in batches] == [(4, 3, 32, 32), (4, 3, 32, 32)]
+    drawn = [int(v) for b in batches for v in b[:, 0, 0, 0]]
+    assert drawn == torch.randperm(20, generator=torch.Generator().manual_seed(0))[:8].tolist()
+    again = calibration_batches(_SampleDataset(samples), num_calib=8, batch_size=4, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+    pruned = apib_fx.prune(M.LeNet(), 0.3, _SampleDataset([torch.randn(3, 32, 32) for _ in range(12)]),
+                           num_calib=8, progress=False)
+    assert pruned.apib_report.num_calib == 8 and abs(pruned.apib_report.flops_reduction - 0.3) <= 0.005
+
+
+class _Overflowing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)) * 1e38)))
+
+
+def test_activations_that_overflow_are_named():
+    model = _Overflowing()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CalibrationError, match=r"NaN or infinite activations around group \d+ \('a\.weight"):
+        apib_fx.prune(model, 0.3, torch.randn(8, 3, 12, 12), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
