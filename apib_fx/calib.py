@@ -15,7 +15,7 @@ class CalibrationError(ValueError):
     """Calibration data that cannot be used, with what was expected."""
 
 
-def _input_of(batch: Any, i: int) -> Tensor:
+def batch_input(batch: Any, i: int) -> Tensor:
     """A batch is a tensor, or a tuple/list/dict whose first element is the input."""
     if isinstance(batch, Tensor):
         return batch
@@ -99,7 +99,7 @@ def calibration_batches(
     expected = tuple(example_inputs.shape[1:]) if example_inputs is not None else None
     integer_inputs = example_inputs is not None and not torch.is_floating_point(example_inputs)
     for i, batch in enumerate(source):
-        x = _input_of(batch, i)
+        x = batch_input(batch, i)
         if not torch.is_floating_point(x) and not integer_inputs:
             raise CalibrationError(
                 f"calibration batch {i} has dtype {x.dtype}; expected floating point model inputs "

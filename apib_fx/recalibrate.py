@@ -10,36 +10,42 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Iterable, Iterator, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._malloc import keep_freed_memory
+from .calib import batch_input
 from .inplace import inplace_arithmetic
 
 
 def recalibrate_bn(
     model: nn.Module,
-    batches: Iterable[Tensor],
+    batches: Union[Tensor, Iterable[Any]],
     device: Union[str, torch.device, None] = None,
+    *,
+    num_samples: Optional[int] = None,
 ) -> int:
     """Replace the running statistics of every BatchNorm in ``model`` (in place) by their
-    average over ``batches`` (tensors of inputs, batch size ≥ 2). Other layers run in eval mode
-    (no dropout); every module's training flag is restored. Returns the number of layers updated."""
+    average over ``batches``: a DataLoader or any iterable of batches (a tensor, or a
+    tuple/list/dict whose first item is the input; batches of one sample are skipped), or one
+    tensor. ``num_samples``: use only the first this many samples (default: all; they are held
+    in memory, and a few hundred suffice). Other layers run in eval mode (no dropout); every
+    module's training flag is restored. Returns the number of layers updated."""
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    batches = _inputs(batches, num_samples)
     flags = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in norms]
     # A traced model runs with its residual adds in place (no gradients here): one fresh feature
     # map less per add, as in the user's original model.
     run = inplace_arithmetic(model)[0] if isinstance(model, fx.GraphModule) else model
     on_cpu = torch.device(device).type == "cpu"
-    batches = list(batches)
     try:
         model.eval()
         for m in norms:
@@ -62,6 +68,28 @@ def recalibrate_bn(
     if seen == 0:
         raise ValueError("recalibrate_bn: no batch with at least 2 samples")
     return len(norms)
+
+
+def _inputs(batches: Union[Tensor, Iterable[Any]], num_samples: Optional[int]) -> list[Tensor]:
+    """The input tensors of ``batches``, up to ``num_samples`` samples."""
+    if isinstance(batches, Tensor):
+        batches = [batches]
+    try:
+        source = iter(batches)
+    except TypeError:
+        raise TypeError(f"recalibrate_bn: batches is a {type(batches).__name__}; expected a DataLoader, an "
+                        "iterable of batches or a tensor of inputs") from None
+    taken: list[Tensor] = []
+    count = 0
+    for i, batch in enumerate(source):
+        if num_samples is not None and count >= num_samples:
+            break
+        x = batch_input(batch, i)
+        if num_samples is not None:
+            x = x[: num_samples - count]
+        taken.append(x)
+        count += x.shape[0] if x.dim() else 1
+    return taken
 
 
 def _collect(run, norms, batches, device, channels_last: bool) -> int:

@@ -423,6 +423,26 @@ def test_recalibrate_bn_sets_batch_statistics():
         apib_fx.recalibrate_bn(model, [torch.randn(1, 3, 10, 10)])
 
 
+def test_recalibrate_bn_takes_a_loader_of_labelled_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    x = torch.randn(24, 3, 10, 10)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(24)), batch_size=8)
+    apib_fx.recalibrate_bn(model, loader)
+    by_loader = model[1].running_mean.clone(), model[1].running_var.clone()
+    apib_fx.recalibrate_bn(model, list(x.split(8)))
+    assert torch.equal(model[1].running_mean, by_loader[0]) and torch.equal(model[1].running_var, by_loader[1])
+    # the first num_samples samples only, cut mid-batch; one tensor is one batch
+    apib_fx.recalibrate_bn(model, loader, num_samples=12)
+    first = model[1].running_mean.clone()
+    apib_fx.recalibrate_bn(model, [x[:8], x[8:12]])
+    assert torch.equal(model[1].running_mean, first)
+    apib_fx.recalibrate_bn(model, x[:12])
+    torch.testing.assert_close(model[1].running_mean, model[0](x[:12]).mean(dim=(0, 2, 3)))
+    with pytest.raises(TypeError, match="expected a DataLoader"):
+        apib_fx.recalibrate_bn(model, 3)
+
+
 @pytest.mark.parametrize("model_fn,passes", [(lambda: zoo_model("resnet18", num_classes=10), [True]),
                                              (M.LeNet, [True, False])])
 def test_recalibrate_bn_runs_channels_last_and_restores_the_layout(model_fn, passes, monkeypatch):
