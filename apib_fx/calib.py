@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, Optional, Union
+import inspect
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 CalibData = Union[Tensor, Iterable[Any], None]
@@ -15,24 +16,44 @@ class CalibrationError(ValueError):
     """Calibration data that cannot be used, with what was expected."""
 
 
-def batch_input(batch: Any, i: int) -> Tensor:
-    """A batch is a tensor, or a tuple/list/dict whose first element is the input."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch:
-        first = batch[0]
-    elif isinstance(batch, dict) and batch:
-        first = next(iter(batch.values()))
+Batch = tuple[Tensor, ...]  # one tensor per model input
+
+
+def forward_inputs(model: nn.Module) -> list[str]:
+    """Names of the inputs ``model.forward`` requires (positional parameters without a default);
+    a forward of ``*args`` alone counts as one input."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return ["input"]
+    names = [p.name for p in params
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    return names or ["input"]
+
+
+def batch_inputs(batch: Any, i: int, names: Sequence[str] = ("input",)) -> Batch:
+    """The model inputs of one batch: a tensor (a model of one input), or a tuple/list whose first
+    ``len(names)`` items are the inputs (labels may follow), or a dict holding them under the
+    forward's parameter ``names`` (else its first ``len(names)`` values)."""
+    n = len(names)
+    if isinstance(batch, Tensor) and n == 1:
+        items: list[Any] = [batch]
+    elif isinstance(batch, (tuple, list)) and len(batch) >= n:
+        items = list(batch[:n])
+    elif isinstance(batch, dict) and len(batch) >= n:
+        items = [batch[k] for k in names] if all(k in batch for k in names) else list(batch.values())[:n]
     else:
+        what = "the input tensor" if n == 1 else f"the {n} input tensors ({', '.join(names)})"
         raise CalibrationError(
-            f"calibration batch {i} is a {type(batch).__name__}; expected a tensor or a "
-            "tuple/list/dict whose first element is the input tensor"
+            f"calibration batch {i} is a {type(batch).__name__}{f' of {len(batch)}' if isinstance(batch, (tuple, list, dict)) else ''}; "
+            f"expected {'a tensor or ' if n == 1 else ''}a tuple/list/dict whose first "
+            f"{'element is' if n == 1 else f'{n} elements are'} {what}"
         )
-    if not isinstance(first, Tensor):
-        raise CalibrationError(
-            f"the first element of calibration batch {i} is a {type(first).__name__}, not a tensor"
-        )
-    return first
+    for k, x in enumerate(items):
+        if not isinstance(x, Tensor):
+            which = "first element" if n == 1 else f"input {k} ({names[k]})"
+            raise CalibrationError(f"the {which} of calibration batch {i} is a {type(x).__name__}, not a tensor")
+    return tuple(items)
 
 
 def random_inputs(example: Tensor, batch: int, generator: torch.Generator) -> Tensor:
@@ -52,11 +73,14 @@ def calibration_batches(
     calib_data: CalibData,
     num_calib: int,
     batch_size: int,
-    example_inputs: Optional[Tensor] = None,
+    example_inputs: Optional[Batch] = None,
     seed: int = 0,
     scoring: bool = True,
-) -> list[Tensor]:
-    """Up to ``num_calib`` samples from ``calib_data`` re-cut into batches of ``batch_size``.
+    names: Sequence[str] = ("input",),
+) -> list[Batch]:
+    """Up to ``num_calib`` samples from ``calib_data`` re-cut into batches of ``batch_size``, each
+    a tuple with one tensor per model input (``names``: the forward's inputs, or as many as
+    ``example_inputs`` holds).
 
     ``calib_data``: a DataLoader or any iterable of batches, a map-style Dataset of samples
     (``num_calib`` of them drawn at random, seeded by ``seed``), or one tensor of samples; ``None``
@@ -65,6 +89,8 @@ def calibration_batches(
     """
     if num_calib < 2:
         raise CalibrationError(f"num_calib must be at least 2 (kernels compare samples), got {num_calib}")
+    if example_inputs is not None and len(example_inputs) != len(names):
+        names = [f"input {k}" for k in range(len(example_inputs))]
     if calib_data is None:
         if example_inputs is None:
             raise CalibrationError(
@@ -78,8 +104,8 @@ def calibration_batches(
                 "scores (APIB) are only meaningful on real data",
                 stacklevel=3,
             )
-        data = random_inputs(example_inputs, num_calib, torch.Generator().manual_seed(seed))
-        return _cut(data, batch_size)
+        gen = torch.Generator().manual_seed(seed)
+        return _cut(tuple(random_inputs(t, num_calib, gen) for t in example_inputs), batch_size)
     if isinstance(calib_data, Tensor):
         source: Iterable[Any] = [calib_data]
     elif isinstance(calib_data, Dataset) and not isinstance(calib_data, IterableDataset):
@@ -94,44 +120,53 @@ def calibration_batches(
                 f"calib_data is a {type(calib_data).__name__}; expected a DataLoader, an iterable of "
                 "batches, or a tensor of inputs"
             ) from None
-    taken: list[Tensor] = []
+    taken: list[Batch] = []
     count = 0
-    expected = tuple(example_inputs.shape[1:]) if example_inputs is not None else None
-    integer_inputs = example_inputs is not None and not torch.is_floating_point(example_inputs)
+    expected = [tuple(t.shape[1:]) for t in example_inputs] if example_inputs is not None else None
+    integer_ok = [not torch.is_floating_point(t) for t in example_inputs] if example_inputs is not None else None
     for i, batch in enumerate(source):
-        x = batch_input(batch, i)
-        if not torch.is_floating_point(x) and not integer_inputs:
-            raise CalibrationError(
-                f"calibration batch {i} has dtype {x.dtype}; expected floating point model inputs "
-                "(did you pass labels first? For a model that takes integer inputs such as token "
-                "ids, pass example_inputs of that dtype)"
-            )
-        if x.dim() < 2:
-            raise CalibrationError(
-                f"calibration batch {i} has shape {tuple(x.shape)}; expected (batch, ...) model inputs"
-            )
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            bad = int((~torch.isfinite(x)).sum())
-            raise CalibrationError(
-                f"calibration batch {i} holds {bad} NaN or infinite values; expected finite model inputs"
-            )
+        xs = batch_inputs(batch, i, names)
+        for k, x in enumerate(xs):
+            which = "" if len(xs) == 1 else f" input {k} ({names[k]})"
+            if not torch.is_floating_point(x) and not (integer_ok and integer_ok[k]):
+                raise CalibrationError(
+                    f"calibration batch {i}{which} has dtype {x.dtype}; expected floating point model inputs "
+                    "(did you pass labels first? For a model that takes integer inputs such as token "
+                    "ids, pass example_inputs of that dtype)"
+                )
+            if x.dim() < 2:
+                raise CalibrationError(
+                    f"calibration batch {i}{which} has shape {tuple(x.shape)}; expected (batch, ...) model inputs"
+                )
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                bad = int((~torch.isfinite(x)).sum())
+                raise CalibrationError(
+                    f"calibration batch {i}{which} holds {bad} NaN or infinite values; expected finite model inputs"
+                )
+            if x.shape[0] != xs[0].shape[0]:
+                raise CalibrationError(
+                    f"calibration batch {i} has {x.shape[0]} samples of{which} but {xs[0].shape[0]} of input 0 "
+                    f"({names[0]}); expected one sample of each input per sample"
+                )
         if expected is None:
-            expected = tuple(x.shape[1:])
-        elif tuple(x.shape[1:]) != expected:
-            raise CalibrationError(
-                f"calibration batch {i} has samples of shape {tuple(x.shape[1:])}; expected {expected} "
-                "(as in example_inputs / the first batch)"
-            )
-        x = x[: num_calib - count].detach()
-        taken.append(x)
-        count += x.shape[0]
+            expected = [tuple(x.shape[1:]) for x in xs]
+        for k, x in enumerate(xs):
+            if tuple(x.shape[1:]) != expected[k]:
+                which = "" if len(xs) == 1 else f" input {k} ({names[k]})"
+                raise CalibrationError(
+                    f"calibration batch {i}{which} has samples of shape {tuple(x.shape[1:])}; expected "
+                    f"{expected[k]} (as in example_inputs / the first batch)"
+                )
+        xs = tuple(x[: num_calib - count].detach() for x in xs)
+        taken.append(xs)
+        count += xs[0].shape[0]
         if count >= num_calib:
             break
     if count == 0:
         raise CalibrationError("calib_data yielded no samples; expected at least 2 input samples")
     if count < 2:
         raise CalibrationError(f"calib_data yielded {count} sample; kernels need at least 2")
-    return _cut(torch.cat(taken), batch_size)
+    return _cut(tuple(torch.cat(parts) for parts in zip(*taken)), batch_size)
 
 
 def _batched(dataset: Dataset, batch_size: int, num: int, seed: int) -> Iterable[Any]:
@@ -154,8 +189,8 @@ def _batched(dataset: Dataset, batch_size: int, num: int, seed: int) -> Iterable
         ) from e
 
 
-def _cut(data: Tensor, batch_size: int) -> list[Tensor]:
-    batches = list(data.split(batch_size))
-    if len(batches) > 1 and batches[-1].shape[0] < 2:  # a 1-sample kernel carries nothing
+def _cut(data: Batch, batch_size: int) -> list[Batch]:
+    batches = list(zip(*(t.split(batch_size) for t in data)))
+    if len(batches) > 1 and batches[-1][0].shape[0] < 2:  # a 1-sample kernel carries nothing
         batches.pop()
     return batches

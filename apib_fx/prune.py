@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .calib import CalibData, CalibrationError, calibration_batches
+from .calib import CalibData, CalibrationError, calibration_batches, forward_inputs
 from .flops import count_flops
 from .rewrite import apply
 from .scoring import METHODS, score_apib, score_data_free
@@ -175,7 +175,7 @@ def prune(
     model_device = _model_device(model)
     run_device = _run_device(device, model_device)
     if example_inputs is not None:
-        example_inputs = as_inputs(example_inputs)[0]
+        example_inputs = as_inputs(example_inputs)
     needs_data = method == "apib"
     recalibrating = recalibrate and calib_data is not None
     batches = calibration_batches(
@@ -185,18 +185,22 @@ def prune(
         example_inputs,
         seed,
         scoring=needs_data,  # (a data-free method only traces on them: nothing to warn about)
+        names=forward_inputs(model),
     ) if (needs_data or calib_data is not None or example_inputs is not None) else None
     if batches is None:
         raise CalibrationError(
             "the model's input shape is unknown: pass example_inputs (e.g. torch.randn(1, 3, 224, 224)) "
             "or calib_data"
         )
-    sample = batches[0][:1].to(model_device)
-    if example_inputs is not None and tuple(example_inputs.shape[1:]) != tuple(sample.shape[1:]):
-        raise CalibrationError(
-            f"calibration samples have shape {tuple(sample.shape[1:])} but example_inputs has "
-            f"{tuple(example_inputs.shape[1:])}"
-        )
+    sample = tuple(t[:1].to(model_device) for t in batches[0])
+    if example_inputs is not None:
+        for k, (t, s) in enumerate(zip(example_inputs, sample)):
+            if tuple(t.shape[1:]) != tuple(s.shape[1:]):
+                which = "" if len(sample) == 1 else f" (input {k})"
+                raise CalibrationError(
+                    f"calibration samples{which} have shape {tuple(s.shape[1:])} but example_inputs has "
+                    f"{tuple(t.shape[1:])}"
+                )
 
     # The trace, its labels and the rewrite create tens of thousands of objects that live for the
     # whole call: Python would answer with full collections over every object in the process
@@ -207,7 +211,8 @@ def prune(
         try:
             graph = trace(model, sample, leaf_modules=leaf_modules)
         except InputShapeError as e:
-            raise CalibrationError(f"calibration samples of shape {tuple(sample.shape[1:])} do not fit the model: {e}") from e
+            shapes = ", ".join(str(tuple(t.shape[1:])) for t in sample)
+            raise CalibrationError(f"calibration samples of shape {shapes} do not fit the model: {e}") from e
         timings["trace"] = time.perf_counter() - t
 
         if method == "apib":
@@ -215,7 +220,8 @@ def prune(
             if run_device != model_device:
                 module = copy.deepcopy(module).to(run_device)
             with eval_mode(module):
-                scores = score_apib(graph, module, [b.to(run_device) for b in batches], kernel, progress, workers)
+                scores = score_apib(graph, module, [tuple(t.to(run_device) for t in b) for b in batches], kernel,
+                                    progress, workers)
         else:
             scores = score_data_free(graph, model, method, seed)
         timings.update(scores.timings)
@@ -248,8 +254,8 @@ def prune(
         params_before=_n_params(model),
         params_after=_n_params(pruned),
         alpha=result.threshold,
-        num_calib=sum(b.shape[0] for b in batches) if method == "apib" else 0,
-        input_shape=tuple(sample.shape[1:]),
+        num_calib=sum(b[0].shape[0] for b in batches) if method == "apib" else 0,
+        input_shape=tuple(sample[0].shape[1:]),
         timings=timings,
         bn_recalibrated=recalibrated,
         groups=[

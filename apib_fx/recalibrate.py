@@ -17,7 +17,7 @@ from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._malloc import keep_freed_memory
-from .calib import batch_input
+from .calib import Batch, batch_inputs, forward_inputs
 from .inplace import inplace_arithmetic
 
 
@@ -30,8 +30,8 @@ def recalibrate_bn(
 ) -> int:
     """Replace the running statistics of every BatchNorm in ``model`` (in place) by their
     average over ``batches``: a DataLoader or any iterable of batches (a tensor, or a
-    tuple/list/dict whose first item is the input; batches of one sample are skipped), or one
-    tensor. ``num_samples``: use only the first this many samples (default: all; they are held
+    tuple/list/dict whose first items are the inputs of ``model.forward``, as ``prune`` takes
+    them; batches of one sample are skipped), or one tensor. ``num_samples``: use only the first this many samples (default: all; they are held
     in memory, and a few hundred suffice). Other layers run in eval mode (no dropout); every
     module's training flag is restored. Returns the number of layers updated."""
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
@@ -39,7 +39,7 @@ def recalibrate_bn(
         return 0
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    batches = _inputs(batches, num_samples)
+    batches = _inputs(model, batches, num_samples)
     flags = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in norms]
     # A traced model runs with its residual adds in place (no gradients here): one fresh feature
@@ -52,7 +52,7 @@ def recalibrate_bn(
             m.momentum = None  # cumulative average over the batches, not an EMA
             m.train()
         seen = None
-        if on_cpu and any(b.dim() == 4 for b in batches):
+        if on_cpu and any(x.dim() == 4 for b in batches for x in b):
             # oneDNN runs convs and training-mode BatchNorm 20-30% faster on channels-last maps
             # (ResNet-50 pruned by half: 2.3 -> 1.65 s over 64 images). A model that views its maps
             # as contiguous (x.view(n, -1)) fails that way; it then runs as it is.
@@ -70,8 +70,9 @@ def recalibrate_bn(
     return len(norms)
 
 
-def _inputs(batches: Union[Tensor, Iterable[Any]], num_samples: Optional[int]) -> list[Tensor]:
-    """The input tensors of ``batches``, up to ``num_samples`` samples."""
+def _inputs(model: nn.Module, batches: Union[Tensor, Iterable[Any]], num_samples: Optional[int]) -> list[Batch]:
+    """The model inputs of ``batches`` (one tensor per input of ``model.forward``), up to
+    ``num_samples`` samples."""
     if isinstance(batches, Tensor):
         batches = [batches]
     try:
@@ -79,32 +80,33 @@ def _inputs(batches: Union[Tensor, Iterable[Any]], num_samples: Optional[int]) -
     except TypeError:
         raise TypeError(f"recalibrate_bn: batches is a {type(batches).__name__}; expected a DataLoader, an "
                         "iterable of batches or a tensor of inputs") from None
-    taken: list[Tensor] = []
+    names = forward_inputs(model)
+    taken: list[Batch] = []
     count = 0
     for i, batch in enumerate(source):
         if num_samples is not None and count >= num_samples:
             break
-        x = batch_input(batch, i)
+        xs = batch_inputs(batch, i, names)
         if num_samples is not None:
-            x = x[: num_samples - count]
-        taken.append(x)
-        count += x.shape[0] if x.dim() else 1
+            xs = tuple(x[: num_samples - count] for x in xs)
+        taken.append(xs)
+        count += xs[0].shape[0] if xs[0].dim() else 1
     return taken
 
 
-def _collect(run, norms, batches, device, channels_last: bool) -> int:
+def _collect(run, norms, batches: list[Batch], device, channels_last: bool) -> int:
     """Fresh statistics from one pass over ``batches``; returns how many were used."""
     for m in norms:
         m.reset_running_stats()
     seen = 0
     with torch.no_grad(), keep_freed_memory(torch.device(device).type == "cpu"):
-        for b in batches:
-            if b.shape[0] < 2:
+        for inputs in batches:
+            if inputs[0].shape[0] < 2:
                 continue  # one sample has no batch variance
-            b = b.to(device)
-            if channels_last and b.dim() == 4:
-                b = b.contiguous(memory_format=torch.channels_last)
-            run(b)
+            inputs = tuple(x.to(device) for x in inputs)
+            if channels_last:
+                inputs = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in inputs)
+            run(*inputs)
             seen += 1
     return seen
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, fx, nn
@@ -189,26 +189,27 @@ _FORK_WORTH = 150_000.0
 def score_apib(
     graph: ChannelGraph,
     module: fx.GraphModule,
-    batches: list[Tensor],
+    batches: Sequence[Union[Tensor, tuple[Tensor, ...]]],
     kernel: str = "laplace",
     progress: bool = True,
     workers: Optional[int] = None,
 ) -> Scores:
-    """APIB survival-α scores from calibration ``batches`` run through ``module`` (the traced
-    graph, on the device the batches are on). ``workers``: processes for the Lasso paths
-    (default: the CPU cores available, at most 8)."""
+    """APIB survival-α scores from calibration ``batches`` (one tensor per model input) run
+    through ``module`` (the traced graph, on the device the batches are on). ``workers``:
+    processes for the Lasso paths (default: the CPU cores available, at most 8)."""
     from .hsic import HSICStats
 
     consumers = find_consumers(graph)
     stats = {g.index: HSICStats(g.channels, kernel=kernel) for g in graph.prunable_groups}
     # Residual adds into their operand, as the user's own model does (no gradients here).
     capture = ConsumerCapture(inplace_arithmetic(module)[0], consumers, stats)
-    device = batches[0].device
+    batches = [b if isinstance(b, tuple) else (b,) for b in batches]  # (a model of one input: tensors)
+    device = batches[0][0].device
     start = time.perf_counter()
     # Feature maps reuse freed heap memory instead of being faulted in anew (glibc; see _malloc).
     with torch.no_grad(), keep_freed_memory(device.type == "cpu"):
-        for x in tqdm(batches, desc="apib: calibration", unit="batch", disable=not progress):
-            capture.run(x)
+        for inputs in tqdm(batches, desc="apib: calibration", unit="batch", disable=not progress):
+            capture.run(*inputs)
     _sync(device)
     total = time.perf_counter() - start
     timings = {"forward": total - capture.kernel_seconds, "kernels": capture.kernel_seconds}

@@ -558,11 +558,11 @@ def test_map_style_dataset_is_batched_from_a_seeded_random_draw():
     # one class: num_calib of them are drawn at random (seeded), as a shuffled DataLoader would.
     samples = [torch.full((3, 32, 32), float(i)) for i in range(20)]
     batches = calibration_batches(_SampleDataset(samples), num_calib=8, batch_size=4, seed=0)
-    assert [tuple(b.shape) for b in batches] == [(4, 3, 32, 32), (4, 3, 32, 32)]
-    drawn = [int(v) for b in batches for v in b[:, 0, 0, 0]]
+    assert [tuple(t.shape) for b in batches for t in b] == [(4, 3, 32, 32), (4, 3, 32, 32)]
+    drawn = [int(v) for (b,) in batches for v in b[:, 0, 0, 0]]
     assert drawn == torch.randperm(20, generator=torch.Generator().manual_seed(0))[:8].tolist()
     again = calibration_batches(_SampleDataset(samples), num_calib=8, batch_size=4, seed=0)
-    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+    assert all(torch.equal(a, b) for (a,), (b,) in zip(batches, again))
     pruned = apib_fx.prune(M.LeNet(), 0.3, _SampleDataset([torch.randn(3, 32, 32) for _ in range(12)]),
                            num_calib=8, progress=False)
     assert pruned.apib_report.num_calib == 8 and abs(pruned.apib_report.flops_reduction - 0.3) <= 0.005
@@ -583,3 +583,57 @@ def test_activations_that_overflow_are_named():
     with pytest.raises(CalibrationError, match=r"NaN or infinite activations around group \d+ \('a\.weight"):
         apib_fx.prune(model, 0.3, torch.randn(8, 3, 12, 12), progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _ImageAndMask(nn.Module):
+    """A model of two inputs (an image and a mask fused by a residual add)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rgb, self.mask_in = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(1, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.body, self.head = nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 5)
+
+    def forward(self, img, mask, scale: float = 1.0):
+        y = torch.relu(self.bn(self.rgb(img) + self.mask_in(mask)))
+        return self.head(torch.relu(self.body(y)).mean((2, 3))) * scale
+
+
+def test_model_of_two_inputs_prunes_on_batches_of_both():
+    torch.manual_seed(0)
+    model = _ImageAndMask().eval()
+    img, mask, label = torch.randn(24, 3, 12, 12), torch.randn(24, 1, 12, 12), torch.randint(0, 5, (24,))
+    before = copy.deepcopy(model.state_dict())
+    # batches as a DataLoader gives them: the inputs in forward's order, then the label
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(img, mask, label), batch_size=8)
+    pruned = apib_fx.prune(model, 0.3, loader, progress=False)
+    report = pruned.apib_report
+    assert report.num_calib == 24 and abs(report.flops_reduction - 0.3) <= 0.005 and report.bn_recalibrated == 1
+    assert report.flops_after == apib_fx.count_flops(pruned, (img[:1], mask[:1]))
+    assert pruned(img, mask).shape == (24, 5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # dict batches are read by the forward's parameter names, in any order
+    as_dicts = [{"label": label[i:i + 8], "mask": mask[i:i + 8], "img": img[i:i + 8]} for i in range(0, 24, 8)]
+    by_name = apib_fx.prune(model, 0.3, as_dicts, progress=False)
+    assert [r.channels_after for r in by_name.apib_report.groups] == [r.channels_after for r in report.groups]
+    # swapping the inputs is not the same data: the image's 3 channels do not fit the mask's conv
+    with pytest.raises(CalibrationError, match="do not fit the model"):
+        apib_fx.prune(model, 0.3, [(mask, img)], progress=False)
+    # without data: synthetic inputs shaped like each example input
+    with pytest.warns(UserWarning, match="synthetic"):
+        synthetic = apib_fx.prune(model, 0.3, example_inputs=(img[:1], mask[:1]), progress=False)
+    assert abs(synthetic.apib_report.flops_reduction - 0.3) <= 0.005
+    l1 = apib_fx.prune(model, 0.3, example_inputs=(img[:1], mask[:1]), method="l1", progress=False)
+    assert l1(img, mask).shape == (24, 5)
+
+
+@pytest.mark.parametrize("data,words", [
+    (torch.randn(8, 3, 12, 12), r"expected a tuple/list/dict whose first 2 elements are the 2 input tensors \(img, mask\)"),
+    ([(torch.randn(8, 3, 12, 12), torch.randn(8, 1, 12, 12)), (torch.randn(8, 3, 12, 12), torch.randn(8, 1, 10, 10))],
+     r"batch 1 input 1 \(mask\) has samples of shape \(1, 10, 10\); expected \(1, 12, 12\)"),
+    ([(torch.randn(8, 3, 12, 12), torch.randn(6, 1, 12, 12))], r"6 samples of input 1 \(mask\) but 8 of input 0 \(img\)"),
+    ([(torch.randn(8, 3, 12, 12), "mask")], r"input 1 \(mask\) of calibration batch 0 is a str"),
+])
+def test_model_of_two_inputs_bad_batches(data, words):
+    with pytest.raises(CalibrationError, match=words):
+        apib_fx.prune(_ImageAndMask(), 0.3, data, progress=False)
