@@ -1,8 +1,8 @@
 """Calibration inputs: turn what the user passes into a list of input batches, or say what is wrong."""
 from __future__ import annotations
 
-import warnings
 import inspect
+import warnings
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
@@ -43,12 +43,12 @@ def batch_inputs(batch: Any, i: int, names: Sequence[str] = ("input",)) -> Batch
     elif isinstance(batch, dict) and len(batch) >= n:
         items = [batch[k] for k in names] if all(k in batch for k in names) else list(batch.values())[:n]
     else:
-        what = "the input tensor" if n == 1 else f"the {n} input tensors ({', '.join(names)})"
-        raise CalibrationError(
-            f"calibration batch {i} is a {type(batch).__name__}{f' of {len(batch)}' if isinstance(batch, (tuple, list, dict)) else ''}; "
-            f"expected {'a tensor or ' if n == 1 else ''}a tuple/list/dict whose first "
-            f"{'element is' if n == 1 else f'{n} elements are'} {what}"
-        )
+        got = type(batch).__name__
+        if isinstance(batch, (tuple, list, dict)):
+            got += f" of {len(batch)}"
+        expected = ("a tensor or a tuple/list/dict whose first element is the input tensor" if n == 1 else
+                    f"a tuple/list/dict whose first {n} elements are the {n} input tensors ({', '.join(names)})")
+        raise CalibrationError(f"calibration batch {i} is a {got}; expected {expected}")
     for k, x in enumerate(items):
         if not isinstance(x, Tensor):
             which = "first element" if n == 1 else f"input {k} ({names[k]})"

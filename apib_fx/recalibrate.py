@@ -31,9 +31,10 @@ def recalibrate_bn(
     """Replace the running statistics of every BatchNorm in ``model`` (in place) by their
     average over ``batches``: a DataLoader or any iterable of batches (a tensor, or a
     tuple/list/dict whose first items are the inputs of ``model.forward``, as ``prune`` takes
-    them; batches of one sample are skipped), or one tensor. ``num_samples``: use only the first this many samples (default: all; they are held
-    in memory, and a few hundred suffice). Other layers run in eval mode (no dropout); every
-    module's training flag is restored. Returns the number of layers updated."""
+    them; batches of one sample are skipped), or one tensor. ``num_samples``: use only the
+    first this many samples (default: all; they are held in memory, and a few hundred suffice).
+    Other layers run in eval mode (no dropout); every module's training flag is restored.
+    Returns the number of layers updated."""
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
@@ -105,7 +106,8 @@ def _collect(run, norms, batches: list[Batch], device, channels_last: bool) -> i
                 continue  # one sample has no batch variance
             inputs = tuple(x.to(device) for x in inputs)
             if channels_last:
-                inputs = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in inputs)
+                inputs = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+                               for x in inputs)
             run(*inputs)
             seen += 1
     return seen

@@ -25,8 +25,8 @@ from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
 from ._fork import fork_map
-from .calib import CalibrationError
 from ._malloc import keep_freed_memory
+from .calib import CalibrationError
 from .graph import ChannelGraph
 from .inplace import inplace_arithmetic
 from .labels import NONE, axis_ids, is_labels
