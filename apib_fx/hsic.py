@@ -189,6 +189,11 @@ def _products(f: Tensor, pairs: _Pairs) -> tuple[Tensor, Tensor]:
     if f.shape[-1] == 1:
         g = f[..., 0]
         return g * g, g.index_select(1, pairs.i) * g.index_select(1, pairs.j)
+    if f.stride(-1) != 1:
+        # Features read along a channels-last axis (a Linear in a ConvNeXt block or a ViT): each
+        # sample's values of one channel lie C apart. The batched matmul would copy every (B, m)
+        # matrix on its own (~100x slower than one copy of them all).
+        f = f.contiguous()
     dot = f @ f.transpose(-1, -2)
     return dot.diagonal(dim1=-2, dim2=-1), dot.flatten(1).index_select(1, pairs.flat)
 

@@ -130,6 +130,27 @@ def test_layers_reading_the_same_tensor_share_channel_kernels(monkeypatch):
         assert torch.equal(shared.primary[g], alone.primary[g]) and torch.equal(shared.secondary[g], alone.secondary[g])
 
 
+def test_channels_last_features_reach_the_kernels_contiguous(monkeypatch):
+    # Linear layers on channels-last maps (a ConvNeXt block) read channels that lie C apart in
+    # memory. The kernels' batched products get each channel's values contiguous (copied once
+    # per sample, not matrix by matrix inside the product), with the same statistics.
+    from apib_fx.hsic import HSICStats, _pairs, _products
+    from apib_fx.scoring import score_apib
+
+    model = M.ChannelsLast()
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    graph = apib_fx.trace(model, x[:1])
+    strides = []
+    real = HSICStats.channel_terms
+    monkeypatch.setattr(HSICStats, "channel_terms", lambda self, f: strides.append(f.stride(-1)) or real(self, f))
+    score_apib(graph, graph.module, list(x.split(8)), progress=False)
+    assert strides and set(strides) == {1}
+    f = torch.randn(4, 8, 5, 6).permute(0, 3, 1, 2).reshape(4, 6, 40)[:, :, ::2]  # (n, B, m), stride 2
+    pairs = _pairs(6, f.device, f.dtype)
+    for got, want in zip(_products(f, pairs), _products(f.contiguous(), pairs)):
+        torch.testing.assert_close(got, want)
+
+
 def test_a_layer_reading_several_groups_computes_its_output_kernel_once(monkeypatch):
     from apib_fx.hsic import HSICStats
     from apib_fx.scoring import find_consumers, score_apib
