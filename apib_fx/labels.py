@@ -311,17 +311,27 @@ class LabelSpace:
             self.block(torch.where(a != NONE, a, b)[one], "aligned with values that carry no prunable channel")
 
     def block(self, labels: Tensor, reason: str) -> None:
-        ids = compress(labels).reshape(-1)
-        ids = ids[ids != NONE]
+        ids = self._distinct(labels)
         if ids.numel():
-            self.blocked.append((ids.unique(), reason))
+            self.blocked.append((ids, reason))
 
     def mark_mixed(self, labels: Tensor, reason: str) -> None:
         """These channels are prunable but removing them changes the values of the others."""
+        ids = self._distinct(labels)
+        if ids.numel():
+            self.mixed.append((ids, reason))
+
+    def _distinct(self, labels: Tensor) -> Tensor:
+        """The distinct ids among ``labels`` (no ``NONE``), sorted."""
         ids = compress(labels).reshape(-1)
         ids = ids[ids != NONE]
-        if ids.numel():
-            self.mixed.append((ids.unique(), reason))
+        if ids.numel() < 4096:
+            return ids.unique()
+        # Many positions (a ViT's stream, whose class token keeps every token's labels apart):
+        # marking them costs a pass over the ids handed out; sorting them, several over these.
+        seen = np.zeros(self.size, dtype=bool)
+        seen[ids.numpy()] = True
+        return torch.from_numpy(np.flatnonzero(seen))
 
     def param_ids(self, name: str, dim: int, size: int, role: str = "out") -> Tensor:
         """Ids of the positions of ``name`` along ``dim``; the same ids on every call, so a module
