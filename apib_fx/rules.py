@@ -173,6 +173,10 @@ class Rule:
     # its weights (conv, linear), or a contraction (q of q kᵀ, of attention). The axis of that
     # input holding the channels; data-driven scoring reads activations there.
     input_axis: Optional[int] = None
+    # Contractions whose operands depend on the call (an einsum's equation): ``inputs(node)`` lists
+    # (operand node, axis of its contracted channels) for each operand, in the order scoring
+    # should prefer them; it reads the first whose channels there are prunable.
+    inputs: Optional[Callable[[fx.Node], list[tuple[Any, int]]]] = None
     # For modules the tracer should record as the ops they compute rather than one node (so
     # their inner widths get rules): ``expand(module, args, kwargs)`` returns the outputs computed
     # on the tracer's proxies, or None to keep this call one node (then ``propagate`` applies).
@@ -1128,14 +1132,19 @@ def matmul(ctx: RuleContext, a: Any, b: Any) -> Any:
     ``a`` and N from ``b``. The sizes enter FLOPs as activation axes."""
     if not (is_labels(a) and is_labels(b)) or a.dim() < 2 or b.dim() < 2:
         return opaque(ctx, a, b)
+    return _matmul(ctx, a, b, _parameter_matrix(ctx.arg_node(1)), ctx.out_shape)
+
+
+def _matmul(ctx: RuleContext, a: Tensor, b: Tensor, w: Optional[tuple[str, int]],
+            out_shape: tuple[int, ...]) -> Tensor:
+    """:func:`matmul` on labels ``a``, ``b``; ``w``: (name, contracted dim) when ``b`` is read
+    straight from a parameter matrix; ``out_shape``: the product's shape."""
     space = ctx.space
-    out_shape = ctx.out_shape
     ka, kb = torch.broadcast_tensors(compress(a).select(-2, 0), compress(b).select(-1, 0))
     space.link(ka, kb)
     # Contracted against values without these channels: a parameter matrix (x @ W, x @ W.t(), a
     # relative-position table) reads them like a Linear layer; anything else of fixed size (a
     # computed table) keeps them.
-    w = _parameter_matrix(ctx.arg_node(1))
     for ids, other, t, axis in ((ka, kb, a, a.dim() - 1), (kb, ka, b, b.dim() - 2)):
         lone = (ids != NONE) & (other == NONE)
         if axis not in space.class_varying_axes(t) or not bool(lone.any()):
@@ -1188,6 +1197,85 @@ def matmul(ctx: RuleContext, a: Any, b: Any) -> Any:
     return tie_outer(space, canonical(out.expand(out_shape)))
 
 
+def _einsum_form(equation: Any, shapes: list[tuple[int, ...]]) -> Optional[tuple[str, str, str]]:
+    """The subscripts (a, b, out) of a two-operand ``torch.einsum`` that is one matrix product:
+    letters in both operands and the output are batch axes, one letter in both operands only is
+    contracted, and the letters of each operand alone go to the output. None for any other form
+    (ellipsis, a letter repeated in an operand, summed in one operand only, two contracted)."""
+    if not isinstance(equation, str) or len(shapes) != 2:
+        return None
+    eq = equation.replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    terms = lhs.split(",")
+    if "." in eq or len(terms) != 2:
+        return None
+    a, b = terms
+    if not arrow:  # implicit output: the letters seen once, in alphabetical order
+        out = "".join(sorted(c for c in set(a + b) if (a + b).count(c) == 1))
+    if any(len(set(t)) != len(t) for t in (a, b, out)) or not all(c.isalpha() for c in a + b + out):
+        return None
+    if len(a) != len(shapes[0]) or len(b) != len(shapes[1]) or not set(out) <= set(a) | set(b):
+        return None
+    contracted = [c for c in a if c in b and c not in out]
+    if len(contracted) != 1 or any(c not in out for c in a + b if c not in contracted and (c in a) != (c in b)):
+        return None
+    return a, b, out
+
+
+def einsum(ctx: RuleContext, equation: Any, *operands: Any) -> Any:
+    """``torch.einsum`` of two operands that is one matrix product (``"bhid,bhjd->bhij"``: attention
+    written as an einsum, as in MaxViT; ``"bchw,oc->bohw"``: a Linear over channels): the operands'
+    labels are laid out as ``(batch..., M, K) @ (..., K, N)`` (the letters of each operand alone
+    flattened into M and N) and take :func:`matmul`'s rule, a parameter operand reading its
+    contracted channels like a Linear layer. Other forms keep their channels whole."""
+    if len(operands) == 1 and isinstance(operands[0], (tuple, list)):
+        operands = tuple(operands[0])
+    shapes = [tuple(t.shape) if isinstance(t, Tensor) else () for t in operands]
+    form = _einsum_form(equation, shapes)
+    if form is None or not all(is_labels(t) for t in operands):
+        return opaque(ctx, equation, *operands)
+    nodes = list(ctx.node.args[1:])
+    if len(nodes) == 1 and isinstance(nodes[0], (tuple, list)):
+        nodes = list(nodes[0])
+    (sa, sb, out), (a, b) = form, operands
+    # A parameter operand goes on the right, where matmul reads a parameter matrix.
+    if _parameter_matrix(nodes[0]) is not None and _parameter_matrix(nodes[1]) is None:
+        (sa, a), (sb, b) = (sb, b), (sa, a)
+        nodes.reverse()
+    k = next(c for c in sa if c in sb and c not in out)
+    batch = [c for c in out if c in sa and c in sb]
+    free_a = [c for c in sa if c not in sb]
+    free_b = [c for c in sb if c not in sa]
+    size = dict(zip(sa, a.shape)) | dict(zip(sb, b.shape))
+    m, n = math.prod(size[c] for c in free_a), math.prod(size[c] for c in free_b)
+    lhs = a.permute([sa.index(c) for c in batch + free_a + [k]]).reshape(*[size[c] for c in batch], m, size[k])
+    rhs = b.permute([sb.index(c) for c in batch + [k] + free_b]).reshape(*[size[c] for c in batch], size[k], n)
+    w = None
+    if len(sb) == 2 and not batch and nodes[1] is not None:
+        w = _parameter_matrix(nodes[1])
+        w = (w[0], (w[1] + sb.index(k)) % 2) if w is not None else None  # the dim holding k
+    prod = _matmul(ctx, lhs, rhs, w, (*[size[c] for c in batch], m, n))
+    prod = prod.reshape(*[size[c] for c in batch + free_a + free_b])
+    order = batch + free_a + free_b
+    return tie_outer(ctx.space, canonical(prod.permute([order.index(c) for c in out])))
+
+
+def einsum_inputs(node: fx.Node) -> list[tuple[Any, int]]:
+    """(operand, axis of the contracted letter) of a two-operand einsum of :func:`einsum`'s form."""
+    operands = list(node.args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (tuple, list)):
+        operands = list(operands[0])
+    metas = [o.meta.get("tensor_meta") if isinstance(o, fx.Node) else None for o in operands]
+    if len(operands) != 2 or any(m is None or not hasattr(m, "shape") for m in metas):
+        return []
+    form = _einsum_form(node.args[0], [tuple(m.shape) for m in metas])
+    if form is None:
+        return []
+    a, b, out = form
+    k = next(c for c in a if c in b and c not in out)
+    return [(operands[0], a.index(k)), (operands[1], b.index(k))]
+
+
 def placeholder_output(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     return ctx.unlabeled_output()
 
@@ -1223,7 +1311,9 @@ def rewrite_shape_args(node: fx.Node, module: Any, keep: KeepView) -> None:
     if len(shape) != len(sizes):
         return
     for i, (s, new, was) in enumerate(zip(shape, sizes, old)):
-        if i in channel_sized or (isinstance(s, int) and s != -1 and new != was):
+        # A size computed in the graph from sizes that are not channel counts (``C // heads`` with
+        # ``C`` read off the unlabeled model input) was as fixed as a literal: it goes the same way.
+        if i in channel_sized or ((isinstance(s, fx.Node) or (isinstance(s, int) and s != -1)) and new != was):
             shape[i] = new
     node.args = (args[0], type(args[1])(shape)) if packed else (args[0], *shape)
 
@@ -1666,6 +1756,7 @@ PIXEL_UNSHUFFLE = Rule(pixel_unshuffle)
 CHANNEL_SHUFFLE = Rule(channel_shuffle)
 SOFTMAX = Rule(softmax)
 MATMUL = Rule(matmul, input_axis=-1)
+EINSUM = Rule(einsum, inputs=einsum_inputs)
 SDPA = Rule(sdpa, freeze_sdpa_scale, input_axis=-1)
 UNFLATTEN = Rule(relabel, rewrite_unflatten)
 GLU = Rule(glu)
@@ -1838,6 +1929,7 @@ RULES: dict[Any, Rule] = _RuleTable({
     F.interpolate: SPATIAL, F.pad: Rule(pad), torch.roll: Rule(roll), "roll": Rule(roll),
     # matrix products
     F.scaled_dot_product_attention: SDPA,
+    torch.einsum: EINSUM,
     torch.matmul: MATMUL, operator.matmul: MATMUL, "matmul": MATMUL, torch.bmm: MATMUL, "bmm": MATMUL,
 })
 RULES.update({m: PASS_MODULE for m in _ACTIVATIONS})

@@ -29,7 +29,7 @@ from ._malloc import keep_freed_memory
 from .calib import CalibrationError
 from .graph import ChannelGraph
 from .inplace import inplace_arithmetic
-from .labels import NONE, axis_ids, is_labels
+from .labels import NONE, axis_ids, is_labels, varying_axes
 from .rules import rule_for, weight_param
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ class Consumer:
     group: int
     slot: int  # which consumer of the group (their statistics are summed)
     axis: int  # channel axis of the layer's input
+    source: str  # the input's node (a layer's first argument; an einsum's operand)
     positions: Tensor  # input positions of the group, ordered by channel then position
     per_channel: int
 
@@ -87,12 +88,24 @@ def find_consumers(graph: ChannelGraph) -> dict[str, list[Consumer]]:
             weight = weight_param(node)  # None: a contraction of two activations
         else:
             continue
-        if rule is None or rule.input_axis is None or not node.args or not isinstance(node.args[0], fx.Node):
+        if rule is None or not node.args:
             continue
-        labels = graph.node_labels.get(node.args[0].name)
-        if not is_labels(labels):
+        candidates = rule.inputs(node) if rule.inputs is not None else [(node.args[0], rule.input_axis)]
+        source, axis, labels = None, None, None
+        for operand, operand_axis in candidates:
+            if operand_axis is None or not isinstance(operand, fx.Node):
+                continue
+            labels = graph.node_labels.get(operand.name)
+            if not is_labels(labels):
+                continue
+            if rule.inputs is not None and operand_axis % labels.dim() not in varying_axes(labels):
+                continue  # (an operand's labels along its contracted axis belong to another axis)
+            if bool((axis_ids(labels, operand_axis) != NONE).any()):
+                source, axis = operand, operand_axis
+                break
+        if source is None:
             continue
-        ids = axis_ids(labels, rule.input_axis)
+        ids = axis_ids(labels, axis)
         on = ids != NONE
         groups = torch.full_like(ids, NONE)
         groups[on] = graph.id_group[ids[on]]
@@ -105,7 +118,7 @@ def find_consumers(graph: ChannelGraph) -> dict[str, list[Consumer]]:
             slot = slots.get(g, 0)
             slots[g] = slot + 1
             by_node.setdefault(node.name, []).append(
-                Consumer(node.name, g, slot, rule.input_axis, pos[order],
+                Consumer(node.name, g, slot, axis, source.name, pos[order],
                          pos.numel() // graph.groups[g].channels)
             )
     return by_node
@@ -124,6 +137,7 @@ class ConsumerCapture(fx.Interpreter):
         # Layers reading the same channels of the same tensor (a block's first conv and its
         # downsample shortcut) see identical channel kernels: compute them once per batch.
         nodes = {n.name: n for n in module.graph.nodes}
+        self._nodes = nodes
         self._keys = {name: [self._key(nodes[name], c) for c in todo] for name, todo in consumers.items()}
         self._uses: dict[tuple, int] = {}
         for keys in self._keys.values():
@@ -135,7 +149,7 @@ class ConsumerCapture(fx.Interpreter):
     @staticmethod
     def _key(n: fx.Node, c: Consumer) -> tuple:
         where = c.start if c.start is not None else tuple(c.positions.tolist())
-        return (n.args[0].name, c.group, c.axis, where, c.positions.numel(), c.per_channel)
+        return (c.source, c.group, c.axis, where, c.positions.numel(), c.per_channel)
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         self._shared.clear()
@@ -150,7 +164,7 @@ class ConsumerCapture(fx.Interpreter):
         todo = self.consumers.get(n.name)
         if todo:
             start = time.perf_counter()
-            x = self.env[n.args[0]]
+            x = self.env[self._nodes[todo[0].source]]  # (one input per node: its first, or an einsum's operand)
             b = x.shape[0]
             y = out.reshape(b, -1).float()
             # A layer reading several groups (a conv after a concat) regresses each on the same

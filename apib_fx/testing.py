@@ -52,27 +52,54 @@ def zeroed_reference(model: nn.Module, graph: ChannelGraph, keep: dict[int, Tens
     if masks:
         nodes = {n.name: n for n in ref.graph.nodes}
         device = next((t.device for t in ref.parameters()), torch.device("cpu"))
-        for i, (name, mask) in enumerate(masks.items()):
+        for i, (name, (mask, where)) in enumerate(masks.items()):
             node = nodes[name]
             ref.register_buffer(f"_zeroed_mask{i}", mask.to(device))
             with ref.graph.inserting_before(node):
                 m = ref.graph.get_attr(f"_zeroed_mask{i}")
-                masked = ref.graph.call_function(torch.mul, (node.args[0], m))
-            node.args = (masked, *node.args[1:])
+                masked = ref.graph.call_function(torch.mul, (_operand(node, where), m))
+            node.args = _with_operand(node.args, where, masked)
         ref.recompile()
     return ref
 
 
-def _contraction_masks(graph: ChannelGraph, keep_ids: Tensor) -> dict[str, Tensor]:
-    """For each matrix product (or attention) whose first operand carries channels on the
-    contracted axis and loses some: a 0/1 mask over that operand (broadcastable), by node name."""
-    from .rules import MATMUL, SDPA, rule_for
+def _operand_positions(node: torch.fx.Node) -> Optional[tuple[int, ...]]:
+    """Where a contraction's first tensor operand sits in ``node.args``: matmul and attention
+    take it first; ``torch.einsum(eq, a, b)`` second, ``torch.einsum(eq, [a, b])`` in a list."""
+    from .rules import EINSUM, MATMUL, SDPA, rule_for
 
+    rule = rule_for(node)
+    if rule in (MATMUL, SDPA):
+        return (0,)
+    if rule is EINSUM and len(node.args) > 1:
+        return (1, 0) if isinstance(node.args[1], (tuple, list)) else (1,)
+    return None
+
+
+def _operand(node: torch.fx.Node, where: tuple[int, ...]) -> Any:
+    value: Any = node.args
+    for i in where:
+        value = value[i] if i < len(value) else None
+    return value
+
+
+def _with_operand(args: tuple, where: tuple[int, ...], value: Any) -> tuple:
+    items = list(args)
+    head = where[0]
+    items[head] = value if len(where) == 1 else type(items[head])(_with_operand(tuple(items[head]), where[1:], value))
+    return tuple(items)
+
+
+def _contraction_masks(graph: ChannelGraph, keep_ids: Tensor) -> dict[str, tuple[Tensor, tuple[int, ...]]]:
+    """For each matrix product (attention, a two-operand einsum) whose first operand carries
+    channels and loses some: a 0/1 mask over that operand (broadcastable) and where the operand
+    sits in the node's arguments, by node name."""
     out = {}
     for node in graph.module.graph.nodes:
-        if node.op not in ("call_function", "call_method") or rule_for(node) not in (MATMUL, SDPA):
+        where = _operand_positions(node) if node.op in ("call_function", "call_method") else None
+        if where is None:
             continue
-        a = node.args[0] if node.args else None
+        a = _operand(node, where)
         labels = graph.node_labels.get(a.name) if isinstance(a, torch.fx.Node) else None
         if labels is None:
             continue
@@ -83,7 +110,7 @@ def _contraction_masks(graph: ChannelGraph, keep_ids: Tensor) -> dict[str, Tenso
         mask = torch.ones(small.shape)
         mask[on] = keep_ids[small[on]].float()
         if not bool((mask == 1).all()):
-            out[node.name] = mask
+            out[node.name] = (mask, where)
     return out
 
 

@@ -543,6 +543,38 @@ class GatedDecoder(nn.Module):
         return self.head(F.glu(self.up2(y), 1))
 
 
+class ChunkedAttention(nn.Module):
+    """Attention on the model's own input, q, k and v chunked off one projection and each split
+    into heads with ``C // heads`` read off the (unlabeled) input; ``einsum=True`` writes the two
+    products as einsums (as MaxViT does). Then an einsum over channels with a parameter, stored
+    (out, in): a Linear layer written out. Input (batch, tokens, 16)."""
+
+    def __init__(self, einsum=False, dim=16, heads=2):
+        super().__init__()
+        self.einsum, self.heads = einsum, heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mix = nn.Parameter(torch.randn(12, dim) * 0.2)
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.reshape(B, N, self.heads, C // self.heads).permute(0, 2, 1, 3) for t in (q, k, v))
+        if self.einsum:
+            attn = torch.einsum("bhid,bhjd->bhij", q * 0.35, k).softmax(-1)
+            out = torch.einsum("bhij,bhjd->bhid", attn, v)
+        else:
+            out = ((q * 0.35) @ k.transpose(-1, -2)).softmax(-1) @ v
+        y = torch.relu(self.proj(out.permute(0, 2, 1, 3).reshape(B, N, C)))
+        return self.head(torch.einsum("oc,bnc->bno", self.mix, y).mean(1))
+
+
+class EinsumAttention(ChunkedAttention):
+    def __init__(self):
+        super().__init__(einsum=True)
+
+
 class TensorOps(nn.Module):
     """Ops whose channel handling is easy to get wrong: floor division and remainder of tensors
     (elementwise, not size arithmetic), masked_fill, zeros_like, pow, scales computed from the

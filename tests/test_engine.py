@@ -38,6 +38,8 @@ CASES = [
     (M.TransposedConvs, (2, 3, 10, 12)),
     (M.SuperResolution, (2, 3, 8, 10)),
     (M.GatedDecoder, (2, 10)),
+    (M.ChunkedAttention, (2, 5, 16)),
+    (M.EinsumAttention, (2, 5, 16)),
     (M.TensorOps, (2, 3, 6, 10)),
     (M.TransposedParameterMatmul, (2, 3, 12)),
     (M.LayerScales, (2, 3, 8, 8)),
@@ -196,6 +198,44 @@ def test_pixel_and_channel_shuffles_keep_channels_prunable():
     pruned = apib_fx.apply(model, g, keep)
     assert (pruned.body.in_channels, pruned.body.out_channels, pruned.mix.in_channels) == (8, 6, 6)
     assert (pruned.up.out_channels, pruned.head.in_channels) == (4, 1)
+
+
+def test_einsum_products_prune_as_matrix_products():
+    # The same attention written with einsums and with @: the same groups, members and FLOPs
+    # model; the einsum over channels with a parameter reads them as a Linear layer would.
+    def layout(graph):
+        return [(g.channels, g.prunable, sorted((m.param, m.dim, m.role) for m in g.members)) for g in graph.groups]
+
+    x = torch.randn(1, 5, 16)
+    with_einsum, with_matmul = _model(M.EinsumAttention), _model(M.ChunkedAttention)
+    g_ein, g_mm = apib_fx.trace(with_einsum, x), apib_fx.trace(with_matmul, x)
+    assert layout(g_ein) == layout(g_mm)
+    mix = [g for g in g_ein.groups if any(m.param == "mix" for m in g.members)]
+    assert len(mix) == 1 and mix[0].prunable and mix[0].channels == 16
+    widths = {g.index: g.channels // 2 for g in g_ein.prunable_groups}
+    assert g_ein.flops(widths) == g_mm.flops(widths) < g_ein.flops({})
+    # APIB reads the einsums' contracted channels as it reads the matrix products': same scores
+    from apib_fx.scoring import score_apib
+
+    data = [torch.randn(8, 5, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    s_ein = score_apib(g_ein, g_ein.module, data, progress=False, workers=1)
+    s_mm = score_apib(g_mm, g_mm.module, data, progress=False, workers=1)
+    assert not s_ein.notes and set(s_ein.primary) == {g.index for g in g_ein.prunable_groups}
+    for g in s_ein.primary:
+        torch.testing.assert_close(s_ein.primary[g], s_mm.primary[g])
+    # a one-operand einsum (a sum over positions) keeps its channels whole, saying why
+    conv = apib_fx.trace(_EinsumSum(), torch.randn(1, 3, 6, 6)).groups[0]
+    assert conv.members[0].param == "conv.weight" and not conv.prunable and "einsum" in conv.reason
+
+
+class _EinsumSum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.out = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.out(y * torch.einsum("bchw->bc", y)[:, :, None, None])
 
 
 def test_gated_decoder_groups():
