@@ -19,7 +19,7 @@ import inspect
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -1222,21 +1222,25 @@ def _einsum_form(equation: Any, shapes: list[tuple[int, ...]]) -> Optional[tuple
     return a, b, out
 
 
+def _einsum_operands(rest: Sequence[Any]) -> list[Any]:
+    """An einsum's operands, passed one by one (``einsum(eq, a, b)``) or as a list."""
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+        return list(rest[0])
+    return list(rest)
+
+
 def einsum(ctx: RuleContext, equation: Any, *operands: Any) -> Any:
     """``torch.einsum`` of two operands that is one matrix product (``"bhid,bhjd->bhij"``: attention
     written as an einsum, as in MaxViT; ``"bchw,oc->bohw"``: a Linear over channels): the operands'
     labels are laid out as ``(batch..., M, K) @ (..., K, N)`` (the letters of each operand alone
     flattened into M and N) and take :func:`matmul`'s rule, a parameter operand reading its
     contracted channels like a Linear layer. Other forms keep their channels whole."""
-    if len(operands) == 1 and isinstance(operands[0], (tuple, list)):
-        operands = tuple(operands[0])
+    operands = _einsum_operands(operands)
     shapes = [tuple(t.shape) if isinstance(t, Tensor) else () for t in operands]
     form = _einsum_form(equation, shapes)
     if form is None or not all(is_labels(t) for t in operands):
         return opaque(ctx, equation, *operands)
-    nodes = list(ctx.node.args[1:])
-    if len(nodes) == 1 and isinstance(nodes[0], (tuple, list)):
-        nodes = list(nodes[0])
+    nodes = _einsum_operands(ctx.node.args[1:])
     (sa, sb, out), (a, b) = form, operands
     # A parameter operand goes on the right, where matmul reads a parameter matrix.
     if _parameter_matrix(nodes[0]) is not None and _parameter_matrix(nodes[1]) is None:
@@ -1262,9 +1266,7 @@ def einsum(ctx: RuleContext, equation: Any, *operands: Any) -> Any:
 
 def einsum_inputs(node: fx.Node) -> list[tuple[Any, int]]:
     """(operand, axis of the contracted letter) of a two-operand einsum of :func:`einsum`'s form."""
-    operands = list(node.args[1:])
-    if len(operands) == 1 and isinstance(operands[0], (tuple, list)):
-        operands = list(operands[0])
+    operands = _einsum_operands(node.args[1:])
     metas = [o.meta.get("tensor_meta") if isinstance(o, fx.Node) else None for o in operands]
     if len(operands) != 2 or any(m is None or not hasattr(m, "shape") for m in metas):
         return []
