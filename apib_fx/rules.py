@@ -416,6 +416,7 @@ def getitem(ctx: RuleContext, x: Any, index: Any) -> Any:
                 ctx.space.block(t, f"selected by a computed index or mask ({ctx.op_name})")
         return unlabeled(ctx.out_shape)
     varying = set(varying_axes(x))
+    bounds = {}
     for i, axis in _index_axes(index, x.dim()):
         item = items[i]
         if axis in varying:
@@ -425,6 +426,11 @@ def getitem(ctx: RuleContext, x: Any, index: Any) -> Any:
             if not ok:
                 ctx.space.block(x, f"indexed along their axis by {item!r}")
                 return unlabeled(ctx.out_shape)
+            bounds[i] = tuple(None if b is None else int(b) for b in (item.start, item.stop))
+    if bounds:
+        # Bounds the graph computes (``y[:, :C // 2]`` with C read off y): the rewrite moves their
+        # traced values, as it moves literal ones.
+        ctx.node.meta["apib_slice_bounds"] = bounds
     return _relabeled(ctx.space, x[index])
 
 
@@ -1376,7 +1382,8 @@ def freeze_channel_values(node: fx.Node, module: Any, keep: KeepView) -> None:
 
 
 def rewrite_getitem(node: fx.Node, module: Any, keep: KeepView) -> None:
-    """Literal slices along a channel axis (``x[:, :32]``): count only the kept positions."""
+    """Slices along a channel axis (``x[:, :32]``, ``y[:, :C // 2]``): count only the kept
+    positions; a bound the graph computes becomes the literal of its new value."""
     src = node.args[0]
     labels = keep.labels(src)
     if not is_labels(labels):
@@ -1385,12 +1392,15 @@ def rewrite_getitem(node: fx.Node, module: Any, keep: KeepView) -> None:
     items = index if isinstance(index, tuple) else (index,)
     varying = set(varying_axes(labels))
     new_items = list(items)
+    traced = node.meta.get("apib_slice_bounds", {})
     for i, axis in _index_axes(index, labels.dim()):
         item = items[i]
         if axis in varying and isinstance(item, slice):
             moved = _moved_bounds(keep, labels, axis)
             if moved is not None:
-                new_items[i] = slice(moved(item.start), moved(item.stop), item.step)
+                start, stop = (traced[i][k] if isinstance(b, fx.Node) and i in traced else b
+                               for k, b in enumerate((item.start, item.stop)))
+                new_items[i] = slice(moved(start), moved(stop), item.step)
     node.args = (src, tuple(new_items) if isinstance(index, tuple) else new_items[0])
 
 
@@ -1806,6 +1816,9 @@ _BINARY = (
     torch.minimum, torch.where, operator.gt, operator.lt, operator.ge, operator.le,
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum",
     operator.pow, torch.pow, "pow", "masked_fill", "masked_fill_", torch.masked_fill,
+    # elementwise ops of several tensors: a + v·b·c, a + v·b/c, a + w·(b − a), and the like
+    torch.addcmul, "addcmul", "addcmul_", torch.addcdiv, "addcdiv", "addcdiv_", torch.lerp, "lerp", "lerp_",
+    torch.fmax, "fmax", torch.fmin, "fmin", torch.hypot, "hypot", torch.atan2, "atan2", torch.copysign, "copysign",
 )
 # New tensors shaped like their input: its positions, so its channels.
 _LIKE = (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like)

@@ -575,6 +575,40 @@ class EinsumAttention(ChunkedAttention):
         super().__init__(einsum=True)
 
 
+class ComputedSlices(nn.Module):
+    """Two halves of a layer's channels sliced with bounds computed from its width
+    (``y[:, :C // 2]``, ``y[:, C // 2:]``), each into its own conv; a residual add in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.left, self.right = nn.Conv2d(8, 6, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        C = y.size(1)
+        z = self.left(y[:, : C // 2])
+        z += self.right(y[:, C // 2 :])
+        return self.head(torch.relu(z))
+
+
+class ElementwiseOps(nn.Module):
+    """Branches joined by elementwise ops of several tensors: addcmul, addcdiv, lerp, fmax,
+    hypot; their channels meet position by position as in a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (nn.Conv2d(3, 8, 3, padding=1) for _ in range(3))
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        a, b, c = self.a(x), self.b(x), torch.sigmoid(self.c(x)) + 1.0
+        y = torch.addcmul(a, b, c, value=0.5) + torch.addcdiv(b, a, c, value=0.25)
+        y = torch.lerp(y, torch.fmax(a, b), 0.3) + torch.hypot(a, c)
+        return self.head(y)
+
+
 class TensorOps(nn.Module):
     """Ops whose channel handling is easy to get wrong: floor division and remainder of tensors
     (elementwise, not size arithmetic), masked_fill, zeros_like, pow, scales computed from the

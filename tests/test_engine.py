@@ -40,6 +40,8 @@ CASES = [
     (M.GatedDecoder, (2, 10)),
     (M.ChunkedAttention, (2, 5, 16)),
     (M.EinsumAttention, (2, 5, 16)),
+    (M.ComputedSlices, (2, 3, 8, 8)),
+    (M.ElementwiseOps, (2, 3, 8, 8)),
     (M.TensorOps, (2, 3, 6, 10)),
     (M.TransposedParameterMatmul, (2, 3, 12)),
     (M.LayerScales, (2, 3, 8, 8)),
