@@ -34,3 +34,18 @@ def test_union_find_matches_a_reference_on_random_links():
             assert space.classes(query).tolist() == want
         # every id's class is the smallest id tied to it
         assert space.roots.tolist() == [_reference_root(ref, i) for i in range(n)]
+
+
+def test_block_and_mixed_keep_each_id_once_at_any_size():
+    # Few positions are deduplicated by sorting, many (a ViT stream's labels) by marking: the
+    # same sorted ids either way.
+    space = LabelSpace()
+    ids = space.fresh(50_000)
+    gen = torch.Generator().manual_seed(0)
+    for n in (10, 4095, 4096, 200_000):
+        labels = ids[torch.randint(0, 50_000, (n,), generator=gen)].reshape(-1, 1)
+        labels[::7] = NONE
+        space.block(labels, "why")
+        space.mark_mixed(labels.expand(-1, 3), "how")
+        want = labels[labels != NONE].unique()
+        assert torch.equal(space.blocked[-1][0], want) and torch.equal(space.mixed[-1][0], want)
