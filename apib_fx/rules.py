@@ -1022,11 +1022,26 @@ def rms_norm_fn(ctx: RuleContext, x: Tensor, normalized_shape: Any, *args: Any, 
                        [n.target for n in state])
 
 
+def whole_groups(num_groups: int, channels: int) -> bool:
+    """How a GroupNorm of ``num_groups`` over ``channels`` loses channels. Whole groups (True):
+    exact, every kept group normalises the same values as before, and ``num_groups`` shrinks.
+    Otherwise position j of every group goes together: ``num_groups`` stays and every group's
+    statistics change. Whole groups unless that leaves fewer units to remove (GroupNorm(1, C), or
+    wide groups: GroupNorm(32, 2048) has 32 groups of 64)."""
+    return num_groups * num_groups >= channels
+
+
 def _group_norm(ctx: RuleContext, x: Tensor, num_groups: int, weights: list[str]) -> Tensor:
     ids = _channel_ids(ctx, x, 1)
-    # Every group must keep the same number of channels: position j of each group goes together.
-    _tie_slices(ctx.space, ids, num_groups)
-    ctx.space.mark_mixed(x, f"{ctx.op_name} normalises across them")
+    per = ids.numel() // num_groups
+    groups = ids.view(num_groups, per)
+    # Channels that go together must all be channels: a group (or a position) that also holds
+    # values with no prunable channel (the model input concatenated in) cannot lose only some.
+    if whole_groups(num_groups, ids.numel()):
+        ctx.space.unify(groups, groups[:, :1].expand(num_groups, per))
+    else:
+        ctx.space.unify(groups, groups[:1].expand(num_groups, per))
+        ctx.space.mark_mixed(x, f"{ctx.op_name} normalises across them")
     for name in weights:
         ctx.space.bind(name, 0, ids, "pass")
     return x
@@ -1440,6 +1455,28 @@ def rewrite_layer_norm_fn(node: fx.Node, module: Any, keep: KeepView) -> None:
     args = list(node.args)
     k = len(tuple(args[1]))
     args[1] = type(args[1])(sizes[len(sizes) - k:]) if isinstance(args[1], (tuple, list)) else sizes[-1]
+    node.args = tuple(args)
+
+
+def _groups_after(num_groups: int, channels: int, kept: int) -> int:
+    return kept // (channels // num_groups) if whole_groups(num_groups, channels) else num_groups
+
+
+def resize_group_norm(node: fx.Node, m: nn.Module, keep: KeepView) -> None:
+    sizes = _new_sizes(node, keep)
+    kept = m.weight.shape[0] if m.affine else (sizes[1] if sizes is not None and len(sizes) > 1 else None)
+    if kept is not None:
+        m.num_groups = _groups_after(m.num_groups, m.num_channels, kept)
+        m.num_channels = kept
+
+
+def rewrite_group_norm_fn(node: fx.Node, module: Any, keep: KeepView) -> None:
+    sizes = _new_sizes(node, keep)
+    if sizes is None or len(sizes) < 2 or "tensor_meta" not in node.meta:
+        return
+    # F.group_norm hands its arguments to __torch_function__ by position: the graph has them so.
+    args = list(node.args)
+    args[1] = _groups_after(args[1], node.meta["tensor_meta"].shape[1], sizes[1])
     node.args = tuple(args)
 
 
@@ -1898,8 +1935,8 @@ RULES: dict[Any, Rule] = _RuleTable({
     F.layer_norm: Rule(layer_norm_fn, rewrite_layer_norm_fn, shape=layer_norm_fn_shape),
     nn.RMSNorm: Rule(layer_norm, resize_layer_norm, shape=layer_norm_shape),
     F.rms_norm: Rule(rms_norm_fn, rewrite_layer_norm_fn),
-    nn.GroupNorm: Rule(group_norm, resize_channels("num_channels", ("weight",)), shape=group_norm_shape),
-    F.group_norm: Rule(group_norm_fn),
+    nn.GroupNorm: Rule(group_norm, resize_group_norm, shape=group_norm_shape),
+    F.group_norm: Rule(group_norm_fn, rewrite_group_norm_fn),
     # shape ops
     nn.Flatten: Rule(flatten_module), nn.Unflatten: Rule(unflatten_module, resize_unflatten),
     torch.flatten: SHAPE, "flatten": SHAPE,

@@ -609,6 +609,29 @@ class ElementwiseOps(nn.Module):
         return self.head(y)
 
 
+class WholeGroupNorms(nn.Module):
+    """GroupNorms that lose whole groups (exact): 8 groups of 2 channels, one channel per group
+    (as InstanceNorm), and F.group_norm on a module's own parameters; a concat with the model's
+    input puts one of conv3's channels into a group with an input channel (it cannot go)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.gn1 = nn.GroupNorm(8, 16)
+        self.conv2 = nn.Conv2d(16, 12, 3, padding=1)
+        self.gn2 = nn.GroupNorm(12, 12, affine=False)
+        self.conv3 = nn.Conv2d(12, 5, 1)
+        self.weight = nn.Parameter(torch.rand(8) + 0.5)
+        self.bias = nn.Parameter(torch.randn(8))
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.gn1(self.conv1(x)))
+        y = torch.relu(self.gn2(self.conv2(y)))
+        y = torch.cat([x, self.conv3(y)], 1)
+        return self.head(F.group_norm(y, num_groups=4, weight=self.weight, bias=self.bias))
+
+
 class TensorOps(nn.Module):
     """Ops whose channel handling is easy to get wrong: floor division and remainder of tensors
     (elementwise, not size arithmetic), masked_fill, zeros_like, pow, scales computed from the

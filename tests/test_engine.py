@@ -42,6 +42,7 @@ CASES = [
     (M.EinsumAttention, (2, 5, 16)),
     (M.ComputedSlices, (2, 3, 8, 8)),
     (M.ElementwiseOps, (2, 3, 8, 8)),
+    (M.WholeGroupNorms, (2, 3, 8, 8)),
     (M.TensorOps, (2, 3, 6, 10)),
     (M.TransposedParameterMatmul, (2, 3, 12)),
     (M.LayerScales, (2, 3, 8, 8)),
@@ -879,6 +880,54 @@ def test_functional_conv_on_a_computed_weight_stays_whole():
     graph = apib_fx.trace(StdConv(), torch.randn(1, 3, 4, 4))
     (group,) = [g for g in graph.groups if any(m.param == "conv.weight" and m.role == "out" for m in g.members)]
     assert not group.prunable and "conv2d" in group.reason
+
+
+def test_group_norm_loses_whole_groups():
+    # GroupNorm(8, 16): 8 groups of 2 lose whole groups (exact, num_groups shrinks); removing
+    # position j of every group would give 2 units of 8 channels and change every group's statistics.
+    model, x = _model(M.WholeGroupNorms), torch.randn(2, 3, 8, 8)
+    g = apib_fx.trace(model, x)
+    (conv1,), (conv2,) = (_group_of(g, f"conv{i}.weight") for i in (1, 2))
+    assert conv1.prunable and conv1.exact and conv1.channels == 8
+    (w1,) = [m for m in conv1.members if m.param == "conv1.weight"]
+    assert w1.index(torch.tensor([0, 3])).tolist() == [0, 1, 6, 7]  # a unit is one GroupNorm group
+    assert conv2.prunable and conv2.exact and conv2.channels == 12  # one channel per group
+    # conv3's channel 0 shares F.group_norm's second group with an input channel: it stays.
+    fixed, conv3 = _group_of(g, "conv3.weight")
+    assert not fixed.prunable and fixed.channels == 1 and "carry no prunable channel" in fixed.reason
+    assert conv3.prunable and conv3.exact and conv3.channels == 2
+    keep = {conv1.index: torch.tensor([1, 2, 5]), conv2.index: torch.tensor([0, 4, 7, 11]),
+            conv3.index: torch.tensor([1])}
+    pruned = apib_fx.apply(model, g, keep)
+    assert (pruned.gn1.num_groups, pruned.gn1.num_channels) == (3, 6)
+    assert (pruned.gn2.num_groups, pruned.gn2.num_channels) == (4, 4)
+    (gn_call,) = [n for n in pruned.graph.nodes if n.target is torch.nn.functional.group_norm]
+    assert gn_call.args[1] == 3 and pruned.weight.shape == (6,)
+    report = check_exact(model, x, graph=g, fraction=0.5)
+    assert report.exact_expected and report.max_diff <= 1e-5 and report.flops_model == report.flops_after
+
+
+@pytest.mark.parametrize("num_groups", [2, 4, 8])
+def test_group_norm_over_unprunable_channels(num_groups):
+    # A GroupNorm over the model's input concatenated with a conv's channels: a unit holding an
+    # input channel cannot be removed (it left unequal groups: the pruned model failed).
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.gn, self.out = nn.Conv2d(3, 5, 3, padding=1), nn.GroupNorm(num_groups, 8), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.out(self.gn(torch.cat([x, self.conv(x)], 1)))
+
+    model, x = Model(), torch.randn(2, 3, 6, 6)
+    g = apib_fx.trace(model, x)
+    for seed in range(4):
+        report = check_exact(model, x, graph=g, fraction=0.5, seed=seed)
+        assert report.shapes_ok and report.finite
+        assert report.exact_expected == (num_groups > 2)  # 2 groups of 4: position j of each
+        assert report.max_diff <= 1e-5 or not report.exact_expected
+    pruned = apib_fx.apply(model, g, random_keep(g, 0.5))
+    assert pruned.gn.num_channels % pruned.gn.num_groups == 0
 
 
 def test_functional_group_norm_is_prunable_but_not_exact():
