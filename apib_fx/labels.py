@@ -237,6 +237,9 @@ class LabelSpace:
     # Tied tensors (one Parameter under several names): every name -> the first one, as in
     # ``named_parameters()``, so tied weights unify their channels like a shared module does.
     aliases: dict[str, str] = field(default_factory=dict)
+    # Reshape results that spread the channels of one axis over several, whose free axis is not
+    # chosen yet (id of the label tensor -> it): see :func:`apib_fx.rules.tie_outer`.
+    pending: dict[int, Tensor] = field(default_factory=dict)
 
     def fresh(self, n: int) -> Tensor:
         # (``parent`` makes room for them when it is next read, see _parent.)

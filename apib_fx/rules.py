@@ -200,25 +200,52 @@ def _first_labels(args: tuple, kwargs: dict) -> Optional[Tensor]:
     return None
 
 
+def takes_split(rule: Propagate) -> Propagate:
+    """Marks a rule that may be handed a reshape's split not yet tied (:func:`tie_outer`):
+    elementwise rules pass it on, layers tie it to the axis they read (:func:`_channel_ids`). The
+    trace ties it as :func:`tie_outer` does before any other rule sees it."""
+    rule.takes_split = True  # type: ignore[attr-defined]
+    return rule
+
+
 def _channel_ids(ctx: RuleContext, x: Tensor, axis: int) -> Tensor:
     """1-D labels of ``x`` along ``axis``; channels that also vary along another axis cannot be
     consumed per position by a layer, so they are blocked and read as unlabeled."""
     axis = axis % x.dim()
     extra = [a for a in varying_axes(x) if a != axis]
+    if extra and ctx.space.pending.pop(id(x), None) is not None:
+        if axis in varying_axes(x):
+            # The first layer to read a split's channels says which axis holds them: channel c
+            # is its whole slice along the other axes (H·W features of a Linear viewed as a map).
+            small = compress(x)
+            for a in extra:
+                ctx.space.unify(small, small.narrow(a, 0, 1).expand_as(small))
+        else:
+            tie_outer(ctx.space, x)
+    if extra:
+        extra = [a for a in ctx.space.class_varying_axes(x) if a != axis]  # ids tied along them count once
     if extra:
         ctx.space.block(x, f"{ctx.op_name} reads them along axis {axis} but they also vary along axes {extra}")
         return torch.full((x.shape[axis],), NONE, dtype=torch.long)
     return axis_ids(x, axis)
 
 
-def tie_outer(space: LabelSpace, labels: Tensor) -> Tensor:
+def tie_outer(space: LabelSpace, labels: Tensor, defer: bool = False) -> Tensor:
     """When a reshape spreads channels over several axes (channel shuffle's (b, g, c/g, h, w), heads),
     only the innermost may be pruned freely: the same inner position is removed in every slice of the
-    outer axes, so every later reshape stays rectangular."""
+    outer axes, so every later reshape stays rectangular.
+
+    ``defer``: for a split of one axis (a view or unflatten). The innermost axis is then only the
+    default: a layer reading the result along another axis (a Linear's features viewed as a
+    (C, H, W) map for a conv) frees that one instead. The labels wait in ``space.pending``; the
+    trace ties them here before any rule but those marked :func:`takes_split` sees them, and at
+    the end of the pass."""
     if len(varying_axes(labels)) < 2:
         return labels  # varies along one axis at most (most results: no channel classes to look up)
     axes = space.class_varying_axes(labels)
-    if len(axes) >= 2:
+    if len(axes) >= 2 and defer:
+        space.pending[id(labels)] = labels
+    elif len(axes) >= 2:
         small = compress(labels)
         for a in axes[:-1]:
             space.link(small, small.narrow(a, 0, 1).expand_as(small))
@@ -265,6 +292,7 @@ opaque = kept_whole("which has no channel rule")
 opaque.__doc__ = "An op with no channel rule: whatever channels it reads cannot be removed."
 
 
+@takes_split
 def passthrough(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     """Elementwise on one tensor: channels stay where they are."""
     x = _first_labels(args, kwargs)
@@ -280,15 +308,28 @@ def clamp(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     return passthrough(ctx, *args, **kwargs)
 
 
-def relabel(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
-    """Shape ops move labels exactly as they move values: run the op itself on the labels."""
+def _run_on_labels(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     target = ctx.node.target
     if ctx.node.op == "call_method":
         name = "reshape" if target == "view" else target  # a broadcast label view may not be viewable
-        out = getattr(args[0], name)(*args[1:], **kwargs)
-    else:
-        out = target(*args, **kwargs)
-    return _relabeled(ctx.space, out)
+        return getattr(args[0], name)(*args[1:], **kwargs)
+    return target(*args, **kwargs)
+
+
+def relabel(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
+    """Shape ops move labels exactly as they move values: run the op itself on the labels."""
+    return _relabeled(ctx.space, _run_on_labels(ctx, *args, **kwargs))
+
+
+def _split(space: LabelSpace, x: Any, out: Any) -> Any:
+    """A view/reshape/unflatten result: a split of channels along one axis waits for its reader."""
+    if is_labels(x) and is_labels(out) and len(varying_axes(x)) == 1:
+        return tie_outer(space, canonical(out), defer=True)
+    return _relabeled(space, out)
+
+
+def unflatten(ctx: RuleContext, x: Any, *args: Any, **kwargs: Any) -> Any:
+    return _split(ctx.space, x, _run_on_labels(ctx, x, *args, **kwargs))
 
 
 def concat(ctx: RuleContext, tensors: Any, dim: int = 0, **kwargs: Any) -> Any:
@@ -358,7 +399,7 @@ def reshape(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     the rewrite gives it the new literal size of its axis: the reshape then fits whatever was
     pruned on either side. A channel count mixed with a batch or spatial size cannot be replaced;
     it must then count the channels of its own axis, or both sides are kept whole."""
-    out = relabel(ctx, *args, **kwargs)
+    out = _split(ctx.space, args[0], _run_on_labels(ctx, *args, **kwargs))
     shape = _shape_args(args, kwargs)
     if not is_labels(out) or len(shape) != out.dim():
         return out
@@ -694,7 +735,7 @@ def glu(ctx: RuleContext, x: Any, dim: int = -1) -> Any:
 
 
 def unflatten_module(ctx: RuleContext, x: Tensor) -> Tensor:
-    return _relabeled(ctx.space, x.unflatten(ctx.module.dim, ctx.module.unflattened_size))
+    return _split(ctx.space, x, x.unflatten(ctx.module.dim, ctx.module.unflattened_size))
 
 
 def resize_unflatten(node: fx.Node, m: nn.Module, keep: KeepView) -> None:
@@ -759,12 +800,14 @@ def _linear(ctx: RuleContext, x: Tensor, w: str, out_features: int, bias: Option
     return along(out, -1, out_shape)
 
 
+@takes_split
 def linear(ctx: RuleContext, x: Tensor) -> Tensor:
     m: nn.Linear = ctx.module
     return _linear(ctx, x, ctx.param("weight"), m.out_features,
                    ctx.param("bias") if m.bias is not None else None)
 
 
+@takes_split
 def linear_fn(ctx: RuleContext, x: Tensor, weight: Any, bias: Any = None) -> Tensor:
     """``F.linear(x, self.weight, self.bias)`` on parameters read by ``get_attr``: as nn.Linear.
     A weight computed in the graph has no parameter to slice: its inputs stay whole."""
@@ -842,12 +885,14 @@ def _conv(ctx: RuleContext, x: Tensor, w: str, w_shape: tuple[int, ...], groups:
     return along(out, axis, out_shape)
 
 
+@takes_split
 def conv(ctx: RuleContext, x: Tensor) -> Tensor:
     m: nn.modules.conv._ConvNd = ctx.module
     bias = ctx.param("bias") if m.bias is not None else None
     return _conv(ctx, x, ctx.param("weight"), tuple(m.weight.shape), m.groups, bias)
 
 
+@takes_split
 def conv_transpose(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     """Transposed convolution (a decoder's upsampling): its weight is (in, out / groups, k...),
     input channels on dim 0 and each group's output positions on dim 1. ``output_size`` only sets
@@ -888,6 +933,7 @@ def _conv_signature(input: Any, weight: Any, bias: Any = None, stride: Any = 1, 
 _CONV_SIGNATURE = inspect.signature(_conv_signature)
 
 
+@takes_split
 def conv_fn(ctx: RuleContext, x: Tensor, weight: Any, *args: Any, **kwargs: Any) -> Tensor:
     """``F.conv2d(x, self.weight, ...)`` on a parameter or buffer read by ``get_attr`` (a fixed
     blur filter, a functional layer): as the Conv module. A computed weight (standardised
@@ -944,7 +990,7 @@ def channel_affine(*params: str, axis: int = 1) -> Propagate:
     def rule(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         return _bind_per_channel(ctx, x, axis, {ctx.param(p): getattr(ctx.module, p, None) for p in params})
 
-    return rule
+    return takes_split(rule)
 
 
 _BN_STATE = ("weight", "bias", "running_mean", "running_var")
@@ -959,6 +1005,7 @@ def batch_norm_of(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
     return nn.modules.batchnorm._BatchNorm.forward(module, x)
 
 
+@takes_split
 def module_batch_norm(ctx: RuleContext, module: nn.Module, x: Tensor) -> Tensor:
     path = ctx.arg_node(0).target
     return _bind_per_channel(ctx, x, 1, {f"{path}.{p}": getattr(module, p, None) for p in _BN_STATE})
@@ -969,6 +1016,7 @@ def resize_module_batch_norm(node: fx.Node, module: Any, keep: KeepView) -> None
     resize_channels("num_features")(node, owner, keep)
 
 
+@takes_split
 def batch_norm_fn(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     """``F.batch_norm(x, running_mean, running_var, weight, bias, ...)`` on state read by
     ``get_attr``: per-channel, exact to prune. State computed in the graph keeps them whole."""
@@ -1047,11 +1095,13 @@ def _group_norm(ctx: RuleContext, x: Tensor, num_groups: int, weights: list[str]
     return x
 
 
+@takes_split
 def group_norm(ctx: RuleContext, x: Tensor) -> Tensor:
     m: nn.GroupNorm = ctx.module
     return _group_norm(ctx, x, m.num_groups, [ctx.param(p) for p in ("weight", "bias")] if m.affine else [])
 
 
+@takes_split
 def group_norm_fn(ctx: RuleContext, x: Tensor, num_groups: int, *args: Any, **kwargs: Any) -> Tensor:
     """``F.group_norm(x, groups, self.weight, self.bias)`` on ``get_attr`` parameters (timm's
     GroupNorm1): as nn.GroupNorm."""
@@ -1807,7 +1857,7 @@ SOFTMAX = Rule(softmax)
 MATMUL = Rule(matmul, input_axis=-1)
 EINSUM = Rule(einsum, inputs=einsum_inputs)
 SDPA = Rule(sdpa, freeze_sdpa_scale, input_axis=-1)
-UNFLATTEN = Rule(relabel, rewrite_unflatten)
+UNFLATTEN = Rule(unflatten, rewrite_unflatten)
 GLU = Rule(glu)
 NARROW = Rule(narrow, rewrite_narrow)
 MAX_MIN = Rule(max_min, freeze_channel_values)

@@ -23,7 +23,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .flops import MAC_TARGETS, _MacCounter, unfused_attention
 from .graph import ChannelGraph, graph_tensors
 from .labels import LabelSpace, flatten_values, is_labels, unlabeled
-from .rules import DEFAULT_LEAF_MODULES, RuleContext, batch_norm_of, graph_constants, module_rule, opaque, rule_for
+from .rules import (DEFAULT_LEAF_MODULES, RuleContext, batch_norm_of, graph_constants, module_rule, opaque, rule_for,
+                    tie_outer)
 
 Inputs = Union[Tensor, Sequence[Tensor]]
 
@@ -723,10 +724,24 @@ class ChannelPropagation(_GraphPass):
         value = super().get_attr(target, args, kwargs)
         return unlabeled(value.shape) if isinstance(value, Tensor) else value
 
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().run(*args, **kwargs)
+        self._tie_pending(list(self.space.pending.values()))  # splits no layer read
+        return out
+
+    def _tie_pending(self, values: Any) -> None:
+        for v in values:
+            labels = self.space.pending.pop(id(v), None) if is_labels(v) else None
+            if labels is not None:
+                tie_outer(self.space, labels)
+
     def _apply(self, module: nn.Module | None, args: Any, kwargs: Any) -> Any:
         ctx = RuleContext(self.space, self._node, module)
         rule = rule_for(self._node, module)
-        return (rule.propagate if rule else opaque)(ctx, *args, **kwargs)
+        propagate = rule.propagate if rule else opaque
+        if self.space.pending and not getattr(propagate, "takes_split", False):
+            self._tie_pending(flatten_values((args, kwargs)))
+        return propagate(ctx, *args, **kwargs)
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         return self._apply(None, args, kwargs)

@@ -543,6 +543,27 @@ class GatedDecoder(nn.Module):
         return self.head(F.glu(self.up2(y), 1))
 
 
+class MapDecoder(nn.Module):
+    """A VAE-style decoder: Linear layers whose features are viewed as feature maps, once by
+    ``view`` with literal sizes, once by ``nn.Unflatten``; a map channel is a block of H·W of the
+    Linear's features and goes with it. Input (batch, 10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(10, 8 * 3 * 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.up = nn.ConvTranspose2d(8, 6, 4, stride=2, padding=1)  # 3x3 -> 6x6
+        self.fc2 = nn.Linear(10, 5 * 6 * 6)
+        self.unflatten = nn.Unflatten(1, (5, 6, 6))
+        self.conv = nn.Conv2d(5, 6, 1)
+        self.head = nn.Conv2d(6, 3, 3, padding=1)
+
+    def forward(self, z):
+        y = self.up(F.relu(self.bn(self.fc(z).view(-1, 8, 3, 3))))
+        y = y + self.conv(self.unflatten(torch.relu(self.fc2(z))))
+        return self.head(y)
+
+
 class ChunkedAttention(nn.Module):
     """Attention on the model's own input, q, k and v chunked off one projection and each split
     into heads with ``C // heads`` read off the (unlabeled) input; ``einsum=True`` writes the two

@@ -38,6 +38,7 @@ CASES = [
     (M.TransposedConvs, (2, 3, 10, 12)),
     (M.SuperResolution, (2, 3, 8, 10)),
     (M.GatedDecoder, (2, 10)),
+    (M.MapDecoder, (2, 10)),
     (M.ChunkedAttention, (2, 5, 16)),
     (M.EinsumAttention, (2, 5, 16)),
     (M.ComputedSlices, (2, 3, 8, 8)),
@@ -880,6 +881,22 @@ def test_functional_conv_on_a_computed_weight_stays_whole():
     graph = apib_fx.trace(StdConv(), torch.randn(1, 3, 4, 4))
     (group,) = [g for g in graph.groups if any(m.param == "conv.weight" and m.role == "out" for m in g.members)]
     assert not group.prunable and "conv2d" in group.reason
+
+
+def test_linear_viewed_as_map_prunes_by_map_channel():
+    # fc's 72 features viewed as (8, 3, 3): map channel c is features 9c..9c+8 (they were kept
+    # whole: the view tied the outer axes before the BatchNorm read the channel axis).
+    model, x = _model(M.MapDecoder), torch.randn(2, 10)
+    g = apib_fx.trace(model, x)
+    (fc,), (fc2,) = _group_of(g, "fc.weight"), _group_of(g, "fc2.weight")
+    assert fc.prunable and fc.channels == 8 and fc2.prunable and fc2.channels == 5
+    (rows,) = [m for m in fc.members if m.param == "fc.weight" and m.role == "out"]
+    assert rows.index(torch.tensor([0, 2])).tolist() == list(range(9)) + list(range(18, 27))
+    assert {("bn.weight", "pass"), ("up.weight", "in")} <= {(m.param, m.role) for m in fc.members}
+    pruned = apib_fx.apply(model, g, {fc.index: torch.tensor([0, 2, 7]), fc2.index: torch.tensor([4])})
+    assert (pruned.fc.out_features, pruned.bn.num_features, pruned.fc2.out_features) == (27, 3, 36)
+    assert tuple(pruned.unflatten.unflattened_size) == (1, 6, 6)
+    _pruned_matches_reference(model, g, {fc.index: torch.tensor([0, 2, 7]), fc2.index: torch.tensor([4])}, x)
 
 
 def test_group_norm_loses_whole_groups():
