@@ -321,6 +321,16 @@ def relabel(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     return _relabeled(ctx.space, _run_on_labels(ctx, *args, **kwargs))
 
 
+def stack(ctx: RuleContext, tensors: Any, *args: Any, **kwargs: Any) -> Any:
+    """``torch.stack``: its inputs keep one shape, so channel c of each goes with channel c of
+    the others (as in a residual add), and the new axis carries none of its own: stacked maps
+    summed over it (BiFPN's weighted fusion) or interleaved by a flatten stay prunable."""
+    if isinstance(tensors, (tuple, list)) and all(is_labels(t) for t in tensors):
+        for t in tensors[1:]:
+            ctx.space.unify(tensors[0], t)
+    return relabel(ctx, tensors, *args, **kwargs)
+
+
 def _split(space: LabelSpace, x: Any, out: Any) -> Any:
     """A view/reshape/unflatten result: a split of channels along one axis waits for its reader."""
     if is_labels(x) and is_labels(out) and len(varying_axes(x)) == 1:
@@ -1990,7 +2000,7 @@ RULES: dict[Any, Rule] = _RuleTable({
     # shape ops
     nn.Flatten: Rule(flatten_module), nn.Unflatten: Rule(unflatten_module, resize_unflatten),
     torch.flatten: SHAPE, "flatten": SHAPE,
-    torch.cat: CAT, torch.concat: CAT, torch.stack: SHAPE,
+    torch.cat: CAT, torch.concat: CAT, torch.stack: Rule(stack),
     torch.split: SPLIT, "split": SPLIT, torch.chunk: SPLIT, "chunk": SPLIT,
     torch.tensor_split: SPLIT, "tensor_split": SPLIT, torch.unbind: Rule(unbind), "unbind": Rule(unbind),
     torch.reshape: RESHAPE, "reshape": RESHAPE, "view": RESHAPE, "expand": Rule(relabel, rewrite_shape_args),

@@ -653,6 +653,26 @@ class WholeGroupNorms(nn.Module):
         return self.head(F.group_norm(y, num_groups=4, weight=self.weight, bias=self.bias))
 
 
+class StackedFeatures(nn.Module):
+    """``torch.stack`` of feature maps: a BiFPN-style weighted fusion (stack on a new last axis,
+    summed over it) and an interleave (stack on axis 2, flattened into the channels: a, b, a,
+    b...). Channel c of each stacked map goes with channel c of the others."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.w = nn.Parameter(torch.ones(2))
+        self.c, self.d = nn.Conv2d(8, 6, 1), nn.Conv2d(8, 6, 1)
+        self.head = nn.Conv2d(12, 2, 1)
+
+    def forward(self, x):
+        w = torch.relu(self.w)
+        w = w / (w.sum() + 1e-4)
+        y = torch.stack([w[0] * self.a(x), w[1] * self.b(x)], dim=-1).sum(dim=-1)
+        y = torch.relu(y)
+        return self.head(torch.stack([self.c(y), self.d(y)], 2).flatten(1, 2))
+
+
 class TensorOps(nn.Module):
     """Ops whose channel handling is easy to get wrong: floor division and remainder of tensors
     (elementwise, not size arithmetic), masked_fill, zeros_like, pow, scales computed from the

@@ -44,6 +44,7 @@ CASES = [
     (M.ComputedSlices, (2, 3, 8, 8)),
     (M.ElementwiseOps, (2, 3, 8, 8)),
     (M.WholeGroupNorms, (2, 3, 8, 8)),
+    (M.StackedFeatures, (2, 3, 8, 8)),
     (M.TensorOps, (2, 3, 6, 10)),
     (M.TransposedParameterMatmul, (2, 3, 12)),
     (M.LayerScales, (2, 3, 8, 8)),
@@ -897,6 +898,20 @@ def test_linear_viewed_as_map_prunes_by_map_channel():
     assert (pruned.fc.out_features, pruned.bn.num_features, pruned.fc2.out_features) == (27, 3, 36)
     assert tuple(pruned.unflatten.unflattened_size) == (1, 6, 6)
     _pruned_matches_reference(model, g, {fc.index: torch.tensor([0, 2, 7]), fc2.index: torch.tensor([4])}, x)
+
+
+def test_stacked_maps_go_channel_by_channel():
+    # torch.stack's inputs keep one shape: channel c of a goes with channel c of b. (The new
+    # axis was taken for the channels': a summed stack was a reduction over channels, and an
+    # interleaved one left groups of 1 channel.)
+    model, x = _model(M.StackedFeatures), torch.randn(2, 3, 8, 8)
+    g = apib_fx.trace(model, x)
+    (ab,), (cd,) = _group_of(g, "a.weight"), _group_of(g, "c.weight")
+    assert ab.prunable and ab.channels == 8 and ("b.weight", "out") in {(m.param, m.role) for m in ab.members}
+    assert cd.prunable and cd.channels == 6
+    (head,) = [m for m in cd.members if m.param == "head.weight"]
+    assert head.index(torch.tensor([0, 2])).tolist() == [0, 1, 4, 5]  # interleaved: c0 d0 c1 d1 ...
+    _pruned_matches_reference(model, g, {ab.index: torch.tensor([1, 6]), cd.index: torch.tensor([2, 3, 5])}, x)
 
 
 def test_group_norm_loses_whole_groups():
