@@ -667,8 +667,10 @@ def max_min(ctx: RuleContext, x: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def softmax(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+    """Fine over an axis without channels, or of tied ones (a split-attention's radix axis: a
+    channel goes with its whole slice); fatal over channels that may go one by one."""
     dim = ctx.module.dim if ctx.module is not None else kwargs.get("dim", args[0] if args else None)
-    if dim is None or dim % x.dim() in varying_axes(x):
+    if dim is None or dim % x.dim() in ctx.space.class_varying_axes(x):
         ctx.space.block(x, f"normalised across channels by {ctx.op_name}")
         return ctx.unlabeled_output()
     return x

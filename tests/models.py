@@ -673,6 +673,28 @@ class StackedFeatures(nn.Module):
         return self.head(torch.stack([self.c(y), self.d(y)], 2).flatten(1, 2))
 
 
+class SplitAttention(nn.Module):
+    """ResNeSt / SKNet split attention: a conv's radix x C channels viewed as (radix, C), summed
+    over the radix axis, squeezed into radix x C logits, a softmax over the radix axis weighting
+    the branches. A channel goes with its whole slice along the radix axis (``C`` computed from
+    the conv's width)."""
+
+    def __init__(self, radix=2, width=8):
+        super().__init__()
+        self.radix = radix
+        self.conv = nn.Conv2d(3, radix * width, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(width, 4, 1), nn.Conv2d(4, radix * width, 1)
+        self.head = nn.Conv2d(width, 2, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        B, RC, H, W = x.shape
+        x = x.reshape(B, self.radix, RC // self.radix, H, W)
+        attn = self.fc2(torch.relu(self.fc1(x.sum(dim=1).mean((2, 3), keepdim=True))))
+        attn = F.softmax(attn.view(B, 1, self.radix, -1).transpose(1, 2), dim=1).reshape(B, -1)
+        return self.head((x * attn.reshape(B, self.radix, RC // self.radix, 1, 1)).sum(dim=1))
+
+
 class TensorOps(nn.Module):
     """Ops whose channel handling is easy to get wrong: floor division and remainder of tensors
     (elementwise, not size arithmetic), masked_fill, zeros_like, pow, scales computed from the

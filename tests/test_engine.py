@@ -45,6 +45,7 @@ CASES = [
     (M.ElementwiseOps, (2, 3, 8, 8)),
     (M.WholeGroupNorms, (2, 3, 8, 8)),
     (M.StackedFeatures, (2, 3, 8, 8)),
+    (M.SplitAttention, (2, 3, 8, 8)),
     (M.TensorOps, (2, 3, 6, 10)),
     (M.TransposedParameterMatmul, (2, 3, 12)),
     (M.LayerScales, (2, 3, 8, 8)),
@@ -912,6 +913,17 @@ def test_stacked_maps_go_channel_by_channel():
     (head,) = [m for m in cd.members if m.param == "head.weight"]
     assert head.index(torch.tensor([0, 2])).tolist() == [0, 1, 4, 5]  # interleaved: c0 d0 c1 d1 ...
     _pruned_matches_reference(model, g, {ab.index: torch.tensor([1, 6]), cd.index: torch.tensor([2, 3, 5])}, x)
+
+
+def test_softmax_over_tied_channels_keeps_them_prunable():
+    # Split attention: the softmax runs over the radix axis, whose channels are tied (channel c
+    # goes with c + 8): it normalises within one removable unit. It was kept whole.
+    model, x = _model(M.SplitAttention), torch.randn(2, 3, 8, 8)
+    g = apib_fx.trace(model, x)
+    (conv,) = _group_of(g, "conv.weight")
+    assert conv.prunable and conv.channels == 8
+    rows = {m.param: m.index(torch.tensor([1])).tolist() for m in conv.members if m.role == "out"}
+    assert rows == {"conv.weight": [1, 9], "fc2.weight": [1, 9]}
 
 
 def test_group_norm_loses_whole_groups():
