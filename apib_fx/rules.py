@@ -342,6 +342,45 @@ def unflatten(ctx: RuleContext, x: Any, *args: Any, **kwargs: Any) -> Any:
     return _split(ctx.space, x, _run_on_labels(ctx, x, *args, **kwargs))
 
 
+def _cat_parameter(node: Any, axis: int, rank: int, channels: int) -> Optional[tuple[str, int]]:
+    """(name, dim) of the parameter a cat operand is: read by ``get_attr``, or broadcast by
+    ``expand`` with -1 along ``axis`` (its size there then follows the sliced parameter)."""
+    if isinstance(node, fx.Node) and node.op == "call_method" and node.target == "expand" and node.args:
+        sizes = _shape_args(node.args, node.kwargs)
+        if len(sizes) != rank or sizes[axis] != -1:
+            return None
+        node = node.args[0]
+    if not (isinstance(node, fx.Node) and node.op == "get_attr") or node.target in graph_constants(node.graph):
+        return None
+    shape = tuple(node.meta["tensor_meta"].shape) if "tensor_meta" in node.meta else ()
+    dim = axis - (rank - len(shape))
+    return (node.target, dim) if 0 <= dim and shape[dim] == channels else None
+
+
+def _parameters_joined(ctx: RuleContext, small: list[Tensor], d: int) -> list[Tensor]:
+    """A parameter concatenated with channels along another axis (a ViT's class token before
+    its patch tokens) holds the same channels along that axis: it is per-channel state of them
+    ("pass", sliced with them), so the stream stays prunable. Compressed labels in, out."""
+    has = [bool((s != NONE).any()) for s in small]
+    if all(has) or not any(has):
+        return small
+    labeled = [s for s, h in zip(small, has) if h]
+    axes = {a for s in labeled for a in range(s.dim()) if s.shape[a] > 1}
+    if len(axes) != 1 or d in axes:
+        return small
+    (a,) = axes
+    ids = axis_ids(labeled[0], a)
+    if bool((ids == NONE).any()) or any(not torch.equal(axis_ids(s, a), ids) for s in labeled[1:]):
+        return small
+    out = list(small)
+    for i, node in enumerate(ctx.node.args[0]):
+        param = None if has[i] else _cat_parameter(node, a, small[i].dim(), ids.numel())
+        if param is not None:
+            ctx.space.bind(param[0], param[1], ids, "pass")
+            out[i] = ids.view([-1 if j == a else 1 for j in range(small[i].dim())])
+    return out
+
+
 def concat(ctx: RuleContext, tensors: Any, dim: int = 0, **kwargs: Any) -> Any:
     """``torch.cat``: as :func:`relabel`, on the inputs' compressed labels. Run on the broadcast
     label views themselves, a DenseNet concat would write out (1, C, H, W) int64 labels per
@@ -350,7 +389,7 @@ def concat(ctx: RuleContext, tensors: Any, dim: int = 0, **kwargs: Any) -> Any:
         return relabel(ctx, tensors, dim, **kwargs)
     rank = tensors[0].dim()
     d = dim % rank
-    small = [compress(t) for t in tensors]
+    small = _parameters_joined(ctx, [compress(t) for t in tensors], d)
     varying = {a for s in small for a in range(rank) if a != d and s.shape[a] > 1}
     parts = [s.expand([t.shape[a] if a == d or a in varying else 1 for a in range(rank)])
              for t, s in zip(tensors, small)]

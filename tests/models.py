@@ -843,6 +843,27 @@ class ClassTokenSlice(nn.Module):
         return self.head(t[:, :n].squeeze(1) + t[:, n:].mean(1))
 
 
+class ClassTokenParameter(nn.Module):
+    """A ViT's stream without its LayerNorms (so pruning it is exact): patch embedding, a class
+    token parameter concatenated before the patch tokens (``expand(B, -1, -1)``), a position
+    embedding parameter added, an MLP block, the class token read out. The two parameters hold
+    the stream's channels along their last axis. Input (batch, 3, 8, 8)."""
+
+    def __init__(self, dim=12):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, dim))
+        self.fc1, self.fc2 = nn.Linear(dim, 20), nn.Linear(20, dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.head(x[:, 0])
+
+
 class TiedWeights(nn.Module):
     """Two convs sharing one weight Parameter (weight tying): their channels must move together."""
 

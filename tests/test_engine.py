@@ -54,6 +54,7 @@ CASES = [
     (M.RelativePosition, (2, 5, 16)),
     (M.ParameterMatmul, (2, 16)),
     (M.ClassTokenSlice, (2, 6, 16)),
+    (M.ClassTokenParameter, (2, 3, 8, 8)),
     (M.TiedWeights, (2, 3, 8, 8)),
     (M.KeywordCalls, (2, 3, 8, 8)),
 ]
@@ -924,6 +925,21 @@ def test_softmax_over_tied_channels_keeps_them_prunable():
     assert conv.prunable and conv.channels == 8
     rows = {m.param: m.index(torch.tensor([1])).tolist() for m in conv.members if m.role == "out"}
     assert rows == {"conv.weight": [1, 9], "fc2.weight": [1, 9]}
+
+
+def test_class_token_and_position_embedding_are_per_channel_state():
+    # A parameter concatenated with the stream along the tokens (a ViT's class token) and one
+    # added to it hold its channels: they are sliced with them ("pass"); the stream was kept whole.
+    model, x = _model(M.ClassTokenParameter), torch.randn(2, 3, 8, 8)
+    g = apib_fx.trace(model, x)
+    (stream,) = _group_of(g, "embed.weight")
+    assert stream.prunable and stream.exact and stream.channels == 12
+    assert {("cls_token", 2, "pass"), ("pos_embed", 2, "pass"), ("head.weight", 1, "in")} <= \
+        {(m.param, m.dim, m.role) for m in stream.members}
+    keep = {stream.index: torch.tensor([0, 3, 4, 11])}
+    pruned = apib_fx.apply(model, g, keep)
+    assert pruned.cls_token.shape == (1, 1, 4) and pruned.pos_embed.shape == (1, 5, 4)
+    _pruned_matches_reference(model, g, keep, x)
 
 
 def test_group_norm_loses_whole_groups():

@@ -341,3 +341,20 @@ def test_pruned_transformer_encoder_exports_with_parity(tmp_path):
     pruned = apib_fx.prune(model, 0.3, x, progress=False)
     path = apib_fx.export_onnx(pruned, tmp_path / "m.onnx", x[:1])
     assert path.parity["max_diff"] <= 1e-4 * path.parity["scale"]
+
+
+def test_vit_hidden_width_prunes_with_its_class_token(tmp_path):
+    # The residual stream of torchvision's ViT: its class token (concatenated before the patch
+    # tokens) and position embedding are sliced with it, so the hidden width is prunable (not
+    # exact: every block's LayerNorm normalises across it). It was kept whole.
+    model, x = _model("vit"), _x()
+    graph = apib_fx.trace(model, x)
+    (stream,) = [g for g in graph.groups if any(m.param == "conv_proj.weight" and m.role == "out" for m in g.members)]
+    assert stream.prunable and not stream.exact and stream.channels == 32
+    assert {("class_token", 2), ("encoder.pos_embedding", 2)} <= {(m.param, m.dim) for m in stream.members if m.role == "pass"}
+    keep = {stream.index: torch.arange(0, 32, 2)}
+    pruned = apib_fx.apply(model, graph, keep)
+    assert pruned.class_token.shape == (1, 1, 16) and pruned.conv_proj.out_channels == 16
+    assert apib_fx.count_flops(pruned, x) == graph.flops({stream.index: 16})
+    path = apib_fx.export_onnx(pruned, tmp_path / "m.onnx", x[:1])
+    assert path.parity["max_diff"] <= 1e-4 * path.parity["scale"]
