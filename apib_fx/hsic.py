@@ -590,26 +590,74 @@ def nonneg_lasso_path(G: Tensor, b: Tensor, *, min_ratio: float = 1e-9, max_step
     stay at zero. Dead channels (zero diagonal) never enter. Cost: O(C) events, each O(C·|A|)
     with rank-one updates of the inverse Cholesky factor of G_AA; float64 on the CPU.
     """
-    Gn, bn = _problem(G, b)
-    C = bn.size
-    zeros = torch.zeros(C, dtype=torch.float64)
-    diag = np.diag(Gn)
-    scale = float(diag.max()) if C else 0.0
-    live = diag > _DEAD_DIAG * scale if scale > 0 else np.zeros(C, dtype=bool)
-    bmax = float(bn[live].max()) if live.any() else -math.inf
-    if bmax <= 0:
-        return LassoPath(torch.zeros(1, dtype=torch.float64), zeros.reshape(1, C).clone(), zeros.clone(),
-                         torch.zeros(C, dtype=torch.bool))
-    # Work with diag(G) ≤ 1 so the tolerances below are relative; α scales with G, β does not.
-    Gn /= scale  # our own copy
-    alphas, coefs, surv, left = _homotopy(Gn, bn / scale, live, min_ratio * bmax / scale,
-                                          max_steps if max_steps is not None else 20 * C + 100)
-    return LassoPath(
-        torch.tensor(alphas, dtype=torch.float64) * scale,
-        torch.from_numpy(np.stack(coefs)),
-        torch.from_numpy(surv * scale),
-        torch.from_numpy(left),
-    )
+    return SurvivalPath(G, b, min_ratio=min_ratio, max_steps=max_steps).finish()
+
+
+class SurvivalPath:
+    """The path of :func:`nonneg_lasso_path`, walked down only as far as it is asked to.
+
+    APIB needs each channel's survival α only above the global α the FLOPs target settles on,
+    and a path's events grow dearer as its active set grows (most of a wide layer's cost lies
+    far below that α). :meth:`descend` walks down to a level and returns the survival of every
+    channel that entered above it; the others (0 there) enter at or below it, or never.
+    :meth:`finish` completes the path: the same :class:`LassoPath` as :func:`nonneg_lasso_path`,
+    however many levels came before.
+    """
+
+    def __init__(self, G: Tensor, b: Tensor, *, min_ratio: float = 1e-9, max_steps: int | None = None):
+        Gn, bn = _problem(G, b)
+        C = self.channels = bn.size
+        diag = np.diag(Gn)
+        scale = float(diag.max()) if C else 0.0
+        live = diag > _DEAD_DIAG * scale if scale > 0 else np.zeros(C, dtype=bool)
+        bmax = float(bn[live].max()) if live.any() else -math.inf
+        self._path: Optional[LassoPath] = None
+        self._steps = None
+        if bmax <= 0:
+            zeros = torch.zeros(C, dtype=torch.float64)
+            self._path = LassoPath(torch.zeros(1, dtype=torch.float64), zeros.reshape(1, C).clone(), zeros.clone(),
+                                   torch.zeros(C, dtype=torch.bool))
+            return
+        # Work with diag(G) ≤ 1 so the tolerances below are relative; α scales with G, β does not.
+        Gn /= scale  # our own copy
+        self._scale = scale
+        self._steps = _homotopy(Gn, bn / scale, live, min_ratio * bmax / scale,
+                                max_steps if max_steps is not None else 20 * C + 100)
+        next(self._steps)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the path is complete (every survival is final)."""
+        return self._path is not None
+
+    def _walk(self, level: float) -> Optional[np.ndarray]:
+        try:
+            return self._steps.send(level)
+        except StopIteration as end:
+            alphas, coefs, surv, left = end.value
+            self._path = LassoPath(
+                torch.tensor(alphas, dtype=torch.float64) * self._scale,
+                torch.from_numpy(np.stack(coefs)),
+                torch.from_numpy(surv * self._scale),
+                torch.from_numpy(left),
+            )
+            self._steps = None
+            return None
+
+    def descend(self, alpha: float) -> np.ndarray:
+        """Walk down to ``alpha`` (in G's units, as :attr:`LassoPath.survival`); returns the
+        survival (C,) float64 so far: exact for every channel above ``alpha``, 0 for the rest."""
+        if self._path is None:
+            surv = self._walk(float(alpha) / self._scale)
+            if surv is not None:
+                return surv * self._scale
+        return self._path.survival.numpy().copy()
+
+    def finish(self) -> LassoPath:
+        """The whole path (walked to its end)."""
+        if self._path is None:
+            self._walk(-math.inf)
+        return self._path
 
 
 def _rotate_left(a: np.ndarray, p: int, n: int) -> None:
@@ -622,7 +670,13 @@ def _rotate_left(a: np.ndarray, p: int, n: int) -> None:
 
 
 def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float, max_steps: int):
-    """Path on the scaled problem. Returns (alphas, coefs, survival, left) in that scale.
+    """Path on the scaled problem, as a generator that walks down to the levels it is sent.
+
+    Primed with ``next``, it takes a level with ``send`` and yields the survival array (C,) once
+    the next event lies at or below that level (``survival`` is then final for every channel
+    that entered above it, and every other channel's survival is at most the level); a later
+    ``send`` of a lower level walks on from there. At ``alpha_end`` (or when the path ends) it
+    returns (alphas, coefs, survival, left) in the scaled units, by StopIteration.
 
     Bookkeeping: ``perm`` lists the active set A first (positions [0, n), in the order of the
     factor), then the inactive channels; ``GA`` holds the rows of G for A (columns in the original
@@ -761,7 +815,9 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
     active = np.zeros(C, dtype=bool)
     cand = live.copy()
     ent = np.empty(C)
-    for _ in range(max_steps):
+    stop = yield None  # the first level
+    steps = 0
+    while steps < max_steps:
         if n:
             u, v = UV[:n, 0], UV[:n, 1]
             UVs[:, slot[:n]] = UV[:n].T
@@ -785,6 +841,12 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
         best_in = float(ent.max(initial=-math.inf))
         best_out = float(out.max(initial=-math.inf))
         best = max(best_in, best_out)
+        if best <= stop and stop > alpha_end:
+            # Paused: nothing above ``stop`` is left to happen. The next level resumes here
+            # (this event's candidates are recomputed, from the same state).
+            stop = yield surv
+            continue
+        steps += 1
         if best <= alpha_end:
             if alpha > alpha_end:
                 alphas.append(alpha_end)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .calib import CalibData, CalibrationError, calibration_batches, forward_inputs
 from .flops import count_flops
 from .rewrite import apply
-from .scoring import METHODS, score_apib, score_data_free
+from .scoring import METHODS, calibrate_apib, score_data_free, search_apib
 from .recalibrate import recalibrate_bn
 from .search import UnreachableTarget, search_threshold
 from .trace import InputShapeError, as_inputs, check_model, eval_mode, gc_paused, trace
@@ -220,18 +220,21 @@ def prune(
             if run_device != model_device:
                 module = copy.deepcopy(module).to(run_device)
             with eval_mode(module):
-                scores = score_apib(graph, module, [tuple(t.to(run_device) for t in b) for b in batches], kernel,
-                                    progress, workers)
+                calibrated = calibrate_apib(graph, module, [tuple(t.to(run_device) for t in b) for b in batches],
+                                            kernel, progress)
+            # The Lasso paths and the FLOPs search go together: paths only as deep as the target needs.
+            result, scores = search_apib(graph, calibrated, float(flops_target), min_channels=min_channels,
+                                         tolerance=tolerance, round_to=round_to, workers=workers, progress=progress)
+            timings.update(scores.timings)
         else:
             scores = score_data_free(graph, model, method, seed)
-        timings.update(scores.timings)
-
-        t = time.perf_counter()
-        result = search_threshold(
-            graph, scores.primary, scores.secondary, float(flops_target),
-            min_channels=min_channels, tolerance=tolerance, round_to=round_to, progress=progress,
-        )
-        timings["search"] = time.perf_counter() - t
+            timings.update(scores.timings)
+            t = time.perf_counter()
+            result = search_threshold(
+                graph, scores.primary, scores.secondary, float(flops_target),
+                min_channels=min_channels, tolerance=tolerance, round_to=round_to, progress=progress,
+            )
+            timings["search"] = time.perf_counter() - t
 
         t = time.perf_counter()
         pruned = apply(model, graph, result.keep)

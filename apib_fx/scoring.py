@@ -15,22 +15,26 @@ global threshold compares groups of different sizes and scales.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
+import numpy as np
+
 import torch
 from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
-from ._fork import fork_map
+from ._fork import ForkRounds, fork_map
 from ._malloc import keep_freed_memory
 from .calib import CalibrationError
 from .graph import ChannelGraph
 from .inplace import inplace_arithmetic
 from .labels import NONE, axis_ids, is_labels, varying_axes
 from .rules import rule_for, weight_param
+from .search import SearchResult, UnreachableTarget, reduction_of_removal, search_threshold
 
 if TYPE_CHECKING:
     from .hsic import HSICStats
@@ -205,17 +209,30 @@ def _sync(device: torch.device) -> None:
 _FORK_WORTH = 150_000.0
 
 
-def score_apib(
+@dataclass
+class APIBProblems:
+    """What the calibration pass leaves for the Lasso: per scored group its Gram form (G, b), and
+    :class:`Scores` already holding the groups nothing reads (kept whole), every group's
+    relevance tie-break and the calibration timings."""
+
+    problems: dict[int, tuple[Tensor, Tensor]]
+    scores: Scores
+
+    def cost(self) -> dict[int, float]:
+        # A path's time grows about as width^1.75 (ResNet-50's: 0.45 s at 2048 channels,
+        # 0.17 s at 1024, 0.03 s at 512).
+        return {g: float(G.shape[0]) ** 1.75 for g, (G, _) in self.problems.items()}
+
+
+def calibrate_apib(
     graph: ChannelGraph,
     module: fx.GraphModule,
     batches: Sequence[Union[Tensor, tuple[Tensor, ...]]],
     kernel: str = "laplace",
     progress: bool = True,
-    workers: Optional[int] = None,
-) -> Scores:
-    """APIB survival-α scores from calibration ``batches`` (one tensor per model input) run
-    through ``module`` (the traced graph, on the device the batches are on). ``workers``:
-    processes for the Lasso paths (default: the CPU cores available, at most 8)."""
+) -> APIBProblems:
+    """The HSIC Lasso problem of every prunable group, from calibration ``batches`` (one tensor
+    per model input) run through ``module`` (the traced graph, on the device the batches are on)."""
     from .hsic import HSICStats
 
     consumers = find_consumers(graph)
@@ -233,7 +250,6 @@ def score_apib(
     total = time.perf_counter() - start
     timings = {"forward": total - capture.kernel_seconds, "kernels": capture.kernel_seconds}
 
-    start = time.perf_counter()
     primary, secondary, notes = {}, {}, {}
     scored = {c.group for cs in consumers.values() for c in cs}
     problems = {}
@@ -252,18 +268,37 @@ def score_apib(
             primary[g.index] = torch.full((g.channels,), float("inf"), dtype=torch.float64)
             secondary[g.index] = torch.zeros(g.channels, dtype=torch.float64)
             notes[g.index] = "kept whole: no layer or contraction reads these channels (APIB has no output to score them against)"
-    del stats, capture
+    return APIBProblems(problems, Scores(primary, secondary, timings, notes))
+
+
+def _ordered(graph: ChannelGraph, primary: dict[int, Tensor]) -> dict[int, Tensor]:
+    return {g.index: primary[g.index] for g in graph.prunable_groups}  # group order
+
+
+def score_apib(
+    graph: ChannelGraph,
+    module: fx.GraphModule,
+    batches: Sequence[Union[Tensor, tuple[Tensor, ...]]],
+    kernel: str = "laplace",
+    progress: bool = True,
+    workers: Optional[int] = None,
+) -> Scores:
+    """APIB survival-α scores from calibration ``batches`` (see :func:`calibrate_apib`), every
+    path walked to its end. ``workers``: processes for the Lasso paths (default: the CPU cores
+    available, at most 8). :func:`search_apib` walks them only as far as a FLOPs target needs."""
+    calibrated = calibrate_apib(graph, module, batches, kernel, progress)
+    scores, problems = calibrated.scores, calibrated.problems
+    start = time.perf_counter()
     with tqdm(total=len(problems), desc="apib: lasso paths", unit="group", disable=not progress) as bar:
-        # Independent per group and bound by Python: spread over processes. A path's time grows
-        # about as width^1.75 (ResNet-50's: 0.45 s at 2048 channels, 0.17 s at 1024, 0.03 s at 512).
-        cost = {g: float(G.shape[0]) ** 1.75 for g, (G, _) in problems.items()}
+        # Independent per group and bound by Python: spread over processes.
+        cost = calibrated.cost()
         if workers is None and sum(cost.values()) < _FORK_WORTH:
             workers = 1  # a few milliseconds of paths: forking would cost more than it saves
         survival = fork_map(_survival, problems, cost, workers, done=lambda _: bar.update())
-    primary.update((g, torch.from_numpy(s)) for g, s in survival.items())
-    primary = {g.index: primary[g.index] for g in graph.prunable_groups}  # group order, as before
-    timings["lasso"] = time.perf_counter() - start
-    return Scores(primary, secondary, timings, notes)
+    scores.primary.update((g, torch.from_numpy(s)) for g, s in survival.items())
+    scores.primary = _ordered(graph, scores.primary)
+    scores.timings["lasso"] = time.perf_counter() - start
+    return scores
 
 
 def _survival(problem: tuple[Tensor, Tensor]):
@@ -271,6 +306,98 @@ def _survival(problem: tuple[Tensor, Tensor]):
     from .hsic import nonneg_lasso_path
 
     return nonneg_lasso_path(*problem).survival.numpy()
+
+
+def _walk_path(problem: tuple[Tensor, Tensor]):
+    from .hsic import SurvivalPath
+
+    return SurvivalPath(*problem)
+
+
+def _descend(path, level: float) -> tuple[np.ndarray, bool]:
+    """(survival so far, whether the path is complete): what a worker sends back each level."""
+    return path.descend(level), path.finished
+
+
+# Each level is the last times 1/√2: a few cheap rounds at high α, and no path walked much below
+# the α the target needs (halving walked VGG-16's 4096-wide paths ~1.3x further than needed).
+_LEVEL_STEP = math.sqrt(0.5)
+
+
+def search_apib(
+    graph: ChannelGraph,
+    calibrated: APIBProblems,
+    flops_target: float,
+    *,
+    min_channels: int = 1,
+    tolerance: float = 0.005,
+    round_to: Optional[int] = None,
+    workers: Optional[int] = None,
+    progress: bool = True,
+) -> tuple[SearchResult, Scores]:
+    """:func:`search_threshold` on APIB scores, walking the Lasso paths only as deep as it needs.
+
+    All paths descend together, level by level (α × 1/√2 each time). At a level, a channel's
+    survival is known if it entered above it; the others are scored 0, below every known
+    channel, as their true survival (at most the level) is. The search runs once removing every
+    unknown channel falls short of the target: its result is then the one complete paths give,
+    provided the candidates it removes by position alone (:attr:`SearchResult.decided_from`)
+    cover the unknown ones and each group's ``min_channels`` best are known; otherwise the paths
+    go one level deeper (at their end every score is exact). With ``round_to`` each group must
+    also lose every unknown channel after rounding. Returns the result and the scores
+    it used, whose timings gain ``lasso`` (walking the paths) and ``search``.
+    """
+    scores, problems = calibrated.scores, calibrated.problems
+    cost = calibrated.cost()
+    if workers is None and sum(cost.values()) < _FORK_WORTH:
+        workers = 1  # a few milliseconds of paths: forking would cost more than it saves
+    top = max((float(b.max()) for _, b in problems.values()), default=0.0)
+    widths = {g: G.shape[0] for g, (G, _) in problems.items()}
+    floor = {g: min(w, max(1, int(min_channels))) for g, w in widths.items()}
+    seconds = {"lasso": 0.0, "search": 0.0}
+
+    def search(primary: dict[int, Tensor]) -> SearchResult:
+        return search_threshold(graph, _ordered(graph, primary), scores.secondary, flops_target,
+                                min_channels=min_channels, tolerance=tolerance, round_to=round_to, progress=False)
+
+    every = {g.index: g.channels - min(g.channels, max(1, int(min_channels))) for g in graph.prunable_groups}
+    if reduction_of_removal(graph, every, min_channels, round_to) < flops_target - tolerance:
+        # Out of reach whatever the scores: the search says so (and by how much) before any path.
+        search({**scores.primary, **{g: torch.zeros(w, dtype=torch.float64) for g, w in widths.items()}})
+    levels = [top * _LEVEL_STEP]
+    while levels[-1] > 1e-10 * top:  # (below every path's own end: 1e-9 of its largest b)
+        levels.append(levels[-1] * _LEVEL_STEP)
+    levels.append(-math.inf)  # to the end
+    result = None
+    with ForkRounds(_walk_path, _descend, problems, cost, levels, workers) as rounds, \
+            tqdm(total=len(levels), desc="apib: lasso paths and search", unit="level", disable=not progress) as bar:
+        walking = iter(rounds)
+        while result is None:
+            t = time.perf_counter()
+            walked = next(walking)
+            seconds["lasso"] += time.perf_counter() - t
+            bar.update()
+            t = time.perf_counter()
+            finished = all(done for _, done in walked.values())
+            unknown = {g: 0 if done else int((s == 0).sum()) for g, (s, done) in walked.items()}
+            primary = _ordered(graph, {**scores.primary, **{g: torch.from_numpy(s) for g, (s, _) in walked.items()}})
+            if finished:
+                result = search(primary)
+            elif (all(widths[g] - n >= floor[g] for g, n in unknown.items())
+                  and reduction_of_removal(graph, unknown, min_channels, round_to) < flops_target):
+                try:
+                    result = search(primary)
+                except UnreachableTarget:
+                    result = None  # (complete paths may still reach it: go on)
+                if result is not None and (
+                        result.decided_from < sum(unknown.values())
+                        # (rounding widths up gives back a group's best removed channels)
+                        or any(widths[g] - result.channels[g] < n for g, n in unknown.items())):
+                    result = None
+            seconds["search"] += time.perf_counter() - t
+        bar.total = bar.n  # (the levels below were not needed)
+        bar.set_postfix_str(f"alpha {result.threshold:.3g}")
+    return result, Scores(primary, scores.secondary, {**scores.timings, **seconds}, scores.notes)
 
 
 def _out_slices(graph: ChannelGraph, group_index: int, params: dict[str, Tensor]) -> Tensor:

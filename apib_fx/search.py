@@ -37,6 +37,9 @@ class SearchResult:
     flops_before: int
     flops_after: int
     steps: int
+    # Candidates (in the global removal order) this many from the lowest are removed by position
+    # alone: only their scores' rank below the rest matters, not their order among themselves.
+    decided_from: int = 0
 
 
 def _rounded(kept: np.ndarray, full: np.ndarray, floor: np.ndarray, round_to: Optional[int]) -> np.ndarray:
@@ -44,6 +47,26 @@ def _rounded(kept: np.ndarray, full: np.ndarray, floor: np.ndarray, round_to: Op
     if round_to:
         kept = np.minimum(full, np.ceil(kept / round_to) * round_to)
     return kept
+
+
+def _floor(full: np.ndarray, min_channels: int, round_to: Optional[int]) -> np.ndarray:
+    """The fewest channels each group keeps."""
+    floor = np.minimum(full, max(1, int(min_channels)))
+    if round_to:
+        floor = np.minimum(full, np.ceil(floor / round_to) * round_to).astype(np.int64)
+    return floor
+
+
+def reduction_of_removal(graph: ChannelGraph, removed: dict[int, int], min_channels: int = 1,
+                         round_to: Optional[int] = None) -> float:
+    """Fraction of MACs removed when group g loses ``removed[g]`` channels, with the floor and
+    rounding :func:`search_threshold` applies."""
+    groups = sorted(removed)
+    full = np.array([graph.groups[g].channels for g in groups], dtype=np.int64)
+    floor = _floor(full, min_channels, round_to)
+    kept = _rounded(full - np.array([removed[g] for g in groups], dtype=np.int64), full, floor, round_to)
+    base = graph.flops()
+    return 1.0 - graph.flops(dict(zip(groups, kept.astype(np.int64).tolist()))) / base if base else 0.0
 
 
 def _give_back(removed: np.ndarray, keys: list[np.ndarray], reduction_of: Callable[[np.ndarray], float],
@@ -117,9 +140,7 @@ def search_threshold(
     """Remove the lowest-scored channels until ``flops_target`` (fraction of MACs removed) is met."""
     groups = sorted(primary)
     full = np.array([graph.groups[g].channels for g in groups], dtype=np.int64)
-    floor = np.minimum(full, max(1, int(min_channels)))
-    if round_to:
-        floor = np.minimum(full, np.ceil(floor / round_to) * round_to).astype(np.int64)
+    floor = _floor(full, min_channels, round_to)
 
     # Per group: channels in removal order (lowest first); the top `floor` are never candidates.
     order_in_group: list[np.ndarray] = []
@@ -184,6 +205,7 @@ def search_threshold(
             lo = mid
     bar.close()
     k = hi if macs(lo) > goal else lo
+    decided_from = max(k - 1, 0)  # (from here on the choice follows the order)
     removed = removed_after(k)
     reduction = 1.0 - macs_of(removed) / base
     if reduction > flops_target + tolerance and k > 0:
@@ -206,6 +228,7 @@ def search_threshold(
                 break
         below = 1.0 - macs_of(removed) / base
         if below < flops_target - tolerance:
+            decided_from = 0  # giving channels back reads the order of all of them
             settled = _give_back(removed, cand_key1, lambda r: 1.0 - macs_of(r) / base, flops_target, tolerance)
             every = None
             if settled is None:  # a small model: its few widths can all be tried
@@ -247,4 +270,5 @@ def search_threshold(
         flops_before=base,
         flops_after=after,
         steps=steps,
+        decided_from=decided_from,
     )

@@ -163,3 +163,80 @@ def test_when_fork_fails_the_jobs_run_here(monkeypatch):
     assert got.keys() == problems.keys()
     for k, p in problems.items():
         assert np.array_equal(got[k], _survival(p))
+
+
+# ForkRounds: stateful jobs walked through rounds, each process at its own pace.
+
+
+def _counter(job):
+    return {"start": job, "seen": []}
+
+
+def _count(state, arg):
+    state["seen"].append(arg)
+    return state["start"] + sum(state["seen"]), os.getpid()
+
+
+def _expected(jobs, rounds):
+    return [{k: j + sum(rounds[: i + 1]) for k, j in jobs.items()} for i in range(len(rounds))]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_rounds_carry_state_and_equal_the_in_process_results(workers):
+    jobs = {i: 10 * i for i in range(5)}
+    rounds = [1, 2, 3, 4]
+    with _fork.ForkRounds(_counter, _count, jobs, {i: 1.0 for i in jobs}, rounds, workers=workers) as pool:
+        got = list(pool)
+    assert [{k: v for k, (v, _) in r.items()} for r in got] == _expected(jobs, rounds)
+    pids = {pid for r in got for _, pid in r.values()}
+    assert len(pids) == (workers if _fork._can_fork() else 1)  # every share ran in its own process
+
+
+@linux_only
+def test_rounds_of_a_failing_child_are_replayed_here():
+    parent = os.getpid()
+
+    def dies_in_round_three(state, arg):
+        if os.getpid() != parent and arg == 3:
+            os._exit(5)
+        return _count(state, arg)[0]
+
+    jobs = {i: i for i in range(4)}
+    rounds = [1, 2, 3, 4]
+    with pytest.warns(RuntimeWarning, match="worker process"):
+        with _fork.ForkRounds(_counter, dies_in_round_three, jobs, {i: 1.0 for i in jobs}, rounds, workers=2) as pool:
+            got = list(pool)
+    assert got == _expected(jobs, rounds)  # the lost share rebuilt and replayed from round one
+
+
+@linux_only
+def test_leaving_the_rounds_early_stops_busy_children():
+    import time
+    parent = os.getpid()
+
+    def slow_there(state, arg):
+        if os.getpid() != parent and arg > 1:
+            time.sleep(30)  # still busy when the first round sufficed: killed, not waited for
+        return arg
+
+    jobs = {i: i for i in range(4)}
+    start = time.perf_counter()
+    with _fork.ForkRounds(_counter, slow_there, jobs, {i: 1.0 for i in jobs}, [1, 2, 3], workers=2) as pool:
+        first = next(iter(pool))
+    assert first == {i: 1 for i in jobs}
+    assert time.perf_counter() - start < 10
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # no child left behind
+
+
+def test_rounds_without_fork_run_here(monkeypatch):
+    def no_fork():
+        raise AssertionError("forked where fork is not used")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    monkeypatch.setattr(_fork.sys, "platform", "darwin")
+    jobs = {i: i for i in range(3)}
+    with _fork.ForkRounds(_counter, _count, jobs, {}, [5, 6], workers=3) as pool:
+        assert [{k: v for k, (v, _) in r.items()} for r in pool] == _expected(jobs, [5, 6])
+    with pytest.raises(ValueError, match="workers"):
+        _fork.ForkRounds(_counter, _count, jobs, {}, [1], workers=0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from apib_fx.hsic import (KERNELS, HSICStats, center, kernel_matrices, kkt_residual, nonneg_lasso,
+from apib_fx.hsic import (KERNELS, HSICStats, SurvivalPath, center, kernel_matrices, kkt_residual, nonneg_lasso,
                           nonneg_lasso_path, normalize)
 
 sklearn = pytest.importorskip("sklearn")
@@ -379,3 +379,32 @@ def test_path_with_an_active_set_beyond_the_initial_factor_size():
     for alpha in np.geomspace(al[0] * 0.99, al[-1] * 10, 6):
         assert kkt_residual(G, b, alpha, path.coef_at(alpha)) < 1e-8
         assert float((path.coef_at(alpha) - nonneg_lasso(G, b, alpha)).abs().max()) < 1e-6
+
+
+def test_path_walked_down_in_levels_is_the_whole_path(digits):
+    # Real kernels, and correlated kernels of low rank (120 channels, rank 60: dozens of channels
+    # leave and re-enter): descending level by level gives every survival above each level
+    # exactly and 0 below it, and finishes as the path walked in one go.
+    _, _, G, b = digits
+    problems = [(G, b)]
+    g = torch.Generator().manual_seed(0)
+    K = (torch.randn(120, 20, generator=g, dtype=torch.float64) @ torch.randn(20, 60, generator=g, dtype=torch.float64)
+         + 0.3 * torch.randn(120, 60, generator=g, dtype=torch.float64))
+    K = K / K.norm(dim=1, keepdim=True)
+    problems.append((K @ K.T, K @ torch.randn(60, generator=g, dtype=torch.float64)))
+    for G, b in problems:
+        whole = nonneg_lasso_path(G, b)
+        full = whole.survival
+        walked = SurvivalPath(G, b)
+        level = float(b.max())
+        while level > 1e-8:
+            s = torch.from_numpy(walked.descend(level))
+            above = full > level
+            assert torch.equal(s[above], full[above]) and bool((s[~above] == 0).all()), level
+            assert not walked.finished
+            level /= 3
+        path = walked.finish()
+        assert walked.finished and torch.equal(torch.from_numpy(walked.descend(0.5)), full)
+        assert torch.equal(path.alphas, whole.alphas) and torch.equal(path.coefs, whole.coefs)
+        assert torch.equal(path.survival, full) and torch.equal(path.left, whole.left)
+    assert int(whole.left.sum()) > 20  # (the low-rank one: channels did leave and come back)

@@ -658,3 +658,37 @@ def test_model_of_two_inputs_prunes_on_batches_of_both():
 def test_model_of_two_inputs_bad_batches(data, words):
     with pytest.raises(CalibrationError, match=words):
         apib_fx.prune(_ImageAndMask(), 0.3, data, progress=False)
+
+
+@pytest.mark.parametrize("min_channels,round_to", [(1, None), (4, None), (1, 8)])
+def test_paths_walked_only_as_deep_as_the_target_needs(min_channels, round_to):
+    # The search runs on paths walked down level by level; its result must be the one complete
+    # paths give, at every target, floor and rounding, while a high target stops early.
+    from apib_fx.scoring import _ordered, _survival, calibrate_apib, search_apib
+    from apib_fx.search import search_threshold
+
+    model = zoo_model("resnet18", num_classes=10)
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    graph = apib_fx.trace(model, x[:1])
+    calibrated = calibrate_apib(graph, graph.module, list(x.split(32)), progress=False)
+    primary = dict(calibrated.scores.primary)
+    primary.update((g, torch.from_numpy(_survival(p))) for g, p in calibrated.problems.items())
+    primary = _ordered(graph, primary)
+    stopped_early = False
+    for target in (0.2, 0.48, 0.75):
+        full = search_threshold(graph, primary, calibrated.scores.secondary, target, min_channels=min_channels,
+                                round_to=round_to, progress=False)
+        lazy, scores = search_apib(graph, calibrated, target, min_channels=min_channels, round_to=round_to,
+                                   workers=2, progress=False)
+        assert lazy.keep.keys() == full.keep.keys(), target
+        for g in full.keep:
+            assert torch.equal(lazy.keep[g], full.keep[g]), (target, g)
+        assert (lazy.threshold, lazy.reduction) == (full.threshold, full.reduction)
+        assert {"lasso", "search", "forward", "kernels"} <= set(scores.timings)
+        for g, s in scores.primary.items():  # what it knows is exact; the rest ranks below all of that
+            known = s > 0
+            assert torch.equal(s[known], primary[g][known])
+            if known.any() and (~known).any():
+                assert float(primary[g][~known].max()) < float(primary[g][known].min())
+            stopped_early |= bool((primary[g][~known] > 0).any())
+    assert stopped_early  # some path was left unwalked below the cut
