@@ -46,10 +46,11 @@ class PruneReport:
     params_after: int
     alpha: float  # the global threshold on scores (APIB: the HSIC Lasso penalty)
     num_calib: int
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]  # one sample of the (first) input, batch dimension left out
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     bn_recalibrated: int = 0  # BatchNorm layers whose statistics were re-estimated on calib_data
     groups: list[GroupRow] = field(default_factory=list)
+    input_shapes: tuple[tuple[int, ...], ...] = ()  # one sample of every input, in forward's order
 
     def table(self, only_pruned: bool = False) -> str:
         """Per-group channels kept, as a Markdown table."""
@@ -259,6 +260,7 @@ def prune(
         alpha=result.threshold,
         num_calib=sum(b[0].shape[0] for b in batches) if method == "apib" else 0,
         input_shape=tuple(sample[0].shape[1:]),
+        input_shapes=tuple(tuple(t.shape[1:]) for t in sample),
         timings=timings,
         bn_recalibrated=recalibrated,
         groups=[

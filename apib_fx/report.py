@@ -9,13 +9,18 @@ from ._atomic import atomic_path, write_bytes
 from .prune import PruneReport
 
 
+def _sample(report: PruneReport) -> str:
+    shapes = report.input_shapes or (report.input_shape,)
+    return " and ".join("x".join(map(str, shape)) for shape in shapes) + (" input" if len(shapes) == 1 else " inputs")
+
+
 def markdown(report: PruneReport, extra: Optional[dict[str, Any]] = None) -> str:
     lines = [
         f"# apib_fx pruning report ({report.method})",
         "",
         "| | before | after |",
         "|---|---:|---:|",
-        f"| FLOPs (MACs, one {'x'.join(map(str, report.input_shape))} input) | {report.flops_before:,} | {report.flops_after:,} |",
+        f"| FLOPs (MACs, one {_sample(report)}) | {report.flops_before:,} | {report.flops_after:,} |",
         f"| parameters | {report.params_before:,} | {report.params_after:,} |",
         "",
         f"FLOPs removed: **{report.flops_reduction:.2%}** (target {report.flops_target:.2%}); "

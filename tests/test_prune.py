@@ -631,6 +631,9 @@ def test_model_of_two_inputs_prunes_on_batches_of_both():
     report = pruned.apib_report
     assert report.num_calib == 24 and abs(report.flops_reduction - 0.3) <= 0.005 and report.bn_recalibrated == 1
     assert report.flops_after == apib_fx.count_flops(pruned, (img[:1], mask[:1]))
+    assert report.input_shapes == ((3, 12, 12), (1, 12, 12)) and report.input_shape == (3, 12, 12)
+    from apib_fx.report import markdown
+    assert "one 3x12x12 and 1x12x12 inputs" in markdown(report)
     assert pruned(img, mask).shape == (24, 5)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     # dict batches are read by the forward's parameter names, in any order
