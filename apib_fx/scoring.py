@@ -339,13 +339,14 @@ def search_apib(
 
     All paths descend together, level by level (α × 1/√2 each time). At a level, a channel's
     survival is known if it entered above it; the others are scored 0, below every known
-    channel, as their true survival (at most the level) is. The search runs once removing every
-    unknown channel falls short of the target: its result is then the one complete paths give,
-    provided the candidates it removes by position alone (:attr:`SearchResult.decided_from`)
-    cover the unknown ones and each group's ``min_channels`` best are known; otherwise the paths
-    go one level deeper (at their end every score is exact). With ``round_to`` each group must
-    also lose every unknown channel after rounding. Returns the result and the scores
-    it used, whose timings gain ``lasso`` (walking the paths) and ``search``.
+    channel, as their true survival (at most the level) is, and beside the channels finished
+    paths never selected (also 0). The search runs once removing every channel scored 0 falls
+    short of the target: its result is then the one complete paths give, provided the
+    candidates it removes by position alone (:attr:`SearchResult.decided_from`) cover all of
+    those and each group's ``min_channels`` best are known; otherwise the paths go one level
+    deeper (at their end every score is exact). With ``round_to`` each group must also lose all
+    of them after rounding. Returns the result and the scores it used, whose timings gain
+    ``lasso`` (walking the paths) and ``search``.
     """
     scores, problems = calibrated.scores, calibrated.problems
     cost = calibrated.cost()
@@ -369,8 +370,10 @@ def search_apib(
         levels.append(levels[-1] * _LEVEL_STEP)
     levels.append(-math.inf)  # to the end
     result = None
-    with ForkRounds(_walk_path, _descend, problems, cost, levels, workers) as rounds, \
-            tqdm(total=len(levels), desc="apib: lasso paths and search", unit="level", disable=not progress) as bar:
+    t = time.perf_counter()
+    rounds = ForkRounds(_walk_path, _descend, problems, cost, levels, workers)  # (the paths' set-up)
+    seconds["lasso"] += time.perf_counter() - t
+    with rounds, tqdm(total=len(levels), desc="apib: lasso paths and search", unit="level", disable=not progress) as bar:
         walking = iter(rounds)
         while result is None:
             t = time.perf_counter()
@@ -379,20 +382,22 @@ def search_apib(
             bar.update()
             t = time.perf_counter()
             finished = all(done for _, done in walked.values())
-            unknown = {g: 0 if done else int((s == 0).sum()) for g, (s, done) in walked.items()}
+            # Channels scored 0: those yet to enter, and those a finished path never selected. In
+            # the complete paths' order they come first too, but ordered otherwise among themselves.
+            low = {g: int((s == 0).sum()) for g, (s, _) in walked.items()}
             primary = _ordered(graph, {**scores.primary, **{g: torch.from_numpy(s) for g, (s, _) in walked.items()}})
             if finished:
                 result = search(primary)
-            elif (all(widths[g] - n >= floor[g] for g, n in unknown.items())
-                  and reduction_of_removal(graph, unknown, min_channels, round_to) < flops_target):
+            elif (all(widths[g] - n >= floor[g] for g, n in low.items())
+                  and reduction_of_removal(graph, low, min_channels, round_to) < flops_target):
                 try:
                     result = search(primary)
                 except UnreachableTarget:
                     result = None  # (complete paths may still reach it: go on)
                 if result is not None and (
-                        result.decided_from < sum(unknown.values())
+                        result.decided_from < sum(low.values())
                         # (rounding widths up gives back a group's best removed channels)
-                        or any(widths[g] - result.channels[g] < n for g, n in unknown.items())):
+                        or any(widths[g] - result.channels[g] < n for g, n in low.items())):
                     result = None
             seconds["search"] += time.perf_counter() - t
         bar.total = bar.n  # (the levels below were not needed)
