@@ -240,3 +240,27 @@ def test_rounds_without_fork_run_here(monkeypatch):
         assert [{k: v for k, (v, _) in r.items()} for r in pool] == _expected(jobs, [5, 6])
     with pytest.raises(ValueError, match="workers"):
         _fork.ForkRounds(_counter, _count, jobs, {}, [1], workers=0)
+
+
+@linux_only
+def test_an_error_in_a_round_here_stops_the_children_and_propagates():
+    import time
+    parent = os.getpid()
+
+    def fails_here_in_round_two(state, arg):
+        if os.getpid() == parent and arg == 2:
+            raise KeyError("here")
+        if os.getpid() != parent and arg == 2:
+            time.sleep(30)  # a child still busy: it is killed, not waited for
+        return arg
+
+    jobs = {i: i for i in range(4)}
+    start = time.perf_counter()
+    with pytest.raises(KeyError, match="here"):
+        with _fork.ForkRounds(_counter, fails_here_in_round_two, jobs, {i: 1.0 for i in jobs}, [1, 2, 3],
+                              workers=2) as pool:
+            for _ in pool:
+                pass
+    assert time.perf_counter() - start < 10
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # no child left behind
