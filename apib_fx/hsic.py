@@ -601,10 +601,12 @@ class SurvivalPath:
     far below that α). :meth:`descend` walks down to a level and returns the survival of every
     channel that entered above it; the others (0 there) enter at or below it, or never.
     :meth:`finish` completes the path: the same :class:`LassoPath` as :func:`nonneg_lasso_path`,
-    however many levels came before.
+    however many levels came before. ``record=False`` keeps the survival alone (not the
+    coefficients at every breakpoint, (events × C) floats): :meth:`finish` is then unavailable.
     """
 
-    def __init__(self, G: Tensor, b: Tensor, *, min_ratio: float = 1e-9, max_steps: int | None = None):
+    def __init__(self, G: Tensor, b: Tensor, *, min_ratio: float = 1e-9, max_steps: int | None = None,
+                 record: bool = True):
         Gn, bn = _problem(G, b)
         C = self.channels = bn.size
         diag = np.diag(Gn)
@@ -613,49 +615,56 @@ class SurvivalPath:
         bmax = float(bn[live].max()) if live.any() else -math.inf
         self._path: Optional[LassoPath] = None
         self._steps = None
+        self._record = record
+        self._survival: Optional[np.ndarray] = None  # once finished
         if bmax <= 0:
             zeros = torch.zeros(C, dtype=torch.float64)
             self._path = LassoPath(torch.zeros(1, dtype=torch.float64), zeros.reshape(1, C).clone(), zeros.clone(),
                                    torch.zeros(C, dtype=torch.bool))
+            self._survival = np.zeros(C)
             return
         # Work with diag(G) ≤ 1 so the tolerances below are relative; α scales with G, β does not.
         Gn /= scale  # our own copy
         self._scale = scale
         self._steps = _homotopy(Gn, bn / scale, live, min_ratio * bmax / scale,
-                                max_steps if max_steps is not None else 20 * C + 100)
+                                max_steps if max_steps is not None else 20 * C + 100, record)
         next(self._steps)
 
     @property
     def finished(self) -> bool:
         """Whether the path is complete (every survival is final)."""
-        return self._path is not None
+        return self._survival is not None
 
     def _walk(self, level: float) -> Optional[np.ndarray]:
         try:
             return self._steps.send(level)
         except StopIteration as end:
             alphas, coefs, surv, left = end.value
-            self._path = LassoPath(
-                torch.tensor(alphas, dtype=torch.float64) * self._scale,
-                torch.from_numpy(np.stack(coefs)),
-                torch.from_numpy(surv * self._scale),
-                torch.from_numpy(left),
-            )
+            self._survival = surv * self._scale
+            if self._record:
+                self._path = LassoPath(
+                    torch.tensor(alphas, dtype=torch.float64) * self._scale,
+                    torch.from_numpy(np.stack(coefs)),
+                    torch.from_numpy(self._survival.copy()),
+                    torch.from_numpy(left),
+                )
             self._steps = None
             return None
 
     def descend(self, alpha: float) -> np.ndarray:
         """Walk down to ``alpha`` (in G's units, as :attr:`LassoPath.survival`); returns the
         survival (C,) float64 so far: exact for every channel above ``alpha``, 0 for the rest."""
-        if self._path is None:
+        if self._survival is None:
             surv = self._walk(float(alpha) / self._scale)
             if surv is not None:
                 return surv * self._scale
-        return self._path.survival.numpy().copy()
+        return self._survival.copy()
 
     def finish(self) -> LassoPath:
         """The whole path (walked to its end)."""
-        if self._path is None:
+        if not self._record:
+            raise ValueError("this path keeps the survival alone (record=False): walk it with descend()")
+        if self._survival is None:
             self._walk(-math.inf)
         return self._path
 
@@ -669,14 +678,17 @@ def _rotate_left(a: np.ndarray, p: int, n: int) -> None:
     a[n - 1] = saved
 
 
-def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float, max_steps: int):
+def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float, max_steps: int,
+              record: bool = True):
     """Path on the scaled problem, as a generator that walks down to the levels it is sent.
 
     Primed with ``next``, it takes a level with ``send`` and yields the survival array (C,) once
     the next event lies at or below that level (``survival`` is then final for every channel
     that entered above it, and every other channel's survival is at most the level); a later
     ``send`` of a lower level walks on from there. At ``alpha_end`` (or when the path ends) it
-    returns (alphas, coefs, survival, left) in the scaled units, by StopIteration.
+    returns (alphas, coefs, survival, left) in the scaled units, by StopIteration; without
+    ``record`` ``coefs`` holds only the zeros at the start (a (C,) vector per event is the
+    path's largest memory).
 
     Bookkeeping: ``perm`` lists the active set A first (positions [0, n), in the order of the
     factor), then the inactive channels; ``GA`` holds the rows of G for A (columns in the original
@@ -850,11 +862,13 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
         if best <= alpha_end:
             if alpha > alpha_end:
                 alphas.append(alpha_end)
-                coefs.append(beta_at(alpha_end))
+                if record:
+                    coefs.append(beta_at(alpha_end))
             break
         if best < alpha:
             alphas.append(best)
-            coefs.append(beta_at(best))
+            if record:
+                coefs.append(beta_at(best))
             alpha = best
             revisits = 0
         if revisits > max(16, n):

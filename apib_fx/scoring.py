@@ -311,7 +311,7 @@ def _survival(problem: tuple[Tensor, Tensor]):
 def _walk_path(problem: tuple[Tensor, Tensor]):
     from .hsic import SurvivalPath
 
-    return SurvivalPath(*problem)
+    return SurvivalPath(*problem, record=False)  # (the survival is all the search needs)
 
 
 def _descend(path, level: float) -> tuple[np.ndarray, bool]:

@@ -408,3 +408,9 @@ def test_path_walked_down_in_levels_is_the_whole_path(digits):
         assert torch.equal(path.alphas, whole.alphas) and torch.equal(path.coefs, whole.coefs)
         assert torch.equal(path.survival, full) and torch.equal(path.left, whole.left)
     assert int(whole.left.sum()) > 20  # (the low-rank one: channels did leave and come back)
+    # Survival alone (what the search walks): the same, without the coefficients of every event.
+    light = SurvivalPath(G, b, record=False)
+    assert torch.equal(torch.from_numpy(light.descend(float(b.max()) / 4)), torch.where(full > float(b.max()) / 4, full, 0.0))
+    assert torch.equal(torch.from_numpy(light.descend(-math.inf)), full) and light.finished
+    with pytest.raises(ValueError, match="survival alone"):
+        light.finish()
