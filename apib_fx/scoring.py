@@ -34,7 +34,7 @@ from .graph import ChannelGraph
 from .inplace import inplace_arithmetic
 from .labels import NONE, axis_ids, is_labels, varying_axes
 from .rules import rule_for, weight_param
-from .search import SearchResult, UnreachableTarget, reduction_of_removal, search_threshold
+from .search import SearchResult, UnreachableTarget, channel_floor, reduction_of_removal, search_threshold
 
 if TYPE_CHECKING:
     from .hsic import HSICStats
@@ -223,6 +223,13 @@ class APIBProblems:
         # 0.17 s at 1024, 0.03 s at 512).
         return {g: float(G.shape[0]) ** 1.75 for g, (G, _) in self.problems.items()}
 
+    def workers(self, workers: Optional[int]) -> Optional[int]:
+        """Processes for the paths: ``workers``, or 1 where they are a few milliseconds of work
+        (forking would cost more than it saves), or None (the default)."""
+        if workers is None and sum(self.cost().values()) < _FORK_WORTH:
+            return 1
+        return workers
+
 
 def calibrate_apib(
     graph: ChannelGraph,
@@ -291,10 +298,8 @@ def score_apib(
     start = time.perf_counter()
     with tqdm(total=len(problems), desc="apib: lasso paths", unit="group", disable=not progress) as bar:
         # Independent per group and bound by Python: spread over processes.
-        cost = calibrated.cost()
-        if workers is None and sum(cost.values()) < _FORK_WORTH:
-            workers = 1  # a few milliseconds of paths: forking would cost more than it saves
-        survival = fork_map(_survival, problems, cost, workers, done=lambda _: bar.update())
+        survival = fork_map(_survival, problems, calibrated.cost(), calibrated.workers(workers),
+                            done=lambda _: bar.update())
     scores.primary.update((g, torch.from_numpy(s)) for g, s in survival.items())
     scores.primary = _ordered(graph, scores.primary)
     scores.timings["lasso"] = time.perf_counter() - start
@@ -349,19 +354,17 @@ def search_apib(
     ``lasso`` (walking the paths) and ``search``.
     """
     scores, problems = calibrated.scores, calibrated.problems
-    cost = calibrated.cost()
-    if workers is None and sum(cost.values()) < _FORK_WORTH:
-        workers = 1  # a few milliseconds of paths: forking would cost more than it saves
     top = max((float(b.max()) for _, b in problems.values()), default=0.0)
     widths = {g: G.shape[0] for g, (G, _) in problems.items()}
-    floor = {g: min(w, max(1, int(min_channels))) for g, w in widths.items()}
+    full = np.array(list(widths.values()), dtype=np.int64)
+    floor = dict(zip(widths, channel_floor(full, min_channels, round_to).tolist()))  # (as the search's)
     seconds = {"lasso": 0.0, "search": 0.0}
 
     def search(primary: dict[int, Tensor]) -> SearchResult:
         return search_threshold(graph, _ordered(graph, primary), scores.secondary, flops_target,
                                 min_channels=min_channels, tolerance=tolerance, round_to=round_to, progress=False)
 
-    every = {g.index: g.channels - min(g.channels, max(1, int(min_channels))) for g in graph.prunable_groups}
+    every = {g.index: g.channels for g in graph.prunable_groups}  # (each keeps its floor)
     if reduction_of_removal(graph, every, min_channels, round_to) < flops_target - tolerance:
         # Out of reach whatever the scores: the search says so (and by how much) before any path.
         search({**scores.primary, **{g: torch.zeros(w, dtype=torch.float64) for g, w in widths.items()}})
@@ -371,7 +374,8 @@ def search_apib(
     levels.append(-math.inf)  # the rest in one go (a cut that far down is rare; ~20 rounds fewer)
     result = None
     t = time.perf_counter()
-    rounds = ForkRounds(_walk_path, _descend, problems, cost, levels, workers)  # (the paths' set-up)
+    rounds = ForkRounds(_walk_path, _descend, problems, calibrated.cost(), levels,
+                        calibrated.workers(workers))  # (the paths' set-up)
     seconds["lasso"] += time.perf_counter() - t
     with rounds, tqdm(total=len(levels), desc="apib: lasso paths and search", unit="level", disable=not progress) as bar:
         walking = iter(rounds)

@@ -49,7 +49,7 @@ def _rounded(kept: np.ndarray, full: np.ndarray, floor: np.ndarray, round_to: Op
     return kept
 
 
-def _floor(full: np.ndarray, min_channels: int, round_to: Optional[int]) -> np.ndarray:
+def channel_floor(full: np.ndarray, min_channels: int, round_to: Optional[int]) -> np.ndarray:
     """The fewest channels each group keeps."""
     floor = np.minimum(full, max(1, int(min_channels)))
     if round_to:
@@ -63,7 +63,7 @@ def reduction_of_removal(graph: ChannelGraph, removed: dict[int, int], min_chann
     rounding :func:`search_threshold` applies."""
     groups = sorted(removed)
     full = np.array([graph.groups[g].channels for g in groups], dtype=np.int64)
-    floor = _floor(full, min_channels, round_to)
+    floor = channel_floor(full, min_channels, round_to)
     kept = _rounded(full - np.array([removed[g] for g in groups], dtype=np.int64), full, floor, round_to)
     base = graph.flops()
     return 1.0 - graph.flops(dict(zip(groups, kept.astype(np.int64).tolist()))) / base if base else 0.0
@@ -140,7 +140,7 @@ def search_threshold(
     """Remove the lowest-scored channels until ``flops_target`` (fraction of MACs removed) is met."""
     groups = sorted(primary)
     full = np.array([graph.groups[g].channels for g in groups], dtype=np.int64)
-    floor = _floor(full, min_channels, round_to)
+    floor = channel_floor(full, min_channels, round_to)
 
     # Per group: channels in removal order (lowest first); the top `floor` are never candidates.
     order_in_group: list[np.ndarray] = []
