@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from apib_fx import hsic
 from apib_fx.hsic import (KERNELS, HSICStats, SurvivalPath, center, kernel_matrices, kkt_residual, nonneg_lasso,
                           nonneg_lasso_path, normalize)
 
@@ -232,7 +233,12 @@ def test_degenerate_inputs():
         nonneg_lasso_path(torch.eye(3, **f64), torch.ones(2, **f64))
 
 
-def test_path_exact_on_larger_random_problem():
+@pytest.mark.parametrize("blocked_from", [None, 0])
+def test_path_exact_on_larger_random_problem(blocked_from, monkeypatch):
+    # blocked_from=0: every deletion's rotation chain takes the blocked products (the default
+    # takes them for large chains only).
+    if blocked_from is not None:
+        monkeypatch.setattr(hsic, "_BLOCKED_CHAIN", blocked_from)
     g = torch.Generator().manual_seed(3)
     C, B = 300, 24  # B(B−1)/2 = 276 < C: G is singular, the path must cope
     z = torch.randn(B, 8, generator=g)
@@ -365,6 +371,33 @@ def test_self_gram_blocks_match_the_plain_product():
     G = _self_gram(k, leaf=100)
     assert float((G - k @ k.T).abs().max()) < 1e-12
     assert torch.equal(G[:300, 300:], G[300:, :300].T)
+
+
+@pytest.mark.parametrize("m", [2, 15, 16, 17, 53, 160])
+def test_rotation_chain_in_blocks_matches_the_plain_one(m, monkeypatch):
+    """A deletion's rotation chain (rows p.. of the inverse factor) computed in blocks of rows
+    equals the plain cumulative sums: chains shorter than, equal to and longer than one block,
+    ending inside a block or at its end."""
+    rng = np.random.default_rng(m)
+    n = m + 40
+    a = rng.standard_normal((n, n))
+    R = np.linalg.inv(np.linalg.cholesky(a @ a.T / n + 0.1 * np.eye(n)))
+    p = n - m
+    rows = R[p:n]
+    col = rows[:, p].copy()
+    rho = np.sqrt(np.cumsum(col * col))
+    keep, mix = col[1:] / (rho[:-1] * rho[1:]), rho[:-1] / rho[1:]
+    plain, z_plain = hsic._rotation_chain(rows, col, rho, keep, mix)
+    monkeypatch.setattr(hsic, "_BLOCKED_CHAIN", 0)
+    blocked, z_blocked = hsic._rotation_chain(rows, col, rho, keep, mix)
+    assert blocked.shape == plain.shape == (m - 1, n)
+    scale = np.abs(R).max()
+    assert np.abs(blocked - plain).max() < 1e-13 * scale and np.abs(z_blocked - z_plain).max() < 1e-13 * scale
+    # And what it computes: the rows of the inverse factor of G with channel p removed.
+    G = np.linalg.inv(R.T @ R)
+    keep_idx = np.r_[:p, p + 1 : n]
+    R_new = np.vstack([R[:p, keep_idx], blocked[:, keep_idx]])
+    assert np.allclose(R_new.T @ R_new, np.linalg.inv(G[np.ix_(keep_idx, keep_idx)]), rtol=1e-8, atol=1e-8)
 
 
 def test_path_with_an_active_set_beyond_the_initial_factor_size():
