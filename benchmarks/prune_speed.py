@@ -5,7 +5,7 @@
 Prints, in one run: APIB's total time and its split (trace, calibration forward, kernels + Gram,
 Lasso paths, search, rewrite, and the BatchNorm re-estimation ``prune`` does by default: one more
 forward over the images, for every method), the time of one plain forward pass over the same images (the floor
-for any data-driven criterion), both as a user runs it and with the allocator settings prune uses
+for any data-driven criterion; timed before and after the methods and pooled), both as a user runs it and with the allocator settings prune uses
 for its calibration forwards (apib_fx/_malloc.py: freed memory kept for reuse), and l1, fpgm and Torch-Pruning's MagnitudeImportance pruner at
 the same FLOPs targets. Weights are random (nothing is downloaded), so only times are meaningful.
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import time
+
+import numpy as np
 
 import torch
 
@@ -62,17 +64,47 @@ def main() -> None:
     def secs(v: float) -> str:
         return f"{v:.3f}" if v < 0.1 else f"{v:.2f}"  # a GPU forward takes milliseconds
 
-    forward, passes = plain_forward(False)
     kept_on = dev.type == "cpu" and _malloc.enabled()
-    forward_kept, passes_kept = plain_forward(True) if kept_on else (forward, passes)
+
+    def baselines() -> tuple[list[float], list[float]]:
+        passes = plain_forward(False)[1]
+        return passes, (plain_forward(True)[1] if kept_on else passes)
+
+    # The forwards are timed before and after the methods and pooled: this machine's speed drifts
+    # over minutes, and one side of the ratio measured at another time than the other moved the
+    # ratios by a third between runs.
+    before = baselines()
+    print("plain forward (as a user runs it / same allocator), before:", before, flush=True)
+    # One untimed run first: lazy initialisation (CUDA context, cuBLAS/cuDNN handles, the first
+    # oneDNN primitives) is paid once per process, not per prune.
+    apib_fx.prune(model, float(args.targets.split(",")[0]), data, num_calib=args.num_calib,
+                  batch_size=args.batch_size, progress=False)
+    measured = []
+    for target in [float(t) for t in args.targets.split(",")]:
+        for method in ("apib", "l1", "fpgm"):
+            t = time.perf_counter()
+            pruned = apib_fx.prune(model, target, data, method=method, num_calib=args.num_calib,
+                                   batch_size=args.batch_size, progress=False)
+            measured.append((target, method, pruned.apib_report, time.perf_counter() - t))
+            print(f"{target} {method}: {measured[-1][3]:.2f} s", flush=True)
+        if not args.skip_tp:
+            try:
+                _, achieved, once, total = tp_magnitude(model, data[:1], target)
+                measured.append((target, f"Torch-Pruning magnitude (one prune; {total:.1f} s with the ratio "
+                                 f"bisection)", achieved, once))
+            except Exception as e:
+                measured.append((target, "Torch-Pruning magnitude", e, None))
+    after = baselines()
+    passes, passes_kept = before[0] + after[0], before[1] + after[1]
+    forward, forward_kept = float(np.median(passes)), float(np.median(passes_kept))
 
     lines = [f"{args.model} {args.size}x{args.size}, {args.num_calib} calibration images, batch "
              f"{args.batch_size}, device {device_name}, torch {torch.__version__}",
-             f"plain forward over the calibration images, as a user runs it: {secs(forward)} s (median of 3: "
-             f"{', '.join(secs(p) for p in passes)})",
+             f"plain forward over the calibration images, as a user runs it: {secs(forward)} s (median of 6, "
+             f"3 before the methods and 3 after: {', '.join(secs(p) for p in passes)})",
              f"the same with freed memory kept for reuse, as prune runs its calibration forwards "
              f"(apib_fx/_malloc.py{'' if kept_on else ': not in effect here'}): {secs(forward_kept)} s "
-             f"(median of 3: {', '.join(secs(p) for p in passes_kept)})",
+             f"(median of 6: {', '.join(secs(p) for p in passes_kept)})",
              "ratios: everything but the BN re-estimation over the plain forward (the 1.5x aim), over the "
              "forward with the same allocator settings, and the cost added to the calibration forward "
              "over that forward (0.5 at the aim; independent of how fast the forward ran)", ""]
@@ -81,17 +113,13 @@ def main() -> None:
             "| (total − BN − forward) / forward, same allocator |")
     lines += [head, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     print("\n".join(lines), flush=True)
-    # One untimed run first: lazy initialisation (CUDA context, cuBLAS/cuDNN handles, the first
-    # oneDNN primitives) is paid once per process, not per prune.
-    apib_fx.prune(model, float(args.targets.split(",")[0]), data, num_calib=args.num_calib,
-                  batch_size=args.batch_size, progress=False)
-    for target in [float(t) for t in args.targets.split(",")]:
-        for method in ("apib", "l1", "fpgm"):
-            t = time.perf_counter()
-            pruned = apib_fx.prune(model, target, data, method=method, num_calib=args.num_calib,
-                                   batch_size=args.batch_size, progress=False)
-            total = time.perf_counter() - t
-            r = pruned.apib_report
+    for target, method, r, total in measured:
+        if total is None:
+            row = f"| {target:.2f} | {method} | error: {type(r).__name__}: {r} |"
+        elif not hasattr(r, "timings"):  # Torch-Pruning: one prune, nothing split
+            row = (f"| {target:.2f} | {method} | {r:.3f} | {total:.2f} | - | - | - | - | - | - | - "
+                   f"| {total / forward:.2f} | {total / forward_kept:.2f} | {total / forward_kept:.2f} |")
+        else:
             tm = r.timings
             cells = [secs(tm[k]) if k in tm else "-"
                      for k in ("trace", "forward", "kernels", "lasso", "search", "rewrite", "recalibrate")]
@@ -99,16 +127,7 @@ def main() -> None:
             row = (f"| {target:.2f} | {method} | {r.flops_reduction:.3f} | {total:.2f} | " + " | ".join(cells)
                    + f" | {own / forward:.2f} | {own / forward_kept:.2f} "
                    f"| {(own - tm.get('forward', 0.0)) / forward_kept:.2f} |")
-            emit(lines, row)
-        if not args.skip_tp:
-            try:
-                _, achieved, once, total = tp_magnitude(model, data[:1], target)
-                row = (f"| {target:.2f} | Torch-Pruning magnitude (one prune; {total:.1f} s with the ratio "
-                       f"bisection) | {achieved:.3f} | {once:.2f} | - | - | - | - | - | - | - | {once / forward:.2f} "
-                       f"| {once / forward_kept:.2f} | {once / forward_kept:.2f} |")
-            except Exception as e:
-                row = f"| {target:.2f} | Torch-Pruning magnitude | error: {type(e).__name__}: {e} |"
-            emit(lines, row)
+        emit(lines, row)
     write_results(args.out, lines)
 
 
