@@ -846,10 +846,7 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
             rho = np.sqrt(np.cumsum(col * col))  # ρ_0 = R[p, p] > 0 (diagonal of an inverse factor)
             keep = col[1:] / (rho[:-1] * rho[1:])
             mix = rho[:-1] / rho[1:]
-            ys = Y[p:n].copy()
-            SY = np.cumsum(ys * col[:, None], axis=0)
-            zy = SY[-1] / rho[-1]
-            Y[p : n - 1] = SY[:-1] * keep[:, None] - ys[1:] * mix[:, None]
+            Y[p : n - 1], zy = _rotation_chain(Y[p:n], col, rho, keep, mix)  # (Y's rows rotate alike)
             S, z = _rotation_chain(rows, col, rho, keep, mix)
             # Then drop column p (shift the others left) and the last row, which now holds it.
             R[p : n - 1, :p] = S[:, :p]

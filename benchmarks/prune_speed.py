@@ -44,8 +44,8 @@ def main() -> None:
     data = torch.randn(args.num_calib, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)).to(dev)
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {cpu_name()} ({torch.get_num_threads()} threads)"
 
-    def plain_forward(keep: bool) -> tuple[float, list[float]]:
-        """Median of 3 plain forwards over the calibration images (after a warm-up)."""
+    def plain_forward(keep: bool) -> list[float]:
+        """3 plain forwards over the calibration images (after a warm-up), in seconds."""
         passes = []
         with torch.no_grad(), keep_freed_memory(keep):
             model(data[:2])
@@ -58,8 +58,7 @@ def main() -> None:
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 passes.append(time.perf_counter() - t)
-        passes = passes[1:]  # the first pass inside the scope still faults its heap in
-        return sorted(passes)[1], passes
+        return passes[1:]  # the first pass inside the scope still faults its heap in
 
     def secs(v: float) -> str:
         return f"{v:.3f}" if v < 0.1 else f"{v:.2f}"  # a GPU forward takes milliseconds
@@ -67,14 +66,15 @@ def main() -> None:
     kept_on = dev.type == "cpu" and _malloc.enabled()
 
     def baselines() -> tuple[list[float], list[float]]:
-        passes = plain_forward(False)[1]
-        return passes, (plain_forward(True)[1] if kept_on else passes)
+        passes = plain_forward(False)
+        return passes, (plain_forward(True) if kept_on else passes)
 
     # The forwards are timed before and after the methods and pooled: this machine's speed drifts
     # over minutes, and one side of the ratio measured at another time than the other moved the
     # ratios by a third between runs.
     before = baselines()
-    print("plain forward (as a user runs it / same allocator), before:", before, flush=True)
+    print("plain forwards before the methods, as a user runs them / same allocator (s):",
+          [secs(p) for p in before[0]], [secs(p) for p in before[1]], flush=True)
     # One untimed run first: lazy initialisation (CUDA context, cuBLAS/cuDNN handles, the first
     # oneDNN primitives) is paid once per process, not per prune.
     apib_fx.prune(model, float(args.targets.split(",")[0]), data, num_calib=args.num_calib,
@@ -86,7 +86,7 @@ def main() -> None:
             pruned = apib_fx.prune(model, target, data, method=method, num_calib=args.num_calib,
                                    batch_size=args.batch_size, progress=False)
             measured.append((target, method, pruned.apib_report, time.perf_counter() - t))
-            print(f"{target} {method}: {measured[-1][3]:.2f} s", flush=True)
+            print(f"{target} {method}: {measured[-1][-1]:.2f} s", flush=True)
         if not args.skip_tp:
             try:
                 _, achieved, once, total = tp_magnitude(model, data[:1], target)
@@ -114,9 +114,9 @@ def main() -> None:
     lines += [head, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     print("\n".join(lines), flush=True)
     for target, method, r, total in measured:
-        if total is None:
+        if isinstance(r, Exception):
             row = f"| {target:.2f} | {method} | error: {type(r).__name__}: {r} |"
-        elif not hasattr(r, "timings"):  # Torch-Pruning: one prune, nothing split
+        elif isinstance(r, float):  # Torch-Pruning: the reduction it achieved; one prune, nothing split
             row = (f"| {target:.2f} | {method} | {r:.3f} | {total:.2f} | - | - | - | - | - | - | - "
                    f"| {total / forward:.2f} | {total / forward_kept:.2f} | {total / forward_kept:.2f} |")
         else:
