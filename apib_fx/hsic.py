@@ -745,11 +745,15 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
     path's largest memory).
 
     Bookkeeping: ``perm`` lists the active set A first (positions [0, n), in the order of the
-    factor), then the inactive channels; ``GA`` holds the rows of G for A (columns in the original
-    order) in slots: ``slot[i]`` is the row of factor position i. A channel that enters takes slot
-    n; one that leaves hands its slot to the row in slot n−1, so an event moves at most one row of
-    G, never a block. R = L⁻¹ with L Lᵀ = G_AA is kept explicitly, so every solve is a small
-    mat-vec (numpy: its per-call overhead is a fraction of torch's at these sizes).
+    factor), then the inactive channels; ``GA`` holds the rows of G for A in slots (``slot[i]`` is
+    the row of factor position i), with columns in position order, and only its inactive columns
+    [n, C) are kept up to date: the correlations of active channels are α by construction, so
+    every event's product runs over the inactive columns alone (a third of a wide layer's columns
+    are active near its cut). A channel that enters takes slot n; one that leaves hands its slot
+    to the row in slot n−1 and gets its column written back, so an event moves at most one row
+    and one or two columns of G, never a block. R = L⁻¹ with L Lᵀ = G_AA is kept explicitly, so
+    every solve is a small mat-vec (numpy: its per-call overhead is a fraction of torch's at these
+    sizes).
     With Y = R[1, b_A] and (u, v) = Rᵀ Y:
         β_A(α) = v − α u,    corr_k(α) = b_k − G_kA β_A = (b_k − G_kA v) + α (G_kA u),
     so channel k enters at α = (b_k − G_kA v) / (1 − G_kA u), and j leaves at α = v_j / u_j (u_j < 0).
@@ -787,11 +791,14 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
         return out
 
     def swap(i: int, j: int) -> None:
+        # (two inactive positions: their columns of GA swap too)
         if i == j:
             return
         bp[i], bp[j] = bp[j], bp[i]
         perm[i], perm[j] = perm[j], perm[i]
         pos[perm[i]], pos[perm[j]] = i, j
+        if n:
+            GA[:n, [i, j]] = GA[:n, [j, i]]
 
     def refresh() -> None:
         # Recompute Y and (u, v) from R: the rank-one updates drift slowly.
@@ -814,7 +821,7 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
             s2 = G[k, k]
         if s2 <= 1e-10 * G[k, k]:
             return False
-        GA[n] = G[k]
+        GA[n, n + 1 :] = G[k, perm[n + 1 :]]  # (its inactive columns: the others are never read)
         slot[n] = n
         s = math.sqrt(s2)
         if n:
@@ -867,32 +874,34 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
         pos[perm[p:n]] = np.arange(p, n)
         _rotate_left(UV, p, n)
         n -= 1
+        # The channel left at position n, now the first inactive one: its column of GA anew.
+        GA[slot[:n], n] = G[perm[n], perm[:n]]
         Y[n] = 0.0
         UV[n] = 0.0
 
-    # Entering candidates are scored over all C channels in their own order (no gathers per
-    # event): ``cand`` marks live, inactive, unblocked channels.
+    # ``cand`` marks live, inactive, unblocked channels (in channel order).
     active = np.zeros(C, dtype=bool)
     cand = live.copy()
-    ent = np.empty(C)
     stop = yield None  # the first level
     steps = 0
     while steps < max_steps:
+        # Entering candidates, scored in position order over the inactive positions [n, C).
+        ok = cand[perm[n:]]
         if n:
             u, v = UV[:n, 0], UV[:n, 1]
             UVs[:, slot[:n]] = UV[:n].T
-            aq = UVs[:, :n] @ GA[:n]
+            aq = UVs[:, :n] @ GA[:n, n:]
             den = 1.0 - aq[0]
-            num = bs - aq[1]
-            ok = cand & (den > 1e-11 * max(1.0, float(np.abs(u).sum())))
+            num = bp[n:] - aq[1]
+            ok &= den > 1e-11 * max(1.0, float(np.abs(u).sum()))
         else:
             u = v = np.zeros(0)
-            den, num, ok = np.ones(C), bs, cand
-        ent.fill(-math.inf)
+            den, num = np.ones(C), bp
+        ent = np.full(C - n, -math.inf)
         np.divide(num, den, out=ent, where=ok)
         np.minimum(ent, alpha, out=ent)
-        if last_dropped >= 0 and ent[last_dropped] >= alpha - tie:
-            ent[last_dropped] = -math.inf
+        if last_dropped >= 0 and ent[pos[last_dropped] - n] >= alpha - tie:
+            ent[pos[last_dropped] - n] = -math.inf
         out = np.full(n, -math.inf)
         neg = u < 0
         out[neg] = np.minimum(v[neg] / u[neg], alpha)
@@ -942,7 +951,8 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
             last_dropped, last_added = ch, -1
             since_refresh += 1
         else:
-            ch = int(np.flatnonzero(ent >= best - tie)[0])  # ties: lowest channel index
+            ties = perm[n + np.flatnonzero(ent >= best - tie)]
+            ch = int(ties.min())  # ties: lowest channel index
             cand[ch] = False
             if add(int(pos[ch])):
                 revisits += seen_at[ch] == alpha
