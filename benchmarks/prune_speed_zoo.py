@@ -26,7 +26,7 @@ from apib_fx.testing import zoo_model
 from _results import emit, write_results
 
 MODELS = ["resnet50", "vgg16_bn", "densenet121", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_1_6gf",
-          "convnext_tiny"]
+          "convnext_tiny", "vit_b_16"]
 
 
 def main() -> None:
