@@ -31,6 +31,7 @@ class GroupRow:
     prunable: bool
     reason: Optional[str] = None  # why not prunable
     note: Optional[str] = None  # what the scoring said of it (e.g. nothing to score against)
+    unselected: int = 0  # APIB: kept channels no Lasso path selected (kept on relevance alone)
 
 
 @dataclass
@@ -59,6 +60,9 @@ class PruneReport:
             if only_pruned and g.channels_after == g.channels_before:
                 continue
             note = (g.note or "") if g.prunable else f"fixed: {g.reason}"
+            if g.unselected:
+                also = f"{g.unselected} kept on relevance alone (no Lasso path selected them)"
+                note = f"{note}; {also}" if note else also
             rows.append(f"| {g.index} | {g.name} | {g.channels_before} | {g.channels_after} | {note} |")
         return "\n".join(rows)
 
@@ -69,14 +73,39 @@ class PruneReport:
             f"({self.flops_reduction:.1%} removed, target {self.flops_target:.1%}); params "
             f"{self.params_before:,} -> {self.params_after:,}; alpha={self.alpha:.4g}; "
             + (f"BatchNorm re-estimated in {self.bn_recalibrated} layers; " if self.bn_recalibrated else "")
+            + (f"{self.unselected} kept channels selected by no Lasso path; " if self.unselected else "")
             + t
         )
+
+    @property
+    def unselected(self) -> int:
+        """APIB: kept channels that no HSIC Lasso path selected above α (kept on relevance alone)."""
+        return sum(g.unselected for g in self.groups)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def _unselected(graph, keep: dict, primary: dict) -> dict[int, int]:
+    """Per scored group, the kept channels whose APIB score is 0: no Lasso path selected them
+    above the global α, so the search kept them in order of relevance alone. Either the target
+    keeps more channels than the non-negative Lasso finds informative at any α (a channel whose
+    kernel the selected ones already explain never enters), or the Gram's rank caps the path: at
+    any α it holds at most rank-many channels, B(B−1)/2 per kernel batch of B samples and per
+    layer reading the group (more samples per batch lift that cap)."""
+    out = {}
+    for g in graph.prunable_groups:
+        score = primary.get(g.index)
+        if score is None or bool(torch.isinf(score).all()):  # (nothing to score against: kept whole)
+            continue
+        kept = keep.get(g.index)
+        n = int((score if kept is None else score[torch.as_tensor(kept, dtype=torch.long)]).eq(0).sum())
+        if n:
+            out[g.index] = n
+    return out
 
 
 def _n_params(model: nn.Module) -> int:
@@ -227,7 +256,9 @@ def prune(
             result, scores = search_apib(graph, calibrated, float(flops_target), min_channels=min_channels,
                                          tolerance=tolerance, round_to=round_to, workers=workers, progress=progress)
             timings.update(scores.timings)
+            unselected = _unselected(graph, result.keep, scores.primary)
         else:
+            unselected = {}
             scores = score_data_free(graph, model, method, seed)
             timings.update(scores.timings)
             t = time.perf_counter()
@@ -265,7 +296,7 @@ def prune(
         bn_recalibrated=recalibrated,
         groups=[
             GroupRow(g.index, g.name, g.channels, result.channels.get(g.index, g.channels), g.prunable, g.reason,
-                     scores.notes.get(g.index))
+                     scores.notes.get(g.index), unselected.get(g.index, 0))
             for g in graph.groups
         ],
     )

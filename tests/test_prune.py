@@ -695,3 +695,53 @@ def test_paths_walked_only_as_deep_as_the_target_needs(min_channels, round_to):
                 assert float(primary[g][~known].max()) < float(primary[g][known].min())
             stopped_early |= bool((primary[g][~known] > 0).any())
     assert stopped_early  # some path was left unwalked below the cut
+
+
+class _Wide(nn.Module):
+    """A 48-channel layer read by one conv: with two kernel batches of 4 samples its Gram has
+    rank at most 2 x 6 = 12, so its Lasso path holds at most 12 channels at any alpha."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 48, 3, padding=1)
+        self.conv3 = nn.Conv2d(48, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.relu(self.conv3(x)).mean(dim=(2, 3))
+        return self.fc(x)
+
+
+def test_channels_kept_on_relevance_alone_are_counted():
+    from apib_fx.scoring import score_apib
+
+    torch.manual_seed(0)
+    model = _Wide().eval()
+    x = _data(8, 16)
+    pruned = apib_fx.prune(model, 0.3, x, num_calib=8, batch_size=4, progress=False)
+    report = pruned.apib_report
+    assert report.alpha == 0.0
+    graph = apib_fx.trace(model, x[:1])
+    survival = score_apib(graph, graph.module, [x[:4], x[4:]], progress=False).primary
+    wide = next(g for g in graph.groups if g.channels == 48)
+    # Kept channels of the wide group, read off the pruned layer's biases (distinct at random).
+    kept = [int(torch.nonzero(model.conv2.bias == b)[0]) for b in pruned.conv2.bias]
+    assert len(kept) > int((survival[wide.index] > 0).sum())  # more than its path ever selected
+    row = next(r for r in report.groups if r.index == wide.index)
+    assert row.unselected == int((survival[wide.index][kept] == 0).sum()) > 0
+    assert report.unselected == sum(r.unselected for r in report.groups) >= row.unselected
+    assert f"{row.unselected} kept on relevance alone" in report.table()
+    assert f"{report.unselected} kept channels selected by no Lasso path" in report.summary()
+    assert pruned.apib_report.to_dict()["groups"][row.index]["unselected"] == row.unselected
+
+
+def test_no_channel_kept_on_relevance_alone_when_the_cut_is_above_zero():
+    torch.manual_seed(0)
+    model = _Wide().eval()
+    pruned = apib_fx.prune(model, 0.7, _data(64, 16), num_calib=64, batch_size=32, progress=False)
+    report = pruned.apib_report
+    assert report.alpha > 0 and report.unselected == 0
+    assert "relevance alone" not in report.table() and "no Lasso path" not in report.summary()
