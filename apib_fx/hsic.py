@@ -900,8 +900,10 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
         ent = np.full(C - n, -math.inf)
         np.divide(num, den, out=ent, where=ok)
         np.minimum(ent, alpha, out=ent)
-        if last_dropped >= 0 and ent[pos[last_dropped] - n] >= alpha - tie:
-            ent[pos[last_dropped] - n] = -math.inf
+        if last_dropped >= 0:
+            back = pos[last_dropped] - n  # (inactive: its entry in ent)
+            if ent[back] >= alpha - tie:
+                ent[back] = -math.inf
         out = np.full(n, -math.inf)
         neg = u < 0
         out[neg] = np.minimum(v[neg] / u[neg], alpha)

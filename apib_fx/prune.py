@@ -98,8 +98,8 @@ def _unselected(graph, keep: dict, primary: dict) -> dict[int, int]:
     layer reading the group (more samples per batch lift that cap)."""
     out = {}
     for g in graph.prunable_groups:
-        score = primary.get(g.index)
-        if score is None or bool(torch.isinf(score).all()):  # (nothing to score against: kept whole)
+        score = primary[g.index]
+        if bool(torch.isinf(score).all()):  # (nothing to score against: kept whole)
             continue
         kept = keep.get(g.index)
         n = int((score if kept is None else score[torch.as_tensor(kept, dtype=torch.long)]).eq(0).sum())
