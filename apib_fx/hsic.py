@@ -81,6 +81,37 @@ def _sq_dists(x: Tensor) -> Tensor:
     return d2.reshape(*x.shape[:-2], B, B)
 
 
+_PRECISION = threading.Lock()
+_precision_state = {"users": 0, "saved": ()}
+
+
+@contextlib.contextmanager
+def _full_float32_matmul() -> Iterator[None]:
+    """float32 matrix products in full float32 while kernel statistics are computed.
+
+    A process set to faster float32 products (``torch.set_float32_matmul_precision("medium")``:
+    bfloat16 on CPUs with AMX; "high": TF32 on NVIDIA GPUs) would otherwise compute distances
+    from products with a 3-8 bit shorter mantissa, and ‖a‖² + ‖b‖² − 2a·b cancels most of what
+    is left (bfloat16 products of 4096 features: errors of 0.5 where float32's are 1e-4). The
+    user's setting comes back afterwards (shared by concurrent users, as :func:`_one_thread`)."""
+    backends = (torch.backends.mkldnn.matmul, torch.backends.cuda.matmul)
+    with _PRECISION:
+        if _precision_state["users"] == 0:
+            _precision_state["saved"] = tuple(b.fp32_precision for b in backends)
+            for b in backends:
+                b.fp32_precision = "ieee"
+        _precision_state["users"] += 1
+    try:
+        yield
+    finally:
+        with _PRECISION:
+            _precision_state["users"] -= 1
+            if _precision_state["users"] == 0:
+                for b, saved in zip(backends, _precision_state["saved"]):
+                    b.fp32_precision = saved
+
+
+@_full_float32_matmul()
 def kernel_matrices(x: Tensor, kind: str = "laplace") -> Tensor:
     """Kernel matrices of B samples: (..., B, d) features -> (..., B, B).
 
@@ -307,7 +338,7 @@ class HSICStats:
             raise ValueError(f"x must be (B, {self.channels}, m), got {tuple(x.shape)}")
         if x.shape[0] < 2:
             raise ValueError(f"need at least 2 samples per batch to centre kernels, got B = {x.shape[0]}")
-        with torch.no_grad():
+        with torch.no_grad(), _full_float32_matmul():
             k = self._vectors(x.detach().transpose(0, 1))  # (C, P)
             G = _self_gram(k)
         return k, G
@@ -315,7 +346,7 @@ class HSICStats:
     def output_terms(self, y: Tensor) -> Tensor:
         """The output kernel of one batch, (B, ...) -> (B(B+1)/2,): what :meth:`add` regresses on.
         A layer reading several groups (a conv after a concat) computes it once for all of them."""
-        with torch.no_grad():
+        with torch.no_grad(), _full_float32_matmul():
             return self._vectors(y.detach().reshape(1, y.shape[0], -1))[0]
 
     def add(self, x: Tensor, y: Tensor, consumer: Hashable = 0,

@@ -373,6 +373,35 @@ def test_self_gram_blocks_match_the_plain_product():
     assert torch.equal(G[:300, 300:], G[300:, :300].T)
 
 
+@pytest.mark.parametrize("backend", ["mkldnn", "cuda"])
+def test_statistics_use_full_float32_products_whatever_the_process_allows(digits, backend):
+    """A process set to reduced-precision float32 products (bfloat16 on CPUs with AMX, TF32 on
+    NVIDIA GPUs) still gets full float32 distances and Grams; its setting comes back after."""
+    a, y, _, _ = digits
+    a, y = a.float() * 10 + 5, y.float()
+    ref = HSICStats(16)
+    ref.add(a, y)
+    ref_kernels = kernel_matrices(a.transpose(0, 1))
+    matmul = getattr(torch.backends, backend).matmul
+    before = matmul.fp32_precision
+    seen = []
+    real = hsic._unit_centred_vectors
+    try:
+        matmul.fp32_precision = "bf16" if backend == "mkldnn" else "tf32"
+        s = HSICStats(16)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(hsic, "_unit_centred_vectors", lambda f, kind: seen.append(matmul.fp32_precision) or real(f, kind))
+            s.add(a, y)
+        kernels = kernel_matrices(a.transpose(0, 1))
+        assert matmul.fp32_precision == ("bf16" if backend == "mkldnn" else "tf32")
+    finally:
+        matmul.fp32_precision = before
+    assert seen and set(seen) == {"ieee"}
+    for got, want in zip(s.gram(), ref.gram()):
+        assert torch.equal(got, want)
+    assert torch.equal(kernels, ref_kernels)
+
+
 @pytest.mark.parametrize("m", [2, 15, 16, 17, 53, 160])
 def test_rotation_chain_in_blocks_matches_the_plain_one(m, monkeypatch):
     """A deletion's rotation chain (rows p.. of the inverse factor) computed in blocks of rows
