@@ -648,6 +648,7 @@ class SurvivalPath:
         self._steps = None
         self._record = record
         self._survival: Optional[np.ndarray] = None  # once finished
+        self._peak = np.zeros(1, dtype=np.int64)  # (the walk raises it as channels enter)
         if bmax <= 0:
             zeros = torch.zeros(C, dtype=torch.float64)
             self._path = LassoPath(torch.zeros(1, dtype=torch.float64), zeros.reshape(1, C).clone(), zeros.clone(),
@@ -658,13 +659,19 @@ class SurvivalPath:
         Gn /= scale  # our own copy
         self._scale = scale
         self._steps = _homotopy(Gn, bn / scale, live, min_ratio * bmax / scale,
-                                max_steps if max_steps is not None else 20 * C + 100, record)
+                                max_steps if max_steps is not None else 20 * C + 100, record, self._peak)
         next(self._steps)
 
     @property
     def finished(self) -> bool:
         """Whether the path is complete (every survival is final)."""
         return self._survival is not None
+
+    @property
+    def max_active(self) -> int:
+        """The most channels active at once on the path walked so far. It cannot exceed the
+        rank of G: a path that reaches the rank selects no further channel without dropping one."""
+        return int(self._peak[0])
 
     def _walk(self, level: float) -> Optional[np.ndarray]:
         try:
@@ -764,7 +771,7 @@ def _rotate_left(a: np.ndarray, p: int, n: int) -> None:
 
 
 def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float, max_steps: int,
-              record: bool = True):
+              record: bool = True, peak: Optional[np.ndarray] = None):
     """Path on the scaled problem, as a generator that walks down to the levels it is sent.
 
     Primed with ``next``, it takes a level with ``send`` and yields the survival array (C,) once
@@ -773,7 +780,7 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
     ``send`` of a lower level walks on from there. At ``alpha_end`` (or when the path ends) it
     returns (alphas, coefs, survival, left) in the scaled units, by StopIteration; without
     ``record`` ``coefs`` holds only the zeros at the start (a (C,) vector per event is the
-    path's largest memory).
+    path's largest memory). ``peak[0]``, if given, is kept at the largest active set so far.
 
     Bookkeeping: ``perm`` lists the active set A first (positions [0, n), in the order of the
     factor), then the inactive channels; ``GA`` holds the rows of G for A in slots (``slot[i]`` is
@@ -993,6 +1000,8 @@ def _homotopy(Gs: np.ndarray, bs: np.ndarray, live: np.ndarray, alpha_end: float
                 active[ch] = True
                 if surv[ch] == 0.0:
                     surv[ch] = alpha
+                if peak is not None and n > peak[0]:
+                    peak[0] = n
                 last_added, last_dropped = ch, -1
                 since_refresh += 1
             # else: numerically dependent on the active set, blocked until a deletion

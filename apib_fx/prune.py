@@ -5,6 +5,7 @@ import copy
 import json
 import numbers
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -32,6 +33,15 @@ class GroupRow:
     reason: Optional[str] = None  # why not prunable
     note: Optional[str] = None  # what the scoring said of it (e.g. nothing to score against)
     unselected: int = 0  # APIB: kept channels no Lasso path selected (kept on relevance alone)
+    max_active: int = 0  # APIB: the most channels its Lasso path held at once (on the part walked)
+    rank_bound: int = 0  # APIB: bound on its Gram's rank, B(B−1)/2 per kernel batch of B samples (≤ channels)
+
+    @property
+    def rank_limited(self) -> bool:
+        """APIB: the group's Gram cannot have full rank (``rank_bound`` < its channels): its path
+        holds at most that many channels at once, and the calibration samples cannot tell the
+        rest apart. More samples per kernel batch raise the bound (it grows as B²)."""
+        return 0 < self.rank_bound < self.channels_before
 
 
 @dataclass
@@ -61,7 +71,9 @@ class PruneReport:
                 continue
             note = (g.note or "") if g.prunable else f"fixed: {g.reason}"
             if g.unselected:
-                also = f"{g.unselected} kept on relevance alone (no Lasso path selected them)"
+                why = (f"its Gram's rank is at most {g.rank_bound}, below its {g.channels_before} channels: "
+                       "more samples per batch raise it" if g.rank_limited else "no Lasso path selected them")
+                also = f"{g.unselected} kept on relevance alone ({why})"
                 note = f"{note}; {also}" if note else also
             rows.append(f"| {g.index} | {g.name} | {g.channels_before} | {g.channels_after} | {note} |")
         return "\n".join(rows)
@@ -73,7 +85,9 @@ class PruneReport:
             f"({self.flops_reduction:.1%} removed, target {self.flops_target:.1%}); params "
             f"{self.params_before:,} -> {self.params_after:,}; alpha={self.alpha:.4g}; "
             + (f"BatchNorm re-estimated in {self.bn_recalibrated} layers; " if self.bn_recalibrated else "")
-            + (f"{self.unselected} kept channels selected by no Lasso path; " if self.unselected else "")
+            + (f"{self.unselected} kept channels selected by no Lasso path"
+               + (f" ({self.rank_limited_unselected} in groups whose Gram's rank is below their width)"
+                  if self.rank_limited_unselected else "") + "; " if self.unselected else "")
             + t
         )
 
@@ -81,6 +95,12 @@ class PruneReport:
     def unselected(self) -> int:
         """APIB: kept channels that no HSIC Lasso path selected above α (kept on relevance alone)."""
         return sum(g.unselected for g in self.groups)
+
+    @property
+    def rank_limited_unselected(self) -> int:
+        """APIB: those of :attr:`unselected` in groups whose Gram's rank is below their width
+        (:attr:`GroupRow.rank_limited`): more calibration samples would score them."""
+        return sum(g.unselected for g in self.groups if g.rank_limited)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -257,7 +277,9 @@ def prune(
                                          tolerance=tolerance, round_to=round_to, workers=workers, progress=progress)
             timings.update(scores.timings)
             unselected = _unselected(graph, result.keep, scores.primary)
+            max_active, rank_bound = scores.max_active, scores.rank_bound
         else:
+            max_active, rank_bound = {}, {}
             unselected = {}
             scores = score_data_free(graph, model, method, seed)
             timings.update(scores.timings)
@@ -296,10 +318,20 @@ def prune(
         bn_recalibrated=recalibrated,
         groups=[
             GroupRow(g.index, g.name, g.channels, result.channels.get(g.index, g.channels), g.prunable, g.reason,
-                     scores.notes.get(g.index), unselected.get(g.index, 0))
+                     scores.notes.get(g.index), unselected.get(g.index, 0), max_active.get(g.index, 0),
+                     rank_bound.get(g.index, 0))
             for g in graph.groups
         ],
     )
+    limited = [g for g in report.groups if g.unselected and g.rank_limited]
+    if limited:
+        # Unlike channels the Lasso finds uninformative at any α, these are scored by too few samples.
+        warnings.warn(
+            f"{len(limited)} group(s) have more channels than their Gram's rank can be (at most B(B-1)/2 "
+            f"per kernel batch of B samples; batches of {max(b[0].shape[0] for b in batches)} here), and "
+            f"{report.rank_limited_unselected} of their kept channels were kept on relevance alone, selected "
+            "by no Lasso path. A larger batch_size (the bound grows with its square) or num_calib lets the "
+            "paths tell them apart; report.table() names the groups", UserWarning, stacklevel=2)
     pruned.apib_report = report
     return pruned
 

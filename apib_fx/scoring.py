@@ -50,6 +50,10 @@ class Scores:
     secondary: dict[int, Tensor]
     timings: dict[str, float] = field(default_factory=dict)
     notes: dict[int, str] = field(default_factory=dict)
+    # APIB: per scored group, the most channels its Lasso path held at once (on the part walked),
+    # and the bound on its Gram's rank, B(B−1)/2 per kernel batch of B samples (see APIBProblems).
+    max_active: dict[int, int] = field(default_factory=dict)
+    rank_bound: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,9 @@ class ConsumerCapture(fx.Interpreter):
                 self._uses[key] = self._uses.get(key, 0) + 1
         self._shared: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._left: dict[tuple, int] = {}
+        # Per group: Σ B(B−1)/2 over the distinct kernel batches its Gram sums (a batch that
+        # layers reading the same tensor share counts once: it adds no rank).
+        self.pairs: dict[int, int] = {}
 
     @staticmethod
     def _key(n: fx.Node, c: Consumer) -> tuple:
@@ -187,13 +194,18 @@ class ConsumerCapture(fx.Interpreter):
                     # transpose per sample here is 2-3x faster than reordering them later.
                     feats = feats.contiguous()
                 terms = None
+                fresh = True
                 if self._uses[key] > 1:
                     terms = self._shared.get(key)
                     if terms is None:
                         terms = self._shared[key] = self.stats[c.group].channel_terms(feats)
+                    else:
+                        fresh = False
                     self._left[key] -= 1
                     if self._left[key] == 0:
                         del self._shared[key]
+                if fresh:
+                    self.pairs[c.group] = self.pairs.get(c.group, 0) + b * (b - 1) // 2
                 self.stats[c.group].add(feats, y, consumer=c.slot, terms=terms, output=output)
             self.kernel_seconds += time.perf_counter() - start
         return out
@@ -213,7 +225,9 @@ _FORK_WORTH = 150_000.0
 class APIBProblems:
     """What the calibration pass leaves for the Lasso: per scored group its Gram form (G, b), and
     :class:`Scores` already holding the groups nothing reads (kept whole), every group's
-    relevance tie-break and the calibration timings."""
+    relevance tie-break, the calibration timings and each group's ``rank_bound``: G is a sum of
+    products of centred kernels, each in a space of dimension B(B−1)/2 (symmetric B × B with
+    zero row sums), so its rank is at most that summed over the distinct kernel batches (or C)."""
 
     problems: dict[int, tuple[Tensor, Tensor]]
     scores: Scores
@@ -258,6 +272,7 @@ def calibrate_apib(
     timings = {"forward": total - capture.kernel_seconds, "kernels": capture.kernel_seconds}
 
     primary, secondary, notes = {}, {}, {}
+    rank_bound = {g: min(graph.groups[g].channels, n) for g, n in capture.pairs.items()}
     scored = {c.group for cs in consumers.values() for c in cs}
     problems = {}
     for g in graph.prunable_groups:
@@ -275,7 +290,7 @@ def calibrate_apib(
             primary[g.index] = torch.full((g.channels,), float("inf"), dtype=torch.float64)
             secondary[g.index] = torch.zeros(g.channels, dtype=torch.float64)
             notes[g.index] = "kept whole: no layer or contraction reads these channels (APIB has no output to score them against)"
-    return APIBProblems(problems, Scores(primary, secondary, timings, notes))
+    return APIBProblems(problems, Scores(primary, secondary, timings, notes, rank_bound=rank_bound))
 
 
 def _ordered(graph: ChannelGraph, primary: dict[int, Tensor]) -> dict[int, Tensor]:
@@ -298,19 +313,22 @@ def score_apib(
     start = time.perf_counter()
     with tqdm(total=len(problems), desc="apib: lasso paths", unit="group", disable=not progress) as bar:
         # Independent per group and bound by Python: spread over processes.
-        survival = fork_map(_survival, problems, calibrated.cost(), calibrated.workers(workers),
-                            done=lambda _: bar.update())
-    scores.primary.update((g, torch.from_numpy(s)) for g, s in survival.items())
+        walked = fork_map(_survival, problems, calibrated.cost(), calibrated.workers(workers),
+                          done=lambda _: bar.update())
+    scores.primary.update((g, torch.from_numpy(s)) for g, (s, _) in walked.items())
+    scores.max_active = {g: peak for g, (_, peak) in walked.items()}
     scores.primary = _ordered(graph, scores.primary)
     scores.timings["lasso"] = time.perf_counter() - start
     return scores
 
 
-def _survival(problem: tuple[Tensor, Tensor]):
-    """A group's APIB scores (numpy, so a forked worker never builds torch objects to send)."""
-    from .hsic import nonneg_lasso_path
+def _survival(problem: tuple[Tensor, Tensor]) -> tuple[np.ndarray, int]:
+    """A group's APIB scores (numpy, so a forked worker never builds torch objects to send) and
+    the most channels its path held at once."""
+    from .hsic import SurvivalPath
 
-    return nonneg_lasso_path(*problem).survival.numpy()
+    path = SurvivalPath(*problem, record=False)
+    return path.descend(-math.inf), path.max_active
 
 
 def _walk_path(problem: tuple[Tensor, Tensor]):
@@ -319,9 +337,10 @@ def _walk_path(problem: tuple[Tensor, Tensor]):
     return SurvivalPath(*problem, record=False)  # (the survival is all the search needs)
 
 
-def _descend(path, level: float) -> tuple[np.ndarray, bool]:
-    """(survival so far, whether the path is complete): what a worker sends back each level."""
-    return path.descend(level), path.finished
+def _descend(path, level: float) -> tuple[np.ndarray, bool, int]:
+    """(survival so far, whether the path is complete, most channels active at once so far):
+    what a worker sends back each level."""
+    return path.descend(level), path.finished, path.max_active
 
 
 # Each level is the last times 1/√2: a few cheap rounds at high α, and no path walked much below
@@ -385,11 +404,11 @@ def search_apib(
             seconds["lasso"] += time.perf_counter() - t
             bar.update()
             t = time.perf_counter()
-            finished = all(done for _, done in walked.values())
+            finished = all(done for _, done, _ in walked.values())
             # Channels scored 0: those yet to enter, and those a finished path never selected. In
             # the complete paths' order they come first too, but ordered otherwise among themselves.
-            low = {g: int((s == 0).sum()) for g, (s, _) in walked.items()}
-            primary = _ordered(graph, {**scores.primary, **{g: torch.from_numpy(s) for g, (s, _) in walked.items()}})
+            low = {g: int((s == 0).sum()) for g, (s, _, _) in walked.items()}
+            primary = _ordered(graph, {**scores.primary, **{g: torch.from_numpy(s) for g, (s, _, _) in walked.items()}})
             if finished:
                 result = search(primary)
             elif (all(widths[g] - n >= floor[g] for g, n in low.items())
@@ -406,7 +425,8 @@ def search_apib(
             seconds["search"] += time.perf_counter() - t
         bar.total = bar.n  # (the levels below were not needed)
         bar.set_postfix_str(f"alpha {result.threshold:.3g}")
-    return result, Scores(primary, scores.secondary, {**scores.timings, **seconds}, scores.notes)
+    return result, Scores(primary, scores.secondary, {**scores.timings, **seconds}, scores.notes,
+                          {g: peak for g, (_, _, peak) in walked.items()}, scores.rank_bound)
 
 
 def _out_slices(graph: ChannelGraph, group_index: int, params: dict[str, Tensor]) -> Tensor:

@@ -675,7 +675,7 @@ def test_paths_walked_only_as_deep_as_the_target_needs(min_channels, round_to):
     graph = apib_fx.trace(model, x[:1])
     calibrated = calibrate_apib(graph, graph.module, list(x.split(32)), progress=False)
     primary = dict(calibrated.scores.primary)
-    primary.update((g, torch.from_numpy(_survival(p))) for g, p in calibrated.problems.items())
+    primary.update((g, torch.from_numpy(_survival(p)[0])) for g, p in calibrated.problems.items())
     primary = _ordered(graph, primary)
     stopped_early = False
     for target in (0.2, 0.48, 0.75):
@@ -716,12 +716,14 @@ class _Wide(nn.Module):
 
 
 def test_channels_kept_on_relevance_alone_are_counted():
-    from apib_fx.scoring import score_apib
+    from apib_fx.hsic import nonneg_lasso_path
+    from apib_fx.scoring import calibrate_apib, score_apib
 
     torch.manual_seed(0)
     model = _Wide().eval()
     x = _data(8, 16)
-    pruned = apib_fx.prune(model, 0.3, x, num_calib=8, batch_size=4, progress=False)
+    with pytest.warns(UserWarning, match=r"more channels than their Gram's rank can be .* batches of 4 here"):
+        pruned = apib_fx.prune(model, 0.3, x, num_calib=8, batch_size=4, progress=False)
     report = pruned.apib_report
     assert report.alpha == 0.0
     graph = apib_fx.trace(model, x[:1])
@@ -736,6 +738,58 @@ def test_channels_kept_on_relevance_alone_are_counted():
     assert f"{row.unselected} kept on relevance alone" in report.table()
     assert f"{report.unselected} kept channels selected by no Lasso path" in report.summary()
     assert pruned.apib_report.to_dict()["groups"][row.index]["unselected"] == row.unselected
+    # Its Gram's rank is at most 2 batches x 4·3/2 = 12 < 48 channels: the report says so, and how
+    # many channels the path held at once (as an independent whole path of the same problem does).
+    G, b = calibrate_apib(graph, graph.module, [x[:4], x[4:]], progress=False).problems[wide.index]
+    on = nonneg_lasso_path(G, b).coefs > 0  # at the breakpoints; β is linear between them, so
+    held = int((on[1:] | on[:-1]).sum(dim=1).max())  # a segment's active set is its ends' union
+    assert row.rank_bound == 12 and row.rank_limited and 0 < row.max_active == held <= 12
+    assert f"{row.unselected} kept on relevance alone (its Gram's rank is at most 12, below its 48 channels" in report.table()
+    assert f"({report.rank_limited_unselected} in groups whose Gram's rank is below their width)" in report.summary()
+    assert report.rank_limited_unselected == sum(r.unselected for r in report.groups if r.rank_limited) >= row.unselected
+
+
+def test_channels_no_path_selects_at_full_rank_are_told_apart_from_a_rank_limit(recwarn):
+    """With 64 samples in batches of 32 the wide group's Gram can have full rank: channels kept
+    below every path's reach are the Lasso's own sparsity, not too few samples, and nothing warns."""
+    torch.manual_seed(0)
+    pruned = apib_fx.prune(_Wide().eval(), 0.1, _data(64, 16), num_calib=64, batch_size=32, progress=False)
+    report = pruned.apib_report
+    row = next(r for r in report.groups if r.channels_before == 48)
+    assert report.alpha == 0.0 and row.unselected > 0
+    assert row.rank_bound == 48 and not row.rank_limited and row.max_active > 12
+    assert f"{row.unselected} kept on relevance alone (no Lasso path selected them)" in report.table()
+    assert report.rank_limited_unselected == 0 and "rank" not in report.summary()
+    assert not [w for w in recwarn if "Gram's rank" in str(w.message)]
+
+
+class _Reads(nn.Module):
+    """32 channels read by two layers from one tensor and by a third from another (tanh of it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 32, 3, padding=1)
+        self.a, self.b, self.c = nn.Conv2d(32, 4, 1), nn.Conv2d(32, 4, 1), nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        return self.a(x) + self.b(x) + self.c(torch.tanh(x))
+
+
+def test_rank_bound_counts_each_distinct_kernel_batch_once():
+    """Layers reading the same tensor share one kernel batch (it adds no rank); another tensor
+    carrying the same channels adds its own: 2 tensors x 2 batches x 4·3/2 = 24 < 32, the rank
+    the Gram has (float64, so rounding does not blur it)."""
+    from apib_fx.scoring import calibrate_apib
+
+    torch.manual_seed(0)
+    model = _Reads().double()
+    x = _data(8, 16).double()
+    graph = apib_fx.trace(model, x[:1])
+    calibrated = calibrate_apib(graph, graph.module, list(x.split(4)), progress=False)
+    (g, (G, _)), = calibrated.problems.items()
+    eig = torch.linalg.eigvalsh(G)
+    assert calibrated.scores.rank_bound == {g: 24} == {g: int((eig > 1e-11 * eig.max()).sum())}
 
 
 def test_no_channel_kept_on_relevance_alone_when_the_cut_is_above_zero():
