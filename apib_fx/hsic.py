@@ -83,6 +83,12 @@ def _sq_dists(x: Tensor) -> Tensor:
 
 _PRECISION = threading.Lock()
 _precision_state = {"users": 0, "saved": ()}
+# The backends whose float32 products a process can make faster and coarser (the per-backend
+# setting of torch >= 2.9; the legacy set_float32_matmul_precision writes these too).
+_MATMUL_BACKENDS = tuple(
+    m for m in (getattr(getattr(torch.backends, b, None), "matmul", None) for b in ("mkldnn", "cuda"))
+    if m is not None and hasattr(m, "fp32_precision")
+)
 
 
 @contextlib.contextmanager
@@ -94,7 +100,7 @@ def _full_float32_matmul() -> Iterator[None]:
     from products with a 3-8 bit shorter mantissa, and ‖a‖² + ‖b‖² − 2a·b cancels most of what
     is left (bfloat16 products of 4096 features: errors of 0.5 where float32's are 1e-4). The
     user's setting comes back afterwards (shared by concurrent users, as :func:`_one_thread`)."""
-    backends = (torch.backends.mkldnn.matmul, torch.backends.cuda.matmul)
+    backends = _MATMUL_BACKENDS
     with _PRECISION:
         if _precision_state["users"] == 0:
             _precision_state["saved"] = tuple(b.fp32_precision for b in backends)
