@@ -22,7 +22,7 @@ import math
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Hashable, Iterator, Optional
+from typing import Any, Callable, Hashable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -81,8 +81,33 @@ def _sq_dists(x: Tensor) -> Tensor:
     return d2.reshape(*x.shape[:-2], B, B)
 
 
-_PRECISION = threading.Lock()
-_precision_state = {"users": 0, "saved": ()}
+class _SharedSetting:
+    """A process-wide setting held at ``value`` while any caller is inside ``with setting():``.
+    Concurrent callers (a user pruning from several threads) share one save/restore: what the
+    process had comes back when the last one leaves, not an interleaved value."""
+
+    def __init__(self, get: Callable[[], Any], put: Callable[[Any], None], value: Any):
+        self._get, self._put, self._value = get, put, value
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: Any = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._saved = self._get()
+                self._put(self._value)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._put(self._saved)
+
+
 # The backends whose float32 products a process can make faster and coarser (the per-backend
 # setting of torch >= 2.9; the legacy set_float32_matmul_precision writes these too).
 _MATMUL_BACKENDS = tuple(
@@ -91,30 +116,18 @@ _MATMUL_BACKENDS = tuple(
 )
 
 
-@contextlib.contextmanager
-def _full_float32_matmul() -> Iterator[None]:
-    """float32 matrix products in full float32 while kernel statistics are computed.
+def _put_fp32_precision(values: tuple[str, ...]) -> None:
+    for backend, value in zip(_MATMUL_BACKENDS, values):
+        backend.fp32_precision = value
 
-    A process set to faster float32 products (``torch.set_float32_matmul_precision("medium")``:
-    bfloat16 on CPUs with AMX; "high": TF32 on NVIDIA GPUs) would otherwise compute distances
-    from products with a 3-8 bit shorter mantissa, and ‖a‖² + ‖b‖² − 2a·b cancels most of what
-    is left (bfloat16 products of 4096 features: errors of 0.5 where float32's are 1e-4). The
-    user's setting comes back afterwards (shared by concurrent users, as :func:`_one_thread`)."""
-    backends = _MATMUL_BACKENDS
-    with _PRECISION:
-        if _precision_state["users"] == 0:
-            _precision_state["saved"] = tuple(b.fp32_precision for b in backends)
-            for b in backends:
-                b.fp32_precision = "ieee"
-        _precision_state["users"] += 1
-    try:
-        yield
-    finally:
-        with _PRECISION:
-            _precision_state["users"] -= 1
-            if _precision_state["users"] == 0:
-                for b, saved in zip(backends, _precision_state["saved"]):
-                    b.fp32_precision = saved
+
+# float32 matrix products in full float32 while kernel statistics are computed. A process set to
+# faster float32 products (torch.set_float32_matmul_precision("medium"): bfloat16 on CPUs with AMX;
+# "high": TF32 on NVIDIA GPUs) would otherwise compute distances from products with a 3-8 bit
+# shorter mantissa, and ‖a‖² + ‖b‖² − 2a·b cancels most of what is left (bfloat16 products of
+# 4096 features: errors of 0.5 where float32's are 1e-4). The user's setting comes back afterwards.
+_full_float32_matmul = _SharedSetting(lambda: tuple(b.fp32_precision for b in _MATMUL_BACKENDS),
+                                      _put_fp32_precision, ("ieee",) * len(_MATMUL_BACKENDS))
 
 
 @_full_float32_matmul()
@@ -435,27 +448,9 @@ def kkt_residual(G: Tensor, b: Tensor, alpha: float, beta: Tensor) -> float:
     return float(max(r.max(initial=0.0), np.maximum(0.0, -bt).max(initial=0.0)))
 
 
-_THREADS = threading.Lock()
-_threads_state = {"users": 0, "saved": 1}
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """torch's intra-op threads set to 1 while any solver runs. The setting is process-wide, so
-    concurrent solvers (a user pruning from several threads) share one save/restore: the count
-    the user had comes back when the last one leaves, not an interleaved 1."""
-    with _THREADS:
-        if _threads_state["users"] == 0:
-            _threads_state["saved"] = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _threads_state["users"] += 1
-    try:
-        yield
-    finally:
-        with _THREADS:
-            _threads_state["users"] -= 1
-            if _threads_state["users"] == 0:
-                torch.set_num_threads(_threads_state["saved"])
+# torch's intra-op threads at 1 while any solver runs (small dense solves: spinning BLAS threads
+# only cost time there).
+_one_thread = _SharedSetting(torch.get_num_threads, torch.set_num_threads, 1)
 
 
 def _independent(A: Tensor) -> Tensor:
