@@ -99,7 +99,8 @@ class PruneReport:
     @property
     def rank_limited_unselected(self) -> int:
         """APIB: those of :attr:`unselected` in groups whose Gram's rank is below their width
-        (:attr:`GroupRow.rank_limited`): more calibration samples would score them."""
+        (:attr:`GroupRow.rank_limited`): more calibration samples per batch may let the paths
+        tell them apart."""
         return sum(g.unselected for g in self.groups if g.rank_limited)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,7 +116,7 @@ def _unselected(graph, keep: dict, primary: dict) -> dict[int, int]:
     keeps more channels than the non-negative Lasso finds informative at any α (a channel whose
     kernel the selected ones already explain never enters), or the Gram's rank caps the path: at
     any α it holds at most rank-many channels, B(B−1)/2 per kernel batch of B samples and per
-    layer reading the group (more samples per batch lift that cap)."""
+    tensor reading the group (:attr:`GroupRow.rank_limited`; more samples per batch lift that cap)."""
     out = {}
     for g in graph.prunable_groups:
         score = primary[g.index]
