@@ -278,9 +278,7 @@ def prune(
                                          tolerance=tolerance, round_to=round_to, workers=workers, progress=progress)
             timings.update(scores.timings)
             unselected = _unselected(graph, result.keep, scores.primary)
-            max_active, rank_bound = scores.max_active, scores.rank_bound
         else:
-            max_active, rank_bound = {}, {}
             unselected = {}
             scores = score_data_free(graph, model, method, seed)
             timings.update(scores.timings)
@@ -319,8 +317,8 @@ def prune(
         bn_recalibrated=recalibrated,
         groups=[
             GroupRow(g.index, g.name, g.channels, result.channels.get(g.index, g.channels), g.prunable, g.reason,
-                     scores.notes.get(g.index), unselected.get(g.index, 0), max_active.get(g.index, 0),
-                     rank_bound.get(g.index, 0))
+                     scores.notes.get(g.index), unselected.get(g.index, 0), scores.max_active.get(g.index, 0),
+                     scores.rank_bound.get(g.index, 0))  # (the last three: APIB only, empty otherwise)
             for g in graph.groups
         ],
     )

@@ -325,9 +325,7 @@ def score_apib(
 def _survival(problem: tuple[Tensor, Tensor]) -> tuple[np.ndarray, int]:
     """A group's APIB scores (numpy, so a forked worker never builds torch objects to send) and
     the most channels its path held at once."""
-    from .hsic import SurvivalPath
-
-    path = SurvivalPath(*problem, record=False)
+    path = _walk_path(problem)
     return path.descend(-math.inf), path.max_active
 
 
