@@ -14,12 +14,12 @@ from .search import UnreachableTarget
 from .trace import BlockSequence, TraceError, trace
 from .bench import benchmark
 from .export import export_onnx
-from .serialize import load, save
+from .serialize import load, load_weights, save
 from . import models
 
 __all__ = [
     "BlockSequence", "CalibrationError", "ChannelGraph", "ChannelGroup", "Member", "PruneReport", "RULES", "Rule",
     "TraceError", "UnreachableTarget", "apply", "benchmark", "count_flops", "export_onnx", "load",
-    "prune", "recalibrate_bn", "register_rule", "save", "trace",
+    "load_weights", "prune", "recalibrate_bn", "register_rule", "save", "trace",
 ]
 __version__ = "0.1.0"

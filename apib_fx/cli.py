@@ -14,6 +14,7 @@ EPILOG = """examples:
   apib-fx demo                                    # the whole story on scikit-learn's digits
   apib-fx prune --model torchvision:resnet50 --flops-target 0.48 --calib synthetic --out runs/r50
   apib-fx prune --model cifar:resnet56 --calib cifar100:~/data/cifar-100-python --out runs/r56
+  apib-fx prune --model torchvision:resnet50 --weights resnet50.pth --calib imagefolder:~/data/val --out runs/r50
   apib-fx export --model runs/r50/model.apibfx --out runs/r50/model.onnx
   apib-fx bench --model torchvision:resnet50 --model runs/r50/model.apibfx --batch-sizes 1,32
 """
@@ -23,9 +24,29 @@ class CliError(Exception):
     """A user mistake: printed as one line, exit status 2."""
 
 
-def load_model(spec: str, num_classes: Optional[int] = None) -> tuple[nn.Module, tuple[int, ...], str]:
+def load_model(spec: str, num_classes: Optional[int] = None,
+               weights: Optional[str] = None) -> tuple[nn.Module, tuple[int, ...], str]:
     """``torchvision:NAME`` (random weights), ``cifar:resnet20|resnet56|resnet110|vgg16``, or a file
-    written by ``apib_fx.save`` / ``apib-fx prune``. Returns (model, input shape CxHxW, label)."""
+    written by ``apib_fx.save`` / ``apib-fx prune``; ``weights``: a state_dict file for a built-in
+    model (``--weights``). Returns (model, input shape CxHxW, label)."""
+    model, shape, label = _built_or_saved(spec, num_classes)
+    if weights is None:
+        return model, shape, label
+    from .serialize import WeightsMismatchError, load_weights
+
+    if not spec.startswith(("torchvision:", "cifar:")):
+        raise CliError("--weights is for torchvision: and cifar: models; a saved model file holds its own weights")
+    try:
+        load_weights(model, weights)
+    except WeightsMismatchError as e:
+        if e.num_outputs is not None:  # the flag that builds the model with that many classes
+            raise CliError(f"the weights in {e.path!r} do not fit {spec}: {e.problems}; trained for "
+                           f"{e.num_outputs} classes? pass --num-classes {e.num_outputs}") from None
+        raise
+    return model, shape, label
+
+
+def _built_or_saved(spec: str, num_classes: Optional[int]) -> tuple[nn.Module, tuple[int, ...], str]:
     from .models import CifarResNet, CifarVGG
     from .testing import zoo_input_size, zoo_model
 
@@ -75,7 +96,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     if not 0 < args.flops_target < 1:
         raise CliError(f"--flops-target is the fraction of FLOPs to remove, in (0, 1); got {args.flops_target}")
-    model, shape, label = load_model(args.model, args.num_classes)
+    model, shape, label = load_model(args.model, args.num_classes, args.weights)
     shape = _shape(args.input_shape) or shape
     calib = calibration_tensor(args.calib, args.num_calib, shape, seed=args.seed)
     example = torch.zeros(1, *shape)
@@ -109,7 +130,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from . import export_onnx
 
-    model, shape, _ = load_model(args.model)
+    model, shape, _ = load_model(args.model, args.num_classes, args.weights)
     shape = _shape(args.input_shape) or shape
     path = export_onnx(model, Path(args.out).expanduser(), torch.randn(1, *shape), opset=args.opset,
                        check=not args.no_check)
@@ -168,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="prune a model to a FLOPs target and write model, ONNX and reports")
     pr.add_argument("--model", required=True,
-                    help="torchvision:NAME (random weights), cifar:resnet56|vgg16, or a saved .apibfx file")
+                    help="torchvision:NAME or cifar:resnet56|vgg16 (random weights unless --weights), or a saved .apibfx file")
+    pr.add_argument("--weights", default=None,
+                    help="state_dict of trained weights for a torchvision: or cifar: model (torch.save(model.state_dict(), path), or a checkpoint dict holding one); read with weights_only")
     pr.add_argument("--flops-target", type=float, default=0.48, help="fraction of FLOPs to remove (default 0.48)")
     pr.add_argument("--tolerance", type=float, default=0.005,
                     help="how far (absolute) the achieved reduction may be from --flops-target (default 0.005)")
@@ -194,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="export a model to ONNX, checked against ONNX Runtime")
     ex.add_argument("--model", required=True, help="torchvision:NAME, cifar:NAME or a saved .apibfx file")
+    ex.add_argument("--weights", default=None,
+                    help="state_dict of trained weights for a torchvision: or cifar: model (torch.save(model.state_dict(), path), or a checkpoint dict holding one); read with weights_only")
+    ex.add_argument("--num-classes", type=int, default=None, help="classifier outputs of a built-in model")
     ex.add_argument("--out", required=True, help="the .onnx file to write")
     ex.add_argument("--input-shape", default=None, help="C,H,W")
     ex.add_argument("--opset", type=int, default=None)

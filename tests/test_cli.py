@@ -76,3 +76,60 @@ def test_bad_arguments_one_line(args, words, tmp_path):
 def test_debug_shows_traceback():
     out = run("--debug", "prune", "--model", "torchvision:nonexistent_net", "--out", "x", check=False)
     assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def _trained_resnet20(classes=10):
+    """A CIFAR ResNet-20 whose every tensor differs from a freshly built one's."""
+    torch.manual_seed(1)
+    model = apib_fx.models.CifarResNet(20, classes)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            t.copy_(torch.rand_like(t, dtype=torch.float32).to(t.dtype) + 1)
+    return model.eval()
+
+
+def test_prune_and_export_read_trained_weights(tmp_path):
+    trained = _trained_resnet20()
+    # as a DataParallel training loop saves it
+    torch.save({"epoch": 9, "model": {f"module.{k}": v for k, v in trained.state_dict().items()}}, tmp_path / "w.pth")
+    out_dir = tmp_path / "run"
+    run("prune", "--model", "cifar:resnet20", "--weights", str(tmp_path / "w.pth"), "--method", "l1",
+        "--flops-target", "0.3", "--calib", "digits", "--num-calib", "16", "--batch-size", "16",
+        "--out", str(out_dir), "--no-onnx", "--quiet")
+    pruned = apib_fx.load(out_dir / "model.apibfx")
+    assert torch.equal(pruned.fc.bias, trained.fc.bias)  # the classifier's outputs are never pruned
+    kept = pruned.conv1.weight  # the stem's kept filters are filters of the trained stem
+    assert kept.shape[0] < trained.conv1.weight.shape[0]
+    assert all(any(torch.equal(k, t) for t in trained.conv1.weight) for k in kept)
+    # export builds the same trained model: ONNX Runtime's output is the trained model's
+    import onnxruntime as ort
+
+    run("export", "--model", "cifar:resnet20", "--weights", str(tmp_path / "w.pth"), "--out", str(tmp_path / "m.onnx"))
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = trained(x)
+    assert torch.allclose(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_weights_that_do_not_fit_are_one_line_errors(tmp_path):
+    torch.save(_trained_resnet20(classes=100).state_dict(), tmp_path / "c100.pth")
+    base = ["prune", "--model", "cifar:resnet20", "--out", str(tmp_path / "x"), "--quiet"]
+    for extra, words in [
+        (["--weights", str(tmp_path / "c100.pth")], "pass --num-classes 100"),
+        (["--weights", str(tmp_path / "none.pth")], "no weights file"),
+    ]:
+        out = run(*base, *extra, check=False)
+        lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
+        assert out.returncode != 0 and len(lines) == 1 and words in lines[0], out.stderr
+        assert not (tmp_path / "x").exists()
+    out = run("export", "--model", str(tmp_path / "c100.pth"), "--weights", str(tmp_path / "c100.pth"),
+              "--out", str(tmp_path / "m.onnx"), check=False)
+    assert out.returncode != 0 and "holds a state_dict" in out.stderr and "--weights PATH" in out.stderr
+    pruned = tmp_path / "p.apibfx"
+    apib_fx.save(_trained_resnet20(), pruned, meta={"input_shape": [3, 32, 32]})
+    out = run("export", "--model", str(pruned), "--weights", str(tmp_path / "c100.pth"),
+              "--out", str(tmp_path / "m.onnx"), check=False)
+    assert out.returncode != 0 and "a saved model file holds its own weights" in out.stderr
+    assert not (tmp_path / "m.onnx").exists()

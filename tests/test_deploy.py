@@ -11,7 +11,7 @@ import torch
 import apib_fx
 from apib_fx.bench import benchmark, format_table, onnx_macs, plot_latency, save_results
 from apib_fx.export import OnnxExportError, OnnxParityError, export_onnx
-from apib_fx.serialize import ModelFileError, load, save
+from apib_fx.serialize import ModelFileError, WeightsMismatchError, load, load_weights, save
 from apib_fx.testing import CNN_ZOO, zoo_input_size, zoo_model
 
 FAST = ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "densenet121", "convnext_tiny", "googlenet"]
@@ -154,9 +154,70 @@ def test_load_rejects_other_files(tmp_path):
     (tmp_path / "junk").write_bytes(b"not a model")
     with pytest.raises(ModelFileError, match="not an apib_fx model"):
         load(tmp_path / "junk")
+    torch.save(zoo_model("resnet18").state_dict(), tmp_path / "weights.pth")
+    with pytest.raises(ModelFileError, match="holds a state_dict .* apib_fx.load_weights"):
+        load(tmp_path / "weights.pth")
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ModelFileError, match="format"):
         load(tmp_path / "other.pt")
+
+
+def _trained_like(classes=10, seed=1):
+    """A CIFAR ResNet-20 whose every tensor differs from a freshly built one's."""
+    torch.manual_seed(seed)
+    model = apib_fx.models.CifarResNet(20, classes)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            t.copy_(torch.rand_like(t, dtype=torch.float32).to(t.dtype) + 1)
+    return model
+
+
+@pytest.mark.parametrize("layout", ["plain", "checkpoint", "dataparallel", "compiled", "old_batchnorm"])
+def test_load_weights_reads_the_layouts_training_scripts_save(layout, tmp_path):
+    trained = _trained_like()
+    state = trained.state_dict()
+    if layout == "checkpoint":
+        state = {"epoch": 90, "state_dict": state, "optimizer": {"lr": 0.1}}
+    elif layout == "dataparallel":
+        state = {"model": {f"module.{k}": v for k, v in state.items()}}
+    elif layout == "compiled":
+        state = {f"_orig_mod.{k}": v for k, v in state.items()}
+    elif layout == "old_batchnorm":  # saved before BatchNorm counted its steps
+        state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "w.pth")
+    model = apib_fx.models.CifarResNet(20, 10)
+    assert load_weights(model, tmp_path / "w.pth") is model
+    for name, t in trained.state_dict().items():
+        if layout == "old_batchnorm" and name.endswith("num_batches_tracked"):
+            continue
+        assert torch.equal(model.state_dict()[name], t), name
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), trained.eval()(x))
+
+
+def test_load_weights_rejects_what_does_not_fit_and_leaves_the_model_as_it_was(tmp_path):
+    model = apib_fx.models.CifarResNet(20, 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ModelFileError, match="no weights file"):
+        load_weights(model, tmp_path / "missing.pth")
+    torch.save(_trained_like(classes=100).state_dict(), tmp_path / "c100.pth")
+    with pytest.raises(WeightsMismatchError, match=r"'fc.weight' is \(100, 64\) in the file.*100 classes") as e:
+        load_weights(model, tmp_path / "c100.pth")
+    assert e.value.num_outputs == 100
+    other = apib_fx.models.CifarResNet(32, 10).state_dict()  # more blocks: keys the model lacks
+    torch.save(other, tmp_path / "r32.pth")
+    with pytest.raises(WeightsMismatchError, match="missing 'layers.3.shortcut.0.weight'.*unexpected 'layers.5.shortcut.0.weight'") as e:
+        load_weights(model, tmp_path / "r32.pth")
+    assert e.value.num_outputs is None
+    torch.save(_trained_like(), tmp_path / "pickled_module.pth")  # the whole module, not its weights
+    with pytest.raises(ModelFileError, match=r"state_dict\(\)"):
+        load_weights(model, tmp_path / "pickled_module.pth")
+    torch.save({"epoch": 3, "lr": torch.tensor(0.1), "weights": [1, 2]}, tmp_path / "odd.pth")
+    with pytest.raises(ModelFileError, match="holds a dict with keys 'epoch', 'lr', 'weights', not a state_dict"):
+        load_weights(model, tmp_path / "odd.pth")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_benchmark_rows(tmp_path):

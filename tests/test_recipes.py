@@ -52,17 +52,47 @@ def test_cifar_recipe_missing_data(tmp_path):
         mod.main(["--recipe", "cifar10-vgg16-60", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
 
 
-def test_imagenet_recipe_one_step(tmp_path):
-    mod = _load("examples/imagenet/resnet50.py")
+def _write_imagenet(root: Path):
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for cls in ("cat", "dog"):
-            d = tmp_path / "imagenet" / split / cls
+            d = root / split / cls
             d.mkdir(parents=True)
             for i in range(4):
                 Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(d / f"{i}.png")
+
+
+def test_imagenet_recipe_one_step(tmp_path):
+    mod = _load("examples/imagenet/resnet50.py")
+    _write_imagenet(tmp_path / "imagenet")
     out = tmp_path / "out"
     mod.main(["--data", str(tmp_path / "imagenet"), "--out", str(out), "--size", "32", "--num-calib", "8",
               "--finetune-epochs", "1", "--batch-size", "4", "--workers", "0", "--device", "cpu"])
     result = json.loads((out / "result.json").read_text())
     assert abs(result["flops_reduction"] - 0.56) <= 0.005
+
+
+def test_imagenet_recipe_prunes_the_checkpoint_it_is_given(tmp_path):
+    import torch
+    import torchvision
+
+    import apib_fx
+
+    mod = _load("examples/imagenet/resnet50.py")
+    _write_imagenet(tmp_path / "imagenet")
+    torch.manual_seed(1)
+    trained = torchvision.models.resnet50(weights=None, num_classes=2)
+    # as torchvision's reference training script saves it (DataParallel keys inside a checkpoint dict)
+    torch.save({"model": {f"module.{k}": v for k, v in trained.state_dict().items()}, "epoch": 89},
+               tmp_path / "ckpt.pth")
+    out = tmp_path / "out"
+    mod.main(["--data", str(tmp_path / "imagenet"), "--out", str(out), "--size", "32", "--num-calib", "8",
+              "--finetune-epochs", "0", "--batch-size", "4", "--workers", "0", "--device", "cpu",
+              "--checkpoint", str(tmp_path / "ckpt.pth")])
+    pruned = apib_fx.load(out / "pruned.apibfx")
+    assert torch.equal(pruned.fc.bias, trained.fc.bias)  # (the classifier's outputs stay; no fine-tuning)
+    full = dict(trained.named_parameters())
+    # a conv that lost filters but none of its inputs: its filters are filters of the checkpoint
+    name, kept = next((n, w) for n, w in pruned.named_parameters()
+                      if w.dim() == 4 and w.shape[0] < full[n].shape[0] and w.shape[1] == full[n].shape[1])
+    assert all(any(torch.equal(k, t) for t in full[name]) for k in kept), name

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     test = DataLoader(test_set, batch_size=256)
     model = build(r["model"], r["classes"]).to(args.device)
     if args.checkpoint:
-        model.load_state_dict(torch.load(args.checkpoint, map_location=args.device))
+        apib_fx.load_weights(model, args.checkpoint)  # (checkpoint dicts and DataParallel keys too)
     else:
         fit(model, train, args.epochs, lr=args.lr, desc="train")
     acc0 = evaluate(model, test)

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     val_set = image_folder(root / "val", size=args.size, train=False)
     model = torchvision.models.resnet50(weights=None, num_classes=len(train_set.classes))
     if args.checkpoint:
-        model.load_state_dict(torch.load(args.checkpoint, map_location="cpu"))
+        apib_fx.load_weights(model, args.checkpoint)  # (checkpoint dicts and DataParallel keys too)
     model = model.to(args.device).eval()
     train = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
     val = DataLoader(val_set, batch_size=args.batch_size, num_workers=args.workers)
