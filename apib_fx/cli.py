@@ -20,22 +20,27 @@ EPILOG = """examples:
 """
 
 
+WEIGHTS_HELP = ("trained weights for a torchvision:, timm: or cifar: model: a state_dict file "
+                "(torch.save(model.state_dict(), path)) or a checkpoint dict holding one; read with weights_only")
+
+
 class CliError(Exception):
     """A user mistake: printed as one line, exit status 2."""
 
 
 def load_model(spec: str, num_classes: Optional[int] = None,
                weights: Optional[str] = None) -> tuple[nn.Module, tuple[int, ...], str]:
-    """``torchvision:NAME`` (random weights), ``cifar:resnet20|resnet56|resnet110|vgg16``, or a file
-    written by ``apib_fx.save`` / ``apib-fx prune``; ``weights``: a state_dict file for a built-in
-    model (``--weights``). Returns (model, input shape CxHxW, label)."""
+    """``torchvision:NAME`` or ``timm:NAME`` (random weights), ``cifar:resnet20|resnet56|resnet110|vgg16``,
+    or a file written by ``apib_fx.save`` / ``apib-fx prune``; ``weights``: a state_dict file for a
+    built-in model (``--weights``). Returns (model, input shape CxHxW, label)."""
     model, shape, label = _built_or_saved(spec, num_classes)
     if weights is None:
         return model, shape, label
     from .serialize import WeightsMismatchError, load_weights
 
-    if not spec.startswith(("torchvision:", "cifar:")):
-        raise CliError("--weights is for torchvision: and cifar: models; a saved model file holds its own weights")
+    if not spec.startswith(("torchvision:", "timm:", "cifar:")):
+        raise CliError("--weights is for torchvision:, timm: and cifar: models; a saved model file holds its "
+                       "own weights")
     try:
         load_weights(model, weights)
     except WeightsMismatchError as e:
@@ -48,7 +53,7 @@ def load_model(spec: str, num_classes: Optional[int] = None,
 
 def _built_or_saved(spec: str, num_classes: Optional[int]) -> tuple[nn.Module, tuple[int, ...], str]:
     from .models import CifarResNet, CifarVGG
-    from .testing import zoo_input_size, zoo_model
+    from .testing import fill_zero_weights, zoo_input_size, zoo_model
 
     kind, sep, name = spec.partition(":")
     if sep and kind == "torchvision":
@@ -58,6 +63,16 @@ def _built_or_saved(spec: str, num_classes: Optional[int]) -> tuple[nn.Module, t
             raise CliError(str(e)) from None
         size = zoo_input_size(name, small=False)
         return model, (3, size, size), name
+    if sep and kind == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise CliError("timm: models need the timm package (pip install timm)") from None
+        if not timm.is_model(name):
+            raise CliError(f"unknown timm model {name!r}; timm.list_models('*pattern*') lists them")
+        torch.manual_seed(0)  # (random weights, as for torchvision:)
+        model = timm.create_model(name, pretrained=False, **({"num_classes": num_classes} if num_classes else {}))
+        return fill_zero_weights(model.eval()), tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))), name
     if sep and kind == "cifar":
         classes = num_classes or 10
         if name.startswith("resnet") and name[6:].isdigit():
@@ -70,7 +85,7 @@ def _built_or_saved(spec: str, num_classes: Optional[int]) -> tuple[nn.Module, t
         raise CliError(f"unknown cifar model {name!r}; expected resnet20/32/44/56/110 or vgg16")
     path = Path(spec).expanduser()
     if not path.exists():
-        raise CliError(f"model {spec!r} is neither torchvision:NAME, cifar:NAME nor an existing file")
+        raise CliError(f"model {spec!r} is neither torchvision:NAME, timm:NAME, cifar:NAME nor an existing file")
     from .serialize import load
 
     model, meta = load(path, with_meta=True)
@@ -189,9 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="prune a model to a FLOPs target and write model, ONNX and reports")
     pr.add_argument("--model", required=True,
-                    help="torchvision:NAME or cifar:resnet56|vgg16 (random weights unless --weights), or a saved .apibfx file")
+                    help="torchvision:NAME, timm:NAME or cifar:resnet56|vgg16 (random weights unless --weights), "
+                         "or a saved .apibfx file")
     pr.add_argument("--weights", default=None,
-                    help="state_dict of trained weights for a torchvision: or cifar: model (torch.save(model.state_dict(), path), or a checkpoint dict holding one); read with weights_only")
+                    help=WEIGHTS_HELP)
     pr.add_argument("--flops-target", type=float, default=0.48, help="fraction of FLOPs to remove (default 0.48)")
     pr.add_argument("--tolerance", type=float, default=0.005,
                     help="how far (absolute) the achieved reduction may be from --flops-target (default 0.005)")
@@ -216,9 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_prune)
 
     ex = sub.add_parser("export", help="export a model to ONNX, checked against ONNX Runtime")
-    ex.add_argument("--model", required=True, help="torchvision:NAME, cifar:NAME or a saved .apibfx file")
+    ex.add_argument("--model", required=True, help="torchvision:NAME, timm:NAME, cifar:NAME or a saved .apibfx file")
     ex.add_argument("--weights", default=None,
-                    help="state_dict of trained weights for a torchvision: or cifar: model (torch.save(model.state_dict(), path), or a checkpoint dict holding one); read with weights_only")
+                    help=WEIGHTS_HELP)
     ex.add_argument("--num-classes", type=int, default=None, help="classifier outputs of a built-in model")
     ex.add_argument("--out", required=True, help="the .onnx file to write")
     ex.add_argument("--input-shape", default=None, help="C,H,W")
@@ -228,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("bench", help="latency table: models x backends x batch sizes, with ideal speedups")
     be.add_argument("--model", action="append", required=True,
-                    help="repeatable; the first is the baseline: torchvision:NAME, cifar:NAME, .apibfx or .onnx")
+                    help="repeatable; the first is the baseline: torchvision:NAME, timm:NAME, cifar:NAME, .apibfx "
+                         "or .onnx")
     be.add_argument("--input-shape", default=None, help="C,H,W")
     be.add_argument("--batch-sizes", default="1,32")
     be.add_argument("--backends", default="torch,torch-cuda,ort-cpu,ort-cuda")

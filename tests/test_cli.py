@@ -133,3 +133,19 @@ def test_weights_that_do_not_fit_are_one_line_errors(tmp_path):
               "--out", str(tmp_path / "m.onnx"), check=False)
     assert out.returncode != 0 and "a saved model file holds its own weights" in out.stderr
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_timm_models_with_their_trained_weights(tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(3)
+    trained = timm.create_model("resnet18", pretrained=False, num_classes=7).eval()
+    torch.save({"state_dict": trained.state_dict()}, tmp_path / "w.pth")
+    run("prune", "--model", "timm:resnet18", "--weights", str(tmp_path / "w.pth"), "--num-classes", "7",
+        "--method", "l1", "--flops-target", "0.3", "--input-shape", "3,64,64", "--out", str(tmp_path / "run"),
+        "--no-onnx", "--quiet")
+    pruned = apib_fx.load(tmp_path / "run" / "model.apibfx")
+    assert torch.equal(pruned.fc.bias, trained.fc.bias)
+    x = torch.randn(1, 3, 64, 64)
+    assert 0.295 <= 1 - apib_fx.count_flops(pruned, x) / apib_fx.count_flops(trained, x) <= 0.305
+    out = run("prune", "--model", "timm:no_such_net", "--out", str(tmp_path / "x"), check=False)
+    assert out.returncode != 0 and "unknown timm model 'no_such_net'" in out.stderr

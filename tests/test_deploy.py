@@ -207,7 +207,8 @@ def test_load_weights_rejects_what_does_not_fit_and_leaves_the_model_as_it_was(t
     assert e.value.num_outputs == 100
     other = apib_fx.models.CifarResNet(32, 10).state_dict()  # more blocks: keys the model lacks
     torch.save(other, tmp_path / "r32.pth")
-    with pytest.raises(WeightsMismatchError, match="missing 'layers.3.shortcut.0.weight'.*unexpected 'layers.5.shortcut.0.weight'") as e:
+    with pytest.raises(WeightsMismatchError,
+                       match="missing 'layers.3.shortcut.0.weight'.*unexpected 'layers.5.shortcut.0.weight'") as e:
         load_weights(model, tmp_path / "r32.pth")
     assert e.value.num_outputs is None
     torch.save(_trained_like(), tmp_path / "pickled_module.pth")  # the whole module, not its weights
