@@ -5,7 +5,7 @@ import argparse
 import sys
 import traceback
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ EPILOG = """examples:
   apib-fx prune --model torchvision:resnet50 --flops-target 0.48 --calib synthetic --out runs/r50
   apib-fx prune --model cifar:resnet56 --calib cifar100:~/data/cifar-100-python --out runs/r56
   apib-fx prune --model torchvision:resnet50 --weights resnet50.pth --calib imagefolder:~/data/val --out runs/r50
+  apib-fx finetune --model runs/r56/model.apibfx --data cifar100:~/data/cifar-100-python --out runs/r56/ft.apibfx
   apib-fx export --model runs/r50/model.apibfx --out runs/r50/model.onnx
   apib-fx bench --model torchvision:resnet50 --model runs/r50/model.apibfx --batch-sizes 1,32
 """
@@ -28,14 +29,18 @@ class CliError(Exception):
     """A user mistake: printed as one line, exit status 2."""
 
 
-def load_model(spec: str, num_classes: Optional[int] = None,
-               weights: Optional[str] = None) -> tuple[nn.Module, tuple[int, ...], str]:
+def load_model(spec: str, num_classes: Optional[int] = None, weights: Optional[str] = None,
+               input_shape: Optional[str] = None) -> tuple[nn.Module, tuple[int, ...], str, dict]:
     """``torchvision:NAME`` or ``timm:NAME`` (random weights), ``cifar:resnet20|resnet56|resnet110|vgg16``,
     or a file written by ``apib_fx.save`` / ``apib-fx prune``; ``weights``: a state_dict file for a
-    built-in model (``--weights``). Returns (model, input shape CxHxW, label)."""
-    model, shape, label = _built_or_saved(spec, num_classes)
+    built-in model (``--weights``); ``input_shape``: ``--input-shape``, which overrides the model's
+    own. Returns (model, input shape CxHxW, label, the file's meta)."""
+    model, shape, label, meta = _built_or_saved(spec, num_classes)
+    shape = _shape(input_shape) or shape
+    if not shape:
+        raise CliError(f"{spec} does not record its input shape; pass --input-shape C,H,W")
     if weights is None:
-        return model, shape, label
+        return model, shape, label, meta
     from .serialize import WeightsMismatchError, load_weights
 
     if not spec.startswith(("torchvision:", "timm:", "cifar:")):
@@ -48,10 +53,10 @@ def load_model(spec: str, num_classes: Optional[int] = None,
             raise CliError(f"the weights in {e.path!r} do not fit {spec}: {e.problems}; trained for "
                            f"{e.num_outputs} classes? pass --num-classes {e.num_outputs}") from None
         raise
-    return model, shape, label
+    return model, shape, label, meta
 
 
-def _built_or_saved(spec: str, num_classes: Optional[int]) -> tuple[nn.Module, tuple[int, ...], str]:
+def _built_or_saved(spec: str, num_classes: Optional[int]) -> tuple[nn.Module, tuple[int, ...], str, dict]:
     from .models import CifarResNet, CifarVGG
     from .testing import fill_zero_weights, zoo_input_size, zoo_model
 
@@ -62,7 +67,7 @@ def _built_or_saved(spec: str, num_classes: Optional[int]) -> tuple[nn.Module, t
         except ValueError as e:
             raise CliError(str(e)) from None
         size = zoo_input_size(name, small=False)
-        return model, (3, size, size), name
+        return model, (3, size, size), name, {}
     if sep and kind == "timm":
         try:
             import timm
@@ -72,16 +77,16 @@ def _built_or_saved(spec: str, num_classes: Optional[int]) -> tuple[nn.Module, t
             raise CliError(f"unknown timm model {name!r}; timm.list_models('*pattern*') lists them")
         torch.manual_seed(0)  # (random weights, as for torchvision:)
         model = timm.create_model(name, pretrained=False, **({"num_classes": num_classes} if num_classes else {}))
-        return fill_zero_weights(model.eval()), tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))), name
+        return fill_zero_weights(model.eval()), tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))), name, {}
     if sep and kind == "cifar":
         classes = num_classes or 10
         if name.startswith("resnet") and name[6:].isdigit():
             try:
-                return CifarResNet(int(name[6:]), classes).eval(), (3, 32, 32), name
+                return CifarResNet(int(name[6:]), classes).eval(), (3, 32, 32), name, {}
             except ValueError as e:
                 raise CliError(str(e)) from None
         if name == "vgg16":
-            return CifarVGG(classes).eval(), (3, 32, 32), name
+            return CifarVGG(classes).eval(), (3, 32, 32), name, {}
         raise CliError(f"unknown cifar model {name!r}; expected resnet20/32/44/56/110 or vgg16")
     path = Path(spec).expanduser()
     if not path.exists():
@@ -89,10 +94,7 @@ def _built_or_saved(spec: str, num_classes: Optional[int]) -> tuple[nn.Module, t
     from .serialize import load
 
     model, meta = load(path, with_meta=True)
-    shape = tuple((meta or {}).get("input_shape") or ())
-    if not shape:
-        raise CliError(f"{spec} does not record its input shape; pass --input-shape C,H,W")
-    return model, shape, path.stem
+    return model, tuple((meta or {}).get("input_shape") or ()), path.stem, meta or {}
 
 
 def _shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
@@ -111,8 +113,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     if not 0 < args.flops_target < 1:
         raise CliError(f"--flops-target is the fraction of FLOPs to remove, in (0, 1); got {args.flops_target}")
-    model, shape, label = load_model(args.model, args.num_classes, args.weights)
-    shape = _shape(args.input_shape) or shape
+    model, shape, label, _ = load_model(args.model, args.num_classes, args.weights, args.input_shape)
     calib = calibration_tensor(args.calib, args.num_calib, shape, seed=args.seed)
     example = torch.zeros(1, *shape)
     if calib is not None and tuple(calib.shape[1:]) != shape:
@@ -145,8 +146,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from . import export_onnx
 
-    model, shape, _ = load_model(args.model, args.num_classes, args.weights)
-    shape = _shape(args.input_shape) or shape
+    model, shape, _, _ = load_model(args.model, args.num_classes, args.weights, args.input_shape)
     path = export_onnx(model, Path(args.out).expanduser(), torch.randn(1, *shape), opset=args.opset,
                        check=not args.no_check)
     print(f"wrote {path}")
@@ -163,7 +163,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 raise CliError(f"ONNX file {spec!r} does not exist")
             models[Path(spec).stem] = spec
             continue
-        m, s, label = load_model(spec)
+        m, s, label, _ = load_model(spec, input_shape=args.input_shape)
         shape = shape or s
         models[label if label not in models else spec] = m
     shape = _shape(args.input_shape) or shape
@@ -179,6 +179,66 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         plot_latency(rows, args.plot)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _classes(dataset: Any) -> int:
+    """How many classes a labelled dataset's labels span."""
+    if hasattr(dataset, "classes"):  # ImageFolder
+        return len(dataset.classes)
+    labels = getattr(dataset, "y", None)
+    if labels is None:
+        labels = dataset.tensors[1]
+    return int(labels.max()) + 1
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import time
+
+    from torch.utils.data import DataLoader
+
+    from . import save
+    from .data import training_data
+    from .train import evaluate, fit
+
+    if args.epochs < 1:
+        raise CliError(f"--epochs must be at least 1, got {args.epochs}")
+    if not args.lr > 0:
+        raise CliError(f"--lr must be positive, got {args.lr}")
+    model, shape, label, meta = load_model(args.model, args.num_classes, args.weights, args.input_shape)
+    train_set, val_set = training_data(args.data, shape, seed=args.seed)
+    x0, _ = train_set[0]
+    if tuple(x0.shape) != shape:
+        raise CliError(f"--data {args.data} gives inputs of shape {tuple(x0.shape)}, the model takes {shape}")
+    try:
+        device = torch.device(args.device or "cpu")
+        model = model.to(device)
+    except (RuntimeError, AssertionError) as e:
+        raise CliError(f"--device {args.device!r} is not usable here: {str(e).splitlines()[0]}") from None
+    with torch.no_grad():
+        outputs = model.eval()(x0.unsqueeze(0).to(device)).shape[-1]
+    classes = _classes(train_set)
+    if outputs < classes:
+        raise CliError(f"the model has {outputs} outputs, --data {args.data} has {classes} classes")
+    torch.manual_seed(args.seed)
+    # (a last batch of a few samples would give BatchNorm statistics of a few samples: dropped)
+    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.data_workers,
+                        generator=torch.Generator().manual_seed(args.seed), drop_last=len(train_set) > args.batch_size)
+    held_out = DataLoader(val_set, batch_size=args.batch_size, num_workers=args.data_workers)
+    before = evaluate(model, held_out)
+    start = time.perf_counter()
+    fit(model, loader, args.epochs, lr=args.lr, weight_decay=args.weight_decay, progress=not args.quiet,
+        desc="fine-tune")
+    seconds = time.perf_counter() - start
+    after = evaluate(model, held_out)
+    record = {"data": args.data, "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay,
+              "batch_size": args.batch_size, "top1_before": before, "top1_after": after, "seconds": seconds}
+    out = save(model.cpu(), Path(args.out).expanduser(),
+               meta={**meta, "input_shape": list(shape), "source": meta.get("source", args.model),
+                     "finetune": [*meta.get("finetune", []), record]})
+    print(f"| {label} | top-1 on the held-out split |\n|---|---:|\n| before | {100 * before:.2f}% |\n"
+          f"| after {args.epochs} epoch{'s' * (args.epochs > 1)} ({seconds:.0f} s) | {100 * after:.2f}% |")
+    print(f"wrote {out}")
     return 0
 
 
@@ -256,6 +316,26 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--plot", default=None, help="write a latency plot (.png)")
     be.add_argument("--quiet", action="store_true")
     be.set_defaults(func=cmd_bench)
+
+    ft = sub.add_parser("finetune", help="fine-tune a (pruned) model on labelled data and save it")
+    ft.add_argument("--model", required=True,
+                    help="a saved .apibfx file (e.g. apib-fx prune's model.apibfx), torchvision:NAME, timm:NAME or "
+                         "cifar:NAME")
+    ft.add_argument("--data", required=True,
+                    help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH (PATH/train and PATH/val)")
+    ft.add_argument("--out", required=True, help="the .apibfx file to write")
+    ft.add_argument("--epochs", type=int, default=5)
+    ft.add_argument("--lr", type=float, default=0.01, help="initial learning rate (SGD, cosine schedule; default 0.01)")
+    ft.add_argument("--weight-decay", type=float, default=1e-4)
+    ft.add_argument("--batch-size", type=int, default=64)
+    ft.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
+    ft.add_argument("--data-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    ft.add_argument("--weights", default=None, help=WEIGHTS_HELP)
+    ft.add_argument("--num-classes", type=int, default=None, help="classifier outputs of a built-in model")
+    ft.add_argument("--input-shape", default=None, help="C,H,W (default: the model's own)")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--quiet", action="store_true", help="no progress bars")
+    ft.set_defaults(func=cmd_finetune)
 
     de = sub.add_parser("demo", help="train, prune, fine-tune, export and benchmark on scikit-learn's digits")
     de.add_argument("--flops-target", type=float, default=0.48)

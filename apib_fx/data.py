@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -100,6 +100,66 @@ def image_folder(path: str | Path, size: int = 224, train: bool = False):
         raise DataError(f"cannot read image folder {str(root)!r}: {e}") from None
 
 
+class CropFlip(Dataset):
+    """A TensorDataset's images with CIFAR's training augmentation: a random crop of the image
+    zero-padded by ``padding`` pixels on each side, and a horizontal flip half the time (seeded)."""
+
+    def __init__(self, base: TensorDataset, padding: int = 4, seed: int = 0):
+        self.x, self.y = base.tensors
+        self.padding = padding
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        p = self.padding
+        h, w = self.x.shape[-2:]
+        img = F.pad(self.x[i], (p, p, p, p))
+        dx, dy = torch.randint(0, 2 * p + 1, (2,), generator=self.gen).tolist()
+        img = img[..., dy : dy + h, dx : dx + w]
+        if torch.rand(1, generator=self.gen).item() < 0.5:
+            img = img.flip(-1)
+        return img, self.y[i]
+
+
+def _fit_digits(x: Tensor, input_shape: tuple[int, ...]) -> Tensor:
+    """Digits (N, 1, 16, 16) resized and repeated to a model's (C, H, W) input."""
+    if len(input_shape) != 3:
+        return x
+    x = F.interpolate(x, size=tuple(input_shape[1:]), mode="bilinear", align_corners=False)
+    return x.expand(-1, input_shape[0], -1, -1).contiguous()
+
+
+def training_data(spec: str, input_shape: tuple[int, ...], seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(training, held-out) labelled datasets for ``--data``: ``digits`` (fitted to the model's
+    input), ``cifar10:PATH`` / ``cifar100:PATH`` (random crops and flips for training) or
+    ``imagefolder:PATH`` (``PATH/train`` and ``PATH/val``, one sub-folder per class, at the
+    model's input size)."""
+    kind, _, path = spec.partition(":")
+    if kind == "digits":
+        train, test = digits("train", seed=seed), digits("test", seed=seed)
+        return (TensorDataset(_fit_digits(train.tensors[0], input_shape), train.tensors[1]),
+                TensorDataset(_fit_digits(test.tensors[0], input_shape), test.tensors[1]))
+    if kind in ("cifar10", "cifar100"):
+        if not path:
+            raise DataError(f"--data {kind} needs a path: {kind}:PATH")
+        classes = int(kind[5:])
+        return (CropFlip(cifar(path, train=True, num_classes=classes), seed=seed),
+                cifar(path, train=False, num_classes=classes))
+    if kind == "imagefolder":
+        if not path:
+            raise DataError("--data imagefolder needs a path: imagefolder:PATH (with train/ and val/ inside)")
+        root = Path(path).expanduser()
+        missing = [d for d in ("train", "val") if not (root / d).is_dir()]
+        if missing:
+            raise DataError(f"image folder {str(root)!r} has no {' or '.join(f'{d}/' for d in missing)} sub-folder; "
+                            "expected train/ and val/, each with one sub-folder of images per class")
+        size = input_shape[-1] if len(input_shape) == 3 else 224
+        return image_folder(root / "train", size=size, train=True), image_folder(root / "val", size=size)
+    raise DataError(f"unknown --data {spec!r}; expected digits, imagefolder:PATH, cifar10:PATH or cifar100:PATH")
+
+
 def calibration_tensor(spec: str, num: int, input_shape: tuple[int, ...], seed: int = 0) -> Optional[Tensor]:
     """Inputs for ``--calib``: ``synthetic`` (None: prune draws them), ``digits``,
     ``imagefolder:PATH``, ``cifar10:PATH``, ``cifar100:PATH``."""
@@ -107,11 +167,7 @@ def calibration_tensor(spec: str, num: int, input_shape: tuple[int, ...], seed: 
     if kind == "synthetic":
         return None
     if kind == "digits":
-        x = digits("train", size=16, seed=seed).tensors[0][:num]
-        if len(input_shape) == 3:  # fit the model's input: channels and resolution
-            x = F.interpolate(x, size=tuple(input_shape[1:]), mode="bilinear", align_corners=False)
-            x = x.expand(-1, input_shape[0], -1, -1).contiguous()
-        return x
+        return _fit_digits(digits("train", size=16, seed=seed).tensors[0][:num], input_shape)
     if kind in ("cifar10", "cifar100"):
         if not path:
             raise DataError(f"--calib {kind} needs a path: {kind}:PATH")

@@ -24,7 +24,7 @@ def run(*args, check=True):
 
 def test_help():
     out = run("--help")
-    for cmd in ("prune", "export", "bench", "demo"):
+    for cmd in ("prune", "finetune", "export", "bench", "demo"):
         assert cmd in out.stdout
     assert "--flops-target" in run("prune", "--help").stdout
 
@@ -149,3 +149,49 @@ def test_timm_models_with_their_trained_weights(tmp_path):
     assert 0.295 <= 1 - apib_fx.count_flops(pruned, x) / apib_fx.count_flops(trained, x) <= 0.305
     out = run("prune", "--model", "timm:no_such_net", "--out", str(tmp_path / "x"), check=False)
     assert out.returncode != 0 and "unknown timm model 'no_such_net'" in out.stderr
+
+
+def test_prune_then_finetune_on_digits(tmp_path):
+    from apib_fx.data import training_data
+    from apib_fx.train import evaluate
+
+    run("prune", "--model", "cifar:resnet20", "--input-shape", "3,16,16", "--flops-target", "0.4", "--calib", "digits",
+        "--num-calib", "32", "--batch-size", "16", "--out", str(tmp_path / "run"), "--no-onnx", "--quiet")
+    pruned, meta = apib_fx.serialize.load(tmp_path / "run" / "model.apibfx", with_meta=True)
+    out = run("finetune", "--model", str(tmp_path / "run" / "model.apibfx"), "--data", "digits", "--epochs", "2",
+              "--lr", "0.05", "--out", str(tmp_path / "ft.apibfx"), "--quiet")
+    tuned, tuned_meta = apib_fx.serialize.load(tmp_path / "ft.apibfx", with_meta=True)
+    record = tuned_meta["finetune"][-1]
+    _, held_out = training_data("digits", (3, 16, 16))
+    loader = torch.utils.data.DataLoader(held_out, batch_size=64)
+    # the figures printed and recorded are the saved models' own
+    assert record["top1_before"] == evaluate(pruned, loader) and record["top1_after"] == evaluate(tuned, loader)
+    assert f"{100 * record['top1_after']:.2f}%" in out.stdout and f"{100 * record['top1_before']:.2f}%" in out.stdout
+    assert record["top1_after"] >= 0.5 > record["top1_before"]  # two epochs teach a random ResNet-20 the digits
+    # the pruned shapes and the pruning report travel on
+    assert tuned_meta["report"] == meta["report"] and tuned_meta["input_shape"] == [3, 16, 16]
+    assert {n: p.shape for n, p in tuned.named_parameters()} == {n: p.shape for n, p in pruned.named_parameters()}
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--data", "imagefolder:{tmp}"], "has no train/ or val/ sub-folder"),
+    (["--data", "cifar10:{tmp}"], "no CIFAR-10 training files"),
+    (["--data", "digits", "--num-classes", "5"], "the model has 5 outputs, --data digits has 10 classes"),
+    (["--data", "digits", "--epochs", "0"], "--epochs must be at least 1"),
+    (["--data", "mnist"], "unknown --data 'mnist'"),
+])
+def test_finetune_bad_input_one_line(extra, words, tmp_path):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    out = run("finetune", "--model", "cifar:resnet20", *args, "--out", str(tmp_path / "ft.apibfx"), "--quiet",
+              check=False)
+    lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
+    assert out.returncode != 0 and len(lines) == 1 and words in lines[0], out.stderr
+    assert not (tmp_path / "ft.apibfx").exists()
+
+
+def test_a_saved_model_without_its_input_shape_takes_input_shape(tmp_path):
+    apib_fx.save(apib_fx.models.CifarResNet(20), tmp_path / "m.apibfx")  # no meta
+    out = run("export", "--model", str(tmp_path / "m.apibfx"), "--out", str(tmp_path / "m.onnx"), check=False)
+    assert out.returncode != 0 and "pass --input-shape" in out.stderr
+    run("export", "--model", str(tmp_path / "m.apibfx"), "--input-shape", "3,32,32", "--out", str(tmp_path / "m.onnx"))
+    assert (tmp_path / "m.onnx").exists()

@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import apib_fx
-from apib_fx.data import cifar
+from apib_fx.data import CropFlip, cifar
 from apib_fx.models import CifarResNet, CifarVGG
 from apib_fx.train import evaluate, fit
 
@@ -34,25 +34,6 @@ RECIPES = {
     "cifar100-resnet56-53": dict(model="resnet56", classes=100, target=0.53, omega=5, paper="70.89% (-1.63)"),
     "cifar10-vgg16-60": dict(model="vgg16", classes=10, target=0.60, omega=40, paper="+0.40% over unpruned"),
 }
-
-
-class Augmented(Dataset):
-    """Random 32x32 crop of the 4-pixel zero-padded image and a horizontal flip."""
-
-    def __init__(self, base, seed: int = 0):
-        self.x, self.y = base.tensors
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int):
-        img = torch.nn.functional.pad(self.x[i], (4, 4, 4, 4))
-        dx, dy = torch.randint(0, 9, (2,), generator=self.gen).tolist()
-        img = img[:, dy:dy + 32, dx:dx + 32]
-        if torch.rand(1, generator=self.gen).item() < 0.5:
-            img = img.flip(-1)
-        return img, self.y[i]
 
 
 def build(name: str, classes: int) -> torch.nn.Module:
@@ -80,7 +61,7 @@ def main(argv=None) -> int:
     train_set = cifar(args.data, train=True, num_classes=r["classes"], limit=args.limit)
     test_set = cifar(args.data, train=False, num_classes=r["classes"], limit=args.limit)
     gen = torch.Generator().manual_seed(args.seed)
-    train = DataLoader(Augmented(train_set, args.seed), batch_size=args.batch_size, shuffle=True, generator=gen)
+    train = DataLoader(CropFlip(train_set, seed=args.seed), batch_size=args.batch_size, shuffle=True, generator=gen)
     test = DataLoader(test_set, batch_size=256)
     model = build(r["model"], r["classes"]).to(args.device)
     if args.checkpoint:
