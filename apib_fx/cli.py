@@ -225,12 +225,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.data_workers,
                         generator=torch.Generator().manual_seed(args.seed), drop_last=len(train_set) > args.batch_size)
     held_out = DataLoader(val_set, batch_size=args.batch_size, num_workers=args.data_workers)
-    before = evaluate(model, held_out)
+    before = evaluate(model, held_out, progress=not args.quiet, desc="top-1 before")
     start = time.perf_counter()
     fit(model, loader, args.epochs, lr=args.lr, weight_decay=args.weight_decay, progress=not args.quiet,
         desc="fine-tune")
     seconds = time.perf_counter() - start
-    after = evaluate(model, held_out)
+    after = evaluate(model, held_out, progress=not args.quiet, desc="top-1 after")
     record = {"data": args.data, "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay,
               "batch_size": args.batch_size, "top1_before": before, "top1_after": after, "seconds": seconds}
     out = save(model.cpu(), Path(args.out).expanduser(),

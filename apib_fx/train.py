@@ -13,14 +13,16 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def evaluate(model: nn.Module, loader: Iterable, device: Optional[torch.device] = None) -> float:
-    """Top-1 accuracy (fraction) of ``model`` on ``loader``, in eval mode; the mode is restored."""
+def evaluate(model: nn.Module, loader: Iterable, device: Optional[torch.device] = None, progress: bool = False,
+             desc: str = "evaluate") -> float:
+    """Top-1 accuracy (fraction) of ``model`` on ``loader``, in eval mode; the mode is restored.
+    ``progress``: a tqdm bar over the batches (an ImageNet validation pass takes minutes)."""
     device = device or _device_of(model)
     was = model.training
     model.eval()
     correct = total = 0
     with torch.no_grad():
-        for x, y in loader:
+        for x, y in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
             pred = model(x.to(device)).argmax(1)
             correct += int((pred == y.to(device)).sum())
             total += len(y)

@@ -46,14 +46,14 @@ def main(argv=None) -> int:
     model = model.to(args.device).eval()
     train = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
     val = DataLoader(val_set, batch_size=args.batch_size, num_workers=args.workers)
-    acc0 = evaluate(model, val)
+    acc0 = evaluate(model, val, progress=True, desc="top-1 unpruned")
     calib_loader = DataLoader(image_folder(root / "train", size=args.size, train=False), batch_size=32, shuffle=True,
                               generator=torch.Generator().manual_seed(0))
     pruned = apib_fx.prune(model, args.flops_target, calib_loader, num_calib=args.num_calib,
                            min_channels=args.min_channels, batch_size=min(64, args.num_calib), device=args.device)
-    acc1 = evaluate(pruned, val)
+    acc1 = evaluate(pruned, val, progress=True, desc="top-1 one-shot")
     fit(pruned, train, args.finetune_epochs, lr=args.lr, weight_decay=1e-4, desc="fine-tune")
-    acc2 = evaluate(pruned, val)
+    acc2 = evaluate(pruned, val, progress=True, desc="top-1 fine-tuned")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     apib_fx.save(pruned.cpu(), out / "pruned.apibfx", meta={"input_shape": [3, args.size, args.size]})
