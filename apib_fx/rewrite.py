@@ -57,11 +57,48 @@ def _sliced_copies(graph: ChannelGraph, keep_ids: Tensor) -> dict[int, Tensor]:
     return memo
 
 
+# Attribute values copied onto rebuilt modules: numbers, strings, flags and containers of them.
+_PLAIN_TYPES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, _PLAIN_TYPES):
+        return True
+    if depth >= 4:
+        return False
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return all(_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _with_plain_attributes(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
+    """Copy the plain attributes (see :func:`_plain`) of ``model`` and of its blocks onto the
+    modules the rewrite rebuilt in their place (the root, blocks the graph inlined, containers of
+    another class), where those lack them: code built around the model reads them (torchvision's
+    detection heads take a backbone's ``out_channels``; timm's ``num_classes``, ``pretrained_cfg``).
+    The values are the unpruned model's; modules kept as their own class keep their own (rewritten)
+    attributes. Copies, so the two models share no mutable state. In place; returns ``gm``."""
+    originals = dict(model.named_modules())
+    for name, module in gm.named_modules():
+        original = originals.get(name)
+        if original is None or type(module) is type(original):
+            continue
+        for key, value in vars(original).items():
+            if key.startswith("_") or key == "training" or hasattr(module, key) or not _plain(value):
+                continue
+            setattr(module, key, copy.deepcopy(value))
+    return gm
+
+
 def apply(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Any]) -> fx.GraphModule:
     """Return a new, smaller dense model keeping channels ``keep[i]`` of ``graph.groups[i]``.
 
     Groups not in ``keep`` stay whole. Parameter names are those of ``model``; ``model`` itself is
-    never modified. The result is a ``torch.fx.GraphModule`` in ``model``'s training mode.
+    never modified. The result is a ``torch.fx.GraphModule`` in ``model``'s training mode, carrying
+    the plain attributes of ``model`` and of its inlined blocks as they were (``out_channels``,
+    ``num_classes``, config dicts): they describe the unpruned model.
     """
     keep = _validated(graph, keep)
     keep_ids = graph.keep_ids(keep)
@@ -84,6 +121,7 @@ def apply(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Any]) -> fx.
     # rewritten one: its code exists now, not at the user's first call, and TorchScript can
     # compile it (it cannot compile the lazy class). Its module tree is rebuilt: containers again.
     gm = _with_containers(fx.GraphModule(gm, gm.graph, type(model).__name__), model)
+    _with_plain_attributes(gm, model)
     # Same per-module training flags as the user's model.
     flags = dict(model.named_modules())
     for name, m in gm.named_modules():

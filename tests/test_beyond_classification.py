@@ -2,7 +2,7 @@
 video networks (Conv3d, including torchvision's Conv3d subclasses; Swin3d), exact and on target."""
 import pytest
 import torch
-from torchvision.models import segmentation, video
+from torchvision.models import detection, segmentation, video
 
 import apib_fx
 from apib_fx.testing import check_exact
@@ -45,3 +45,21 @@ def test_swin3d_traces_and_prunes_exactly():
     report = check_exact(model, x, graph=graph)
     assert report.shapes_ok and report.max_diff <= 1e-5, report
     assert report.flops_model == report.flops_after < report.flops_before
+
+
+def test_a_detection_backbone_prunes_and_builds_a_detector():
+    # fx cannot trace the detector itself (its forward branches on inputs); its backbone is pruned on
+    # its own and goes back in, or into a new detector, which reads the backbone's out_channels.
+    torch.manual_seed(0)
+    model = detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=5).eval()
+    x = torch.randn(4, 3, 320, 320, generator=torch.Generator().manual_seed(0))
+    backbone = apib_fx.prune(model.backbone, 0.3, x, method="l1", progress=False)
+    assert abs(backbone.apib_report.flops_reduction - 0.3) <= 0.005
+    assert backbone.out_channels == model.backbone.out_channels == 256  # (the FPN's outputs are never pruned)
+    rebuilt = detection.FasterRCNN(backbone, num_classes=5, rpn_anchor_generator=model.rpn.anchor_generator,
+                                   min_size=320, max_size=320).eval()
+    with torch.no_grad():
+        features = backbone(x[:1])
+        out = rebuilt([x[0]])
+    assert [f.shape[1] for f in features.values()] == [256] * len(features)
+    assert set(out[0]) == {"boxes", "labels", "scores"}

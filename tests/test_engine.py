@@ -1164,3 +1164,38 @@ def test_channel_graph_survives_pickle_and_deepcopy(copier):
         [(g.channels, g.prunable, [m.param for m in g.members]) for g in graph.groups]
     keep = random_keep(graph, 0.3, seed=0)
     assert torch.equal(apib_fx.apply(model, other, keep)(x), apib_fx.apply(model, graph, keep)(x))
+
+
+def test_rebuilt_modules_carry_the_originals_plain_attributes():
+    class Block(nn.Module):  # inlined by the trace: the result holds a plain module in its place
+        def __init__(self):
+            super().__init__()
+            self.stride, self.note = 1, "residual"
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return x + self.conv(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.block, self.head = nn.Conv2d(3, 8, 3), Block(), nn.Conv2d(8, 4, 1)
+            self.out_channels, self.cfg = 4, {"input_size": (3, 16, 16), "mean": [0.5, 0.5, 0.5]}
+            self.scratch = torch.ones(2)  # a tensor that is no parameter or buffer: not a plain value
+            self.meta = "mine"  # a name GraphModule uses itself
+
+        def forward(self, x):
+            return self.head(self.block(self.stem(x)))
+
+    model = Net().eval()
+    x = torch.randn(1, 3, 16, 16)
+    graph = apib_fx.trace(model, x)
+    group = next(g for g in graph.prunable_groups if g.channels == 8)
+    pruned = apib_fx.apply(model, graph, {group.index: torch.arange(5)})
+    assert pruned.out_channels == 4 and pruned.cfg == model.cfg and not hasattr(pruned, "scratch")
+    assert type(pruned.block) is not Block and (pruned.block.stride, pruned.block.note) == (1, "residual")
+    pruned.cfg["mean"].append(1.0)  # copies: the user's model does not change with the result
+    assert model.cfg["mean"] == [0.5, 0.5, 0.5]
+    # layers kept as their own class keep their rewritten attributes, not the original's
+    assert pruned.head.in_channels == 5 and pruned.block.conv.out_channels == 5
+    assert isinstance(pruned.meta, dict)  # GraphModule's own attributes are never overwritten
