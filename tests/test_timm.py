@@ -75,3 +75,17 @@ def test_apib_prunes_a_timm_model_to_target():
     report = pruned.apib_report
     assert abs(report.flops_reduction - 0.4) <= 0.005
     assert report.flops_after == apib_fx.count_flops(pruned, x[:1]) * 1
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_batchnorm_act_models_run_under_export_and_jit_trace():
+    # timm's BatchNormAct2d runs F.batch_norm in its own forward; the pruned graph calls it with the
+    # module as an argument (torch.jit.script cannot compile that; the README says so), and the
+    # other two deployment routes reproduce the pruned model.
+    model, x = timm_model("efficientnet_b0")
+    pruned = apib_fx.prune(model, 0.3, example_inputs=x, method="l1", progress=False).eval()
+    assert pruned.num_classes == 10 and pruned.pretrained_cfg == model.pretrained_cfg  # (carried over)
+    with torch.no_grad():
+        want = pruned(x)
+        assert torch.allclose(torch.export.export(pruned, (x,)).module()(x), want, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(torch.jit.trace(pruned, x)(x), want, atol=1e-5, rtol=1e-5)
