@@ -15,6 +15,7 @@ EPILOG = """examples:
   apib-fx prune --model torchvision:resnet50 --flops-target 0.48 --calib synthetic --out runs/r50
   apib-fx prune --model cifar:resnet56 --calib cifar100:~/data/cifar-100-python --out runs/r56
   apib-fx prune --model torchvision:resnet50 --weights resnet50.pth --calib imagefolder:~/data/val --out runs/r50
+  apib-fx inspect --model torchvision:vit_b_16 --only-fixed
   apib-fx finetune --model runs/r56/model.apibfx --data cifar100:~/data/cifar-100-python --out runs/r56/ft.apibfx
   apib-fx export --model runs/r50/model.apibfx --out runs/r50/model.onnx
   apib-fx bench --model torchvision:resnet50 --model runs/r50/model.apibfx --batch-sizes 1,32
@@ -182,6 +183,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .trace import trace
+
+    model, shape, label, _ = load_model(args.model, args.num_classes, None, args.input_shape)
+    graph = trace(model, torch.zeros(1, *shape))
+    fixed = len(graph.groups) - len(graph.prunable_groups)
+    print(f"{label} at 1x{'x'.join(map(str, shape))}: {len(graph.groups)} channel groups, "
+          f"{len(graph.prunable_groups)} prunable, {fixed} fixed; {graph.flops():,} MACs")
+    print(graph.table(only_fixed=args.only_fixed))
+    return 0
+
+
 def _classes(dataset: Any) -> int:
     """How many classes a labelled dataset's labels span."""
     if hasattr(dataset, "classes"):  # ImageFolder
@@ -290,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.set_defaults(func=cmd_prune)
+
+    ins = sub.add_parser("inspect", help="the model's channel groups: what can be pruned, what each channel costs, "
+                                         "and why a group is fixed")
+    ins.add_argument("--model", required=True, help="torchvision:NAME, timm:NAME, cifar:NAME or a saved .apibfx file")
+    ins.add_argument("--input-shape", default=None, help="C,H,W (default: the model's usual input)")
+    ins.add_argument("--num-classes", type=int, default=None, help="classifier outputs of a built-in model")
+    ins.add_argument("--only-fixed", action="store_true", help="list only the groups that cannot be pruned")
+    ins.set_defaults(func=cmd_inspect)
 
     ex = sub.add_parser("export", help="export a model to ONNX, checked against ONNX Runtime")
     ex.add_argument("--model", required=True, help="torchvision:NAME, timm:NAME, cifar:NAME or a saved .apibfx file")

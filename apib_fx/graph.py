@@ -362,6 +362,24 @@ class ChannelGraph:
             sizes = np.einsum("wtg,ng->nwt", self._A[:, :, groups], channel_matrix) + fixed[None]
         return (self._coef[None] * sizes.prod(axis=1)).sum(axis=1)
 
+    def table(self, only_fixed: bool = False) -> str:
+        """The groups as a Markdown table: channels, the MACs one of their channels costs at the
+        traced inputs (what removing it saves), the parameter and buffer slices that lose rows
+        (producers' outputs / consumers' inputs / per-channel state) and why a group is fixed or
+        inexact. ``only_fixed``: the groups that cannot be pruned, to see why."""
+        full = self.flops()
+        rows = ["| group | name | channels | MACs per channel | slices out / in / per-channel | status |",
+                "|---:|---|---:|---:|---|---|"]
+        for g in self.groups:
+            if only_fixed and g.prunable:
+                continue
+            roles = [sum(m.role == r for m in g.members) for r in ("out", "in", "pass")]
+            status = "prunable" if g.exact else f"prunable, not exact: {g.note}"
+            status = status if g.prunable else f"fixed: {g.reason}"
+            rows.append(f"| {g.index} | {g.name} | {g.channels} | {full - self.flops({g.index: g.channels - 1}):,} "
+                        f"| {' / '.join(map(str, roles))} | {status} |")
+        return "\n".join(rows)
+
     @property
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]

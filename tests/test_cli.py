@@ -195,3 +195,13 @@ def test_a_saved_model_without_its_input_shape_takes_input_shape(tmp_path):
     assert out.returncode != 0 and "pass --input-shape" in out.stderr
     run("export", "--model", str(tmp_path / "m.apibfx"), "--input-shape", "3,32,32", "--out", str(tmp_path / "m.onnx"))
     assert (tmp_path / "m.onnx").exists()
+
+
+def test_inspect_lists_the_groups():
+    out = run("inspect", "--model", "cifar:resnet20")
+    graph = apib_fx.trace(apib_fx.models.CifarResNet(20), torch.zeros(1, 3, 32, 32))
+    assert out.stdout.startswith(f"resnet20 at 1x3x32x32: {len(graph.groups)} channel groups, "
+                                 f"{len(graph.prunable_groups)} prunable, 1 fixed; {graph.flops():,} MACs")
+    assert graph.table() in out.stdout
+    fixed = run("inspect", "--model", "cifar:resnet20", "--only-fixed").stdout
+    assert "fixed: they reach a model output" in fixed and "| prunable |" not in fixed

@@ -1199,3 +1199,26 @@ def test_rebuilt_modules_carry_the_originals_plain_attributes():
     # layers kept as their own class keep their rewritten attributes, not the original's
     assert pruned.head.in_channels == 5 and pruned.block.conv.out_channels == 5
     assert isinstance(pruned.meta, dict)  # GraphModule's own attributes are never overwritten
+
+
+@pytest.mark.parametrize("cls,x", [(M.ChannelReduction, (1, 3, 8, 8)), (M.ReshapeHardcoded, (1, 3, 8, 8)),
+                                   (M.SEBlock, (1, 3, 16, 16))])
+def test_graph_table_gives_each_groups_cost_and_status(cls, x):
+    model = _model(cls).eval()
+    x = torch.randn(*x)
+    graph = apib_fx.trace(model, x)
+    rows = graph.table().splitlines()[2:]
+    assert len(rows) == len(graph.groups)
+    before = apib_fx.count_flops(model, x)
+    for g, row in zip(graph.groups, rows):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[:3] == [str(g.index), g.name, str(g.channels)]
+        if g.prunable and g.channels > 1:  # what one channel costs, against a pruned model's count
+            keep = {g.index: torch.arange(1, g.channels)}
+            saved = before - apib_fx.count_flops(apib_fx.apply(model, graph, keep), x)
+            assert cells[3] == f"{saved:,}"
+        assert cells[4] == " / ".join(str(sum(m.role == r for m in g.members)) for r in ("out", "in", "pass"))
+        assert cells[5] == (("prunable" if g.exact else f"prunable, not exact: {g.note}") if g.prunable
+                            else f"fixed: {g.reason}")
+    fixed = graph.table(only_fixed=True).splitlines()[2:]
+    assert len(fixed) == len(graph.groups) - len(graph.prunable_groups) and all("fixed:" in r for r in fixed)
