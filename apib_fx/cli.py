@@ -14,7 +14,7 @@ EPILOG = """examples:
   apib-fx demo                                    # the whole story on scikit-learn's digits
   apib-fx prune --model torchvision:resnet50 --flops-target 0.48 --calib synthetic --out runs/r50
   apib-fx prune --model cifar:resnet56 --calib cifar100:~/data/cifar-100-python --out runs/r56
-  apib-fx prune --model torchvision:resnet50 --weights resnet50.pth --calib imagefolder:~/data/val --out runs/r50
+  apib-fx prune --model torchvision:resnet50 --weights resnet50.pth --calib imagefolder:~/data/imagenet --out runs/r50
   apib-fx inspect --model torchvision:vit_b_16 --only-fixed
   apib-fx finetune --model runs/r56/model.apibfx --data cifar100:~/data/cifar-100-python --out runs/r56/ft.apibfx
   apib-fx export --model runs/r50/model.apibfx --out runs/r50/model.onnx

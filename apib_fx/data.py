@@ -162,7 +162,9 @@ def training_data(spec: str, input_shape: tuple[int, ...], seed: int = 0) -> tup
 
 def calibration_tensor(spec: str, num: int, input_shape: tuple[int, ...], seed: int = 0) -> Optional[Tensor]:
     """Inputs for ``--calib``: ``synthetic`` (None: prune draws them), ``digits``,
-    ``imagefolder:PATH``, ``cifar10:PATH``, ``cifar100:PATH``."""
+    ``imagefolder:PATH`` (``PATH/train`` where there is one: a dataset root's held-out images
+    should not choose the channels they later judge), ``cifar10:PATH``, ``cifar100:PATH`` (their
+    training images)."""
     kind, _, path = spec.partition(":")
     if kind == "synthetic":
         return None
@@ -175,7 +177,9 @@ def calibration_tensor(spec: str, num: int, input_shape: tuple[int, ...], seed: 
     if kind == "imagefolder":
         if not path:
             raise DataError("--calib imagefolder needs a path: imagefolder:PATH")
-        ds = image_folder(path, size=input_shape[-1] if len(input_shape) == 3 else 224)
+        root = Path(path).expanduser()
+        root = root / "train" if (root / "train").is_dir() else root
+        ds = image_folder(root, size=input_shape[-1] if len(input_shape) == 3 else 224)
         n = min(num, len(ds))
         idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
         return torch.stack([ds[int(i)][0] for i in idx])

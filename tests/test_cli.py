@@ -205,3 +205,30 @@ def test_inspect_lists_the_groups():
     assert graph.table() in out.stdout
     fixed = run("inspect", "--model", "cifar:resnet20", "--only-fixed").stdout
     assert "fixed: they reach a model output" in fixed and "| prunable |" not in fixed
+
+
+def _image_root(root, shades):
+    """root/{split}/{class}/*.png, every image one flat grey level: (split, class) -> level."""
+    from PIL import Image
+
+    for (split, cls), level in shades.items():
+        d = root / split / cls
+        d.mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 40), (level, level, level)).save(d / f"{i}.png")
+
+
+def test_imagefolder_sources_read_the_right_split(tmp_path):
+    from apib_fx.data import calibration_tensor, training_data
+
+    shades = {("train", "cat"): 40, ("train", "dog"): 80, ("val", "cat"): 160, ("val", "dog"): 220}
+    _image_root(tmp_path, shades)
+    red = lambda x: {round(float(v) * 0.229 + 0.485, 2) for v in x[:, 0].flatten()}  # back to [0, 1]
+    calib = calibration_tensor(f"imagefolder:{tmp_path}", 4, (3, 32, 32))
+    assert calib.shape == (4, 3, 32, 32) and red(calib) <= {round(40 / 255, 2), round(80 / 255, 2)}
+    held_out = calibration_tensor(f"imagefolder:{tmp_path / 'val'}", 6, (3, 32, 32))  # a folder of classes as given
+    assert held_out.shape == (6, 3, 32, 32) and red(held_out) == {round(160 / 255, 2), round(220 / 255, 2)}
+    train, val = training_data(f"imagefolder:{tmp_path}", (3, 32, 32))
+    assert train.classes == val.classes == ["cat", "dog"] and len(train) == len(val) == 6
+    assert train[0][0].shape == val[0][0].shape == (3, 32, 32)
+    assert red(torch.stack([val[i][0] for i in range(6)])) == {round(160 / 255, 2), round(220 / 255, 2)}
