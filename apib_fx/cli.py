@@ -216,6 +216,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     if args.epochs < 1:
         raise CliError(f"--epochs must be at least 1, got {args.epochs}")
+    if not 0 <= args.distill <= 1 or not args.temperature > 0:
+        raise CliError(f"--distill must be in [0, 1] and --temperature positive, got {args.distill} and "
+                       f"{args.temperature}")
     if not args.lr > 0:
         raise CliError(f"--lr must be positive, got {args.lr}")
     model, shape, label, meta = load_model(args.model, args.num_classes, args.weights, args.input_shape)
@@ -233,6 +236,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     classes = _classes(train_set)
     if outputs < classes:
         raise CliError(f"the model has {outputs} outputs, --data {args.data} has {classes} classes")
+    teacher = None
+    if args.teacher:
+        teacher, _, _, _ = load_model(args.teacher, args.num_classes, args.teacher_weights, ",".join(map(str, shape)))
+        teacher = teacher.to(device).eval()
+        with torch.no_grad():
+            taught = teacher(x0.unsqueeze(0).to(device)).shape[-1]
+        if taught != outputs:
+            raise CliError(f"the teacher has {taught} outputs, the model {outputs}; pass the teacher's "
+                           "--num-classes or --teacher-weights")
+    elif args.teacher_weights:
+        raise CliError("--teacher-weights needs --teacher (the architecture they are for)")
     torch.manual_seed(args.seed)
     # (a last batch of a few samples would give BatchNorm statistics of a few samples: dropped)
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.data_workers,
@@ -241,11 +255,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     before = evaluate(model, held_out, progress=not args.quiet, desc="top-1 before")
     start = time.perf_counter()
     fit(model, loader, args.epochs, lr=args.lr, weight_decay=args.weight_decay, progress=not args.quiet,
-        desc="fine-tune")
+        desc="fine-tune", teacher=teacher, distill=args.distill, temperature=args.temperature)
     seconds = time.perf_counter() - start
     after = evaluate(model, held_out, progress=not args.quiet, desc="top-1 after")
     record = {"data": args.data, "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay,
               "batch_size": args.batch_size, "top1_before": before, "top1_after": after, "seconds": seconds}
+    if teacher is not None:
+        record.update(teacher=args.teacher, distill=args.distill, temperature=args.temperature)
     out = save(model.cpu(), Path(args.out).expanduser(),
                meta={**meta, "input_shape": list(shape), "source": meta.get("source", args.model),
                      "finetune": [*meta.get("finetune", []), record]})
@@ -354,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     ft.add_argument("--num-classes", type=int, default=None, help="classifier outputs of a built-in model")
     ft.add_argument("--input-shape", default=None, help="C,H,W (default: the model's own)")
+    ft.add_argument("--teacher", default=None,
+                    help="distil from this model (e.g. the unpruned one: torchvision:NAME with --teacher-weights, "
+                         "or a saved .apibfx file)")
+    ft.add_argument("--teacher-weights", default=None, help="trained weights for a built-in --teacher")
+    ft.add_argument("--distill", type=float, default=0.5,
+                    help="with --teacher: the distillation term's weight, cross-entropy's is 1 minus it (default 0.5)")
+    ft.add_argument("--temperature", type=float, default=4.0, help="with --teacher: softmax temperature (default 4)")
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--quiet", action="store_true", help="no progress bars")
     ft.set_defaults(func=cmd_finetune)

@@ -5,7 +5,7 @@ from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 
@@ -30,6 +30,13 @@ def evaluate(model: nn.Module, loader: Iterable, device: Optional[torch.device] 
     return correct / max(1, total)
 
 
+def distillation_loss(student: Tensor, teacher: Tensor, temperature: float = 4.0) -> Tensor:
+    """Hinton et al.'s knowledge-distillation term: T² · KL(softmax(teacher/T) ‖ softmax(student/T)),
+    averaged over the batch (T² keeps its gradients on the scale of cross-entropy's)."""
+    return F.kl_div(F.log_softmax(student / temperature, dim=1), F.log_softmax(teacher / temperature, dim=1),
+                    reduction="batchmean", log_target=True) * temperature**2
+
+
 def fit(
     model: nn.Module,
     loader: Iterable,
@@ -39,9 +46,24 @@ def fit(
     momentum: float = 0.9,
     progress: bool = True,
     desc: str = "train",
+    teacher: Optional[nn.Module] = None,
+    distill: float = 0.5,
+    temperature: float = 4.0,
 ) -> nn.Module:
-    """Train ``model`` in place with SGD, cosine learning rate, cross-entropy; returns it."""
+    """Train ``model`` in place with SGD, cosine learning rate, cross-entropy; returns it.
+
+    With a ``teacher`` (e.g. the unpruned model, on the same device; left in eval mode and never
+    updated) the loss is (1 − ``distill``) · cross-entropy + ``distill`` ·
+    :func:`distillation_loss` at ``temperature``: the pruned model learns the teacher's outputs,
+    the usual way to recover accuracy after pruning."""
+    if not 0.0 <= distill <= 1.0:
+        raise ValueError(f"distill is the weight of the distillation term, in [0, 1]; got {distill}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
     device = _device_of(model)
+    if teacher is not None:
+        teacher_was = teacher.training
+        teacher.eval()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
     steps = max(1, epochs * len(loader))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -49,7 +71,13 @@ def fit(
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress)
     for _ in range(epochs):
         for x, y in loader:
-            loss = F.cross_entropy(model(x.to(device)), y.to(device))
+            x = x.to(device)
+            out = model(x)
+            loss = F.cross_entropy(out, y.to(device))
+            if teacher is not None:
+                with torch.no_grad():
+                    target = teacher(x)
+                loss = (1.0 - distill) * loss + distill * distillation_loss(out, target, temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -58,4 +86,6 @@ def fit(
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     model.eval()
+    if teacher is not None:
+        teacher.train(teacher_was)
     return model

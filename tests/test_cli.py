@@ -232,3 +232,27 @@ def test_imagefolder_sources_read_the_right_split(tmp_path):
     assert train.classes == val.classes == ["cat", "dog"] and len(train) == len(val) == 6
     assert train[0][0].shape == val[0][0].shape == (3, 32, 32)
     assert red(torch.stack([val[i][0] for i in range(6)])) == {round(160 / 255, 2), round(220 / 255, 2)}
+
+
+def test_finetune_distils_from_a_teacher(tmp_path):
+    trained = _trained_resnet20()
+    torch.save(trained.state_dict(), tmp_path / "teacher.pth")
+    run("prune", "--model", "cifar:resnet20", "--weights", str(tmp_path / "teacher.pth"), "--input-shape", "3,16,16",
+        "--method", "l1", "--flops-target", "0.3", "--calib", "digits", "--num-calib", "16", "--batch-size", "16",
+        "--out", str(tmp_path / "run"), "--no-onnx", "--quiet")
+    student = str(tmp_path / "run" / "model.apibfx")
+    teacher = ["--teacher", "cifar:resnet20", "--teacher-weights", str(tmp_path / "teacher.pth")]
+    run("finetune", "--model", student, "--data", "digits", "--epochs", "1", *teacher, "--distill", "0.7",
+        "--out", str(tmp_path / "ft.apibfx"), "--quiet")
+    record = apib_fx.serialize.load(tmp_path / "ft.apibfx", with_meta=True)[1]["finetune"][-1]
+    assert (record["teacher"], record["distill"], record["temperature"]) == ("cifar:resnet20", 0.7, 4.0)
+    for extra, words in [
+        (["--teacher", "cifar:resnet20", "--num-classes", "5"], "the teacher has 5 outputs, the model 10"),
+        (["--teacher-weights", str(tmp_path / "teacher.pth")], "--teacher-weights needs --teacher"),
+        ([*teacher, "--distill", "2"], "--distill must be in [0, 1]"),
+    ]:
+        out = run("finetune", "--model", student, "--data", "digits", *extra, "--out", str(tmp_path / "bad.apibfx"),
+                  "--quiet", check=False)
+        lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
+        assert out.returncode != 0 and len(lines) == 1 and words in lines[0], out.stderr
+    assert not (tmp_path / "bad.apibfx").exists()
