@@ -109,13 +109,14 @@ def _shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from . import export_onnx, prune, save
-    from .data import calibration_tensor
+    from .data import calibration_tensor, model_normalization
     from .report import write_reports
 
     if not 0 < args.flops_target < 1:
         raise CliError(f"--flops-target is the fraction of FLOPs to remove, in (0, 1); got {args.flops_target}")
     model, shape, label, _ = load_model(args.model, args.num_classes, args.weights, args.input_shape)
-    calib = calibration_tensor(args.calib, args.num_calib, shape, seed=args.seed)
+    calib = calibration_tensor(args.calib, args.num_calib, shape, seed=args.seed,
+                               normalization=model_normalization(model))
     example = torch.zeros(1, *shape)
     if calib is not None and tuple(calib.shape[1:]) != shape:
         raise CliError(f"--calib gives inputs of shape {tuple(calib.shape[1:])}, the model expects {shape}")
@@ -211,7 +212,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from . import save
-    from .data import training_data
+    from .data import model_normalization, training_data
     from .train import evaluate, fit
 
     if args.epochs < 1:
@@ -222,7 +223,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if not args.lr > 0:
         raise CliError(f"--lr must be positive, got {args.lr}")
     model, shape, label, meta = load_model(args.model, args.num_classes, args.weights, args.input_shape)
-    train_set, val_set = training_data(args.data, shape, seed=args.seed)
+    train_set, val_set = training_data(args.data, shape, seed=args.seed, normalization=model_normalization(model))
     x0, _ = train_set[0]
     if tuple(x0.shape) != shape:
         raise CliError(f"--data {args.data} gives inputs of shape {tuple(x0.shape)}, the model takes {shape}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -81,15 +81,32 @@ def cifar(path: str | Path, train: bool = True, num_classes: int = 10, limit: Op
     return TensorDataset((x - mean) / std, y)
 
 
-def image_folder(path: str | Path, size: int = 224, train: bool = False):
-    """An ImageNet-style folder (one sub-folder per class) with the usual transforms."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def model_normalization(model: Any) -> Normalization:
+    """The per-channel (mean, std) a model's inputs are normalised with: a timm model's
+    ``pretrained_cfg`` (some use 0.5, CLIP-style models others; a pruned model carries the
+    attribute over), else ImageNet's."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("mean") and cfg.get("std"):
+        return tuple(map(float, cfg["mean"])), tuple(map(float, cfg["std"]))
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def image_folder(path: str | Path, size: int = 224, train: bool = False,
+                 normalization: Normalization = (IMAGENET_MEAN, IMAGENET_STD)):
+    """An ImageNet-style folder (one sub-folder per class) with the usual transforms, normalised
+    with ``normalization`` (mean, std) per channel."""
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
 
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"image folder {str(root)!r} does not exist; expected one sub-folder of images per class")
-    norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    norm = T.Normalize(*normalization)
     if train:
         tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     else:
@@ -131,11 +148,12 @@ def _fit_digits(x: Tensor, input_shape: tuple[int, ...]) -> Tensor:
     return x.expand(-1, input_shape[0], -1, -1).contiguous()
 
 
-def training_data(spec: str, input_shape: tuple[int, ...], seed: int = 0) -> tuple[Dataset, Dataset]:
+def training_data(spec: str, input_shape: tuple[int, ...], seed: int = 0,
+                  normalization: Normalization = (IMAGENET_MEAN, IMAGENET_STD)) -> tuple[Dataset, Dataset]:
     """(training, held-out) labelled datasets for ``--data``: ``digits`` (fitted to the model's
     input), ``cifar10:PATH`` / ``cifar100:PATH`` (random crops and flips for training) or
     ``imagefolder:PATH`` (``PATH/train`` and ``PATH/val``, one sub-folder per class, at the
-    model's input size)."""
+    model's input size, normalised with ``normalization``)."""
     kind, _, path = spec.partition(":")
     if kind == "digits":
         train, test = digits("train", seed=seed), digits("test", seed=seed)
@@ -156,15 +174,17 @@ def training_data(spec: str, input_shape: tuple[int, ...], seed: int = 0) -> tup
             raise DataError(f"image folder {str(root)!r} has no {' or '.join(f'{d}/' for d in missing)} sub-folder; "
                             "expected train/ and val/, each with one sub-folder of images per class")
         size = input_shape[-1] if len(input_shape) == 3 else 224
-        return image_folder(root / "train", size=size, train=True), image_folder(root / "val", size=size)
+        return (image_folder(root / "train", size=size, train=True, normalization=normalization),
+                image_folder(root / "val", size=size, normalization=normalization))
     raise DataError(f"unknown --data {spec!r}; expected digits, imagefolder:PATH, cifar10:PATH or cifar100:PATH")
 
 
-def calibration_tensor(spec: str, num: int, input_shape: tuple[int, ...], seed: int = 0) -> Optional[Tensor]:
+def calibration_tensor(spec: str, num: int, input_shape: tuple[int, ...], seed: int = 0,
+                       normalization: Normalization = (IMAGENET_MEAN, IMAGENET_STD)) -> Optional[Tensor]:
     """Inputs for ``--calib``: ``synthetic`` (None: prune draws them), ``digits``,
     ``imagefolder:PATH`` (``PATH/train`` where there is one: a dataset root's held-out images
-    should not choose the channels they later judge), ``cifar10:PATH``, ``cifar100:PATH`` (their
-    training images)."""
+    should not choose the channels they later judge; normalised with ``normalization``),
+    ``cifar10:PATH``, ``cifar100:PATH`` (their training images)."""
     kind, _, path = spec.partition(":")
     if kind == "synthetic":
         return None
@@ -179,7 +199,7 @@ def calibration_tensor(spec: str, num: int, input_shape: tuple[int, ...], seed: 
             raise DataError("--calib imagefolder needs a path: imagefolder:PATH")
         root = Path(path).expanduser()
         root = root / "train" if (root / "train").is_dir() else root
-        ds = image_folder(root, size=input_shape[-1] if len(input_shape) == 3 else 224)
+        ds = image_folder(root, size=input_shape[-1] if len(input_shape) == 3 else 224, normalization=normalization)
         n = min(num, len(ds))
         idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
         return torch.stack([ds[int(i)][0] for i in idx])

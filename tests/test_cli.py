@@ -256,3 +256,17 @@ def test_finetune_distils_from_a_teacher(tmp_path):
         lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
         assert out.returncode != 0 and len(lines) == 1 and words in lines[0], out.stderr
     assert not (tmp_path / "bad.apibfx").exists()
+
+
+def test_image_folders_are_normalised_as_the_model_expects(tmp_path):
+    from apib_fx.data import IMAGENET_MEAN, IMAGENET_STD, calibration_tensor, model_normalization
+
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("vit_tiny_patch16_224.augreg_in21k", pretrained=False, num_classes=10)
+    assert model_normalization(vit) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # (timm's config for it)
+    assert model_normalization(apib_fx.models.CifarResNet(20)) == (IMAGENET_MEAN, IMAGENET_STD)
+    pruned = apib_fx.prune(vit, 0.2, example_inputs=torch.zeros(1, 3, 224, 224), method="l1", progress=False)
+    assert model_normalization(pruned) == model_normalization(vit)  # (the config travels with the pruned model)
+    _image_root(tmp_path, {("train", "a"): 51, ("train", "b"): 51})
+    x = calibration_tensor(f"imagefolder:{tmp_path}", 2, (3, 32, 32), normalization=model_normalization(vit))
+    assert torch.allclose(x, torch.full_like(x, (51 / 255 - 0.5) / 0.5), atol=1e-6)
