@@ -206,6 +206,24 @@ def _classes(dataset: Any) -> int:
     return int(labels.max()) + 1
 
 
+def _teacher(args: argparse.Namespace, x: torch.Tensor, outputs: int) -> Optional[nn.Module]:
+    """``--teacher`` (with ``--teacher-weights``) on ``x``'s device, in eval mode; None without one.
+    It must give as many outputs as the model it teaches."""
+    if not args.teacher:
+        if args.teacher_weights:
+            raise CliError("--teacher-weights needs --teacher (the architecture they are for)")
+        return None
+    teacher, _, _, _ = load_model(args.teacher, args.num_classes, args.teacher_weights,
+                                  ",".join(map(str, x.shape[1:])))
+    teacher = teacher.to(x.device).eval()
+    with torch.no_grad():
+        taught = teacher(x).shape[-1]
+    if taught != outputs:
+        raise CliError(f"the teacher has {taught} outputs, the model {outputs}; pass the teacher's "
+                       "--num-classes or --teacher-weights")
+    return teacher
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     import time
 
@@ -237,17 +255,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     classes = _classes(train_set)
     if outputs < classes:
         raise CliError(f"the model has {outputs} outputs, --data {args.data} has {classes} classes")
-    teacher = None
-    if args.teacher:
-        teacher, _, _, _ = load_model(args.teacher, args.num_classes, args.teacher_weights, ",".join(map(str, shape)))
-        teacher = teacher.to(device).eval()
-        with torch.no_grad():
-            taught = teacher(x0.unsqueeze(0).to(device)).shape[-1]
-        if taught != outputs:
-            raise CliError(f"the teacher has {taught} outputs, the model {outputs}; pass the teacher's "
-                           "--num-classes or --teacher-weights")
-    elif args.teacher_weights:
-        raise CliError("--teacher-weights needs --teacher (the architecture they are for)")
+    teacher = _teacher(args, x0.unsqueeze(0).to(device), outputs)
     torch.manual_seed(args.seed)
     # (a last batch of a few samples would give BatchNorm statistics of a few samples: dropped)
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.data_workers,
@@ -296,8 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", required=True,
                     help="torchvision:NAME, timm:NAME or cifar:resnet56|vgg16 (random weights unless --weights), "
                          "or a saved .apibfx file")
-    pr.add_argument("--weights", default=None,
-                    help=WEIGHTS_HELP)
+    pr.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     pr.add_argument("--flops-target", type=float, default=0.48, help="fraction of FLOPs to remove (default 0.48)")
     pr.add_argument("--tolerance", type=float, default=0.005,
                     help="how far (absolute) the achieved reduction may be from --flops-target (default 0.005)")
@@ -331,8 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="export a model to ONNX, checked against ONNX Runtime")
     ex.add_argument("--model", required=True, help="torchvision:NAME, timm:NAME, cifar:NAME or a saved .apibfx file")
-    ex.add_argument("--weights", default=None,
-                    help=WEIGHTS_HELP)
+    ex.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     ex.add_argument("--num-classes", type=int, default=None, help="classifier outputs of a built-in model")
     ex.add_argument("--out", required=True, help="the .onnx file to write")
     ex.add_argument("--input-shape", default=None, help="C,H,W")
