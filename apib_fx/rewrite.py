@@ -73,14 +73,14 @@ def _plain(value: Any, depth: int = 0) -> bool:
     return False
 
 
-def _with_plain_attributes(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
+def _with_plain_attributes(gm: fx.GraphModule, originals: Mapping[str, nn.Module]) -> fx.GraphModule:
     """Copy the plain attributes (see :func:`_plain`) of ``model`` and of its blocks onto the
     modules the rewrite rebuilt in their place (the root, blocks the graph inlined, containers of
     another class), where those lack them: code built around the model reads them (torchvision's
     detection heads take a backbone's ``out_channels``; timm's ``num_classes``, ``pretrained_cfg``).
     The values are the unpruned model's; modules kept as their own class keep their own (rewritten)
-    attributes. Copies, so the two models share no mutable state. In place; returns ``gm``."""
-    originals = dict(model.named_modules())
+    attributes. Copies, so the two models share no mutable state. ``originals``: the model's
+    modules by name. In place; returns ``gm``."""
     for name, module in gm.named_modules():
         original = originals.get(name)
         if original is None or type(module) is type(original):
@@ -121,10 +121,10 @@ def apply(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Any]) -> fx.
     # rewritten one: its code exists now, not at the user's first call, and TorchScript can
     # compile it (it cannot compile the lazy class). Its module tree is rebuilt: containers again.
     gm = _with_containers(fx.GraphModule(gm, gm.graph, type(model).__name__), model)
-    _with_plain_attributes(gm, model)
+    originals = dict(model.named_modules())
+    _with_plain_attributes(gm, originals)
     # Same per-module training flags as the user's model.
-    flags = dict(model.named_modules())
     for name, m in gm.named_modules():
-        src = flags.get(name)
+        src = originals.get(name)
         m.training = src.training if src is not None else model.training
     return gm

@@ -99,9 +99,9 @@ def _unwrapped(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, 
     return state
 
 
-def _listed(names: list[str], limit: int = 3) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+def _listed(items: list[str], limit: int = 3) -> str:
+    """The first ``limit`` of ``items``, and how many more there are."""
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def load_weights(model: nn.Module, path: Union[str, pathlib.Path]) -> nn.Module:
@@ -127,7 +127,8 @@ def load_weights(model: nn.Module, path: Union[str, pathlib.Path]) -> nn.Module:
         ) from None
     state = _state_dict_in(obj)
     if state is None:
-        found = f"a dict with keys {_listed(sorted(map(str, obj)))}" if isinstance(obj, Mapping) else type(obj).__name__
+        keys = list(map(repr, sorted(map(str, obj)))) if isinstance(obj, Mapping) else []
+        found = f"a dict with keys {_listed(keys)}" if isinstance(obj, Mapping) else type(obj).__name__
         raise ModelFileError(
             f"{str(p)!r} holds {found}, not a state_dict (a dict of tensors, alone or under one of "
             f"{', '.join(_STATE_KEYS)}); save the weights with torch.save(model.state_dict(), path)"
@@ -141,13 +142,12 @@ def load_weights(model: nn.Module, path: Union[str, pathlib.Path]) -> nn.Module:
     if missing or unexpected or shapes:
         problems = []
         if missing:
-            problems.append(f"missing {_listed(missing)}")
+            problems.append(f"missing {_listed(list(map(repr, missing)))}")
         if unexpected:
-            problems.append(f"unexpected {_listed(unexpected)}")
+            problems.append(f"unexpected {_listed(list(map(repr, unexpected)))}")
         if shapes:
-            problems.append("shapes differ: " + ", ".join(
-                f"{k!r} is {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model" for k in shapes[:3]
-            ) + (f" and {len(shapes) - 3} more" if len(shapes) > 3 else ""))
+            problems.append("shapes differ: " + _listed(
+                [f"{k!r} is {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model" for k in shapes]))
         head = None  # layers that differ only in their output rows, all alike: another class count
         if shapes and not missing and not unexpected and all(
                 state[k].dim() == own[k].dim() >= 1 and state[k].shape[1:] == own[k].shape[1:] for k in shapes):
