@@ -906,12 +906,17 @@ def _tie_slices(space: LabelSpace, ids: Tensor, g: int) -> None:
 
 
 def _conv(ctx: RuleContext, x: Tensor, w: str, w_shape: tuple[int, ...], groups: int,
-          bias: Optional[str]) -> Tensor:
+          bias: Optional[str], fan_in_mixed: Optional[str] = None) -> Tensor:
+    """``fan_in_mixed``: why each filter's values depend on all of its input channels (weight
+    standardisation): removing inputs then changes the other inputs' weights, unless each
+    filter reads one input channel (depthwise)."""
     space = ctx.space
     g, cout = groups, w_shape[0]
     ipg, opg = w_shape[1], cout // groups
     axis = x.dim() + 1 - len(w_shape)  # the channel axis: 1, or 0 for an unbatched input
     xin = _channel_ids(ctx, x, axis)
+    if fan_in_mixed is not None and ipg > 1:
+        space.mark_mixed(xin, fan_in_mixed)
     if g == 1:
         space.bind(w, 1, xin, "in")
         out = space.param_ids(w, 0, cout)
@@ -984,23 +989,119 @@ def _conv_signature(input: Any, weight: Any, bias: Any = None, stride: Any = 1, 
 _CONV_SIGNATURE = inspect.signature(_conv_signature)
 
 
+@dataclass(frozen=True)
+class StandardisedWeight:
+    """A conv weight computed by weight standardisation from the parameter ``param``: each
+    filter normalised over its fan-in by ``F.batch_norm`` in training mode on
+    ``param.reshape(1, O, -1)`` (``filters``), times per-filter gains (``per_filter``: parameters
+    holding one value per filter), reshaped back to the parameter's shape (timm's ``StdConv2d``
+    and ``ScaledStdConv2d``: BiT ResNetV2, NFNets, NF-ResNets)."""
+
+    param: str
+    filters: fx.Node
+    per_filter: tuple[str, ...]
+
+
+# Ops that scale a per-filter gain by a constant (ScaledStdConv2d's ``gain * scale``).
+_SCALINGS = {operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div"}
+
+
+def _per_filter_parameter(node: Any, filters: int) -> Optional[str]:
+    """The parameter behind ``node`` when it is a vector of ``filters`` values read through views
+    and scalings by plain numbers, else None."""
+    while isinstance(node, fx.Node) and node.op in ("call_method", "call_function"):
+        if node.target in _SCALINGS:
+            if len(node.args) != 2 or node.kwargs or not isinstance(node.args[1], (int, float)):
+                return None
+        elif node.target in ("view", "reshape", "flatten", torch.reshape, torch.flatten):
+            pass  # (a vector of ``filters`` values whatever the view: checked below)
+        else:
+            return None
+        node = node.args[0]
+    param = _parameter_of(node)
+    if param is None:
+        return None
+    name, shape = param
+    return name if shape and shape[0] == filters and math.prod(shape) == filters else None
+
+
+def standardised_weight(weight: Any) -> Optional[StandardisedWeight]:
+    """The :class:`StandardisedWeight` a conv's ``weight`` argument computes, or None."""
+    if not (isinstance(weight, fx.Node) and weight.op == "call_method"
+            and weight.target in ("reshape_as", "view_as") and len(weight.args) == 2):
+        return None
+    normed, raw = weight.args
+    if not (isinstance(raw, fx.Node) and raw.op == "get_attr" and isinstance(normed, fx.Node)
+            and normed.op == "call_function" and normed.target is F.batch_norm):
+        return None
+    param = _parameter_of(raw)
+    if param is None or len(param[1]) < 2:
+        return None
+    a = _BATCH_NORM_SIGNATURE.bind(*normed.args, **normed.kwargs).arguments
+    filters = a["input"]
+    if (a.get("running_mean") is not None or a.get("running_var") is not None or a.get("training") is not True
+            or not (isinstance(filters, fx.Node) and filters.op == "call_method"
+                    and filters.target in ("reshape", "view") and filters.args[0] is raw)):
+        return None
+    name, shape = param
+    sizes = list(filters.args[1]) if len(filters.args) == 2 and isinstance(filters.args[1], (tuple, list)) \
+        else list(filters.args[1:])
+    if sizes not in ([1, shape[0], -1], [1, shape[0], math.prod(shape[1:])]):
+        return None
+    per_filter = []
+    for key in ("weight", "bias"):
+        if a.get(key) is not None:
+            gain = _per_filter_parameter(a[key], shape[0])
+            if gain is None:
+                return None
+            per_filter.append(gain)
+    return StandardisedWeight(name, filters, tuple(per_filter))
+
+
 @takes_split
 def conv_fn(ctx: RuleContext, x: Tensor, weight: Any, *args: Any, **kwargs: Any) -> Tensor:
     """``F.conv2d(x, self.weight, ...)`` on a parameter or buffer read by ``get_attr`` (a fixed
-    blur filter, a functional layer): as the Conv module. A computed weight (standardised
-    weights) has no parameter to slice: its inputs stay whole."""
+    blur filter, a functional layer): as the Conv module. A standardised weight
+    (:class:`StandardisedWeight`) is its parameter's, with the per-filter gains as per-channel
+    state; each filter's statistics span its input channels, so those are prunable but not
+    exactly. Any other computed weight has no parameter to slice: its inputs stay whole."""
     a = _CONV_SIGNATURE.bind(*ctx.node.args, **ctx.node.kwargs).arguments
     w, b = weight_param(ctx.node), a.get("bias")
-    if not is_labels(x) or w is None or (isinstance(b, fx.Node) and b.op != "get_attr"):
+    std = standardised_weight(a["weight"]) if w is None else None
+    if not is_labels(x) or (w is None and std is None) or (isinstance(b, fx.Node) and b.op != "get_attr"):
         return opaque(ctx, x, weight, *args, **kwargs)
-    return _conv(ctx, x, w, tuple(weight.shape), int(a.get("groups", 1)),
-                 b.target if isinstance(b, fx.Node) else None)
+    out = _conv(ctx, x, w or std.param, tuple(weight.shape), int(a.get("groups", 1)),
+                b.target if isinstance(b, fx.Node) else None,
+                None if std is None else f"the weight standardisation of '{std.param}' normalises each "
+                                         "filter over its input channels")
+    if std is not None:
+        ids = ctx.space.param_ids(std.param, 0, weight.shape[0])
+        for gain in std.per_filter:
+            ctx.space.bind(gain, 0, ids, "pass")
+    return out
+
+
+def _resize_filters_view(std: StandardisedWeight) -> None:
+    """``weight.reshape(1, O, -1)`` of a standardised weight: O follows the sliced parameter."""
+    owner_name, _, attr = std.param.rpartition(".")
+    root = std.filters.graph.owning_module
+    filters = getattr(root.get_submodule(owner_name) if owner_name else root, attr).shape[0]
+    args = std.filters.args
+    if len(args) == 2 and isinstance(args[1], (tuple, list)):
+        std.filters.args = (args[0], type(args[1])([args[1][0], filters, *args[1][2:]]))
+    else:
+        std.filters.args = (args[0], args[1], filters, *args[3:])
 
 
 def rewrite_conv_fn(node: fx.Node, module: Any, keep: KeepView) -> None:
-    """A depthwise functional conv's ``groups`` literal follows its pruned filter count."""
+    """A functional conv's standardised weight is viewed as its pruned filter count; a depthwise
+    one's ``groups`` literal follows that count."""
     a = _CONV_SIGNATURE.bind(*node.args, **node.kwargs).arguments
     groups, w = a.get("groups", 1), weight_param(node)
+    std = standardised_weight(a["weight"]) if w is None else None
+    if std is not None:
+        w = std.param
+        _resize_filters_view(std)
     if w is None or not isinstance(groups, int) or groups == 1:
         return
     owner_name, _, attr = w.rpartition(".")

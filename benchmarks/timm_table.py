@@ -54,7 +54,8 @@ def row(name: str) -> str:
         first = str(e).splitlines()[0][:110].replace("|", "/")
         return f"| {name} | {size} | - | - | untraceable: {type(e).__name__}: {first} | - | - | - |"
     r = check_exact(model, x, graph=graph)
-    exact = ("yes" if r.max_diff <= 1e-5 else "NO") if r.exact_expected else "no (norm mixes channels; shapes ok)"
+    mixes = "weight standardisation spans channels" if r.note and "standardisation" in r.note else "norm mixes channels"
+    exact = ("yes" if r.max_diff <= 1e-5 else "NO") if r.exact_expected else f"no ({mixes}; shapes ok)"
     if not (r.shapes_ok and r.finite):
         exact = "FAILED"
     reasons = collections.Counter(g.reason.split(",")[0][:60] for g in graph.groups

@@ -911,3 +911,40 @@ class KeywordCalls(nn.Module):
     def forward(self, x):
         y = F.relu(input=self.bn(input=self.a(input=x)))
         return self.fc(input=self.b(input=y).mean(dim=(2, 3)))
+
+
+class StdConv(nn.Conv2d):
+    """Weight standardisation as timm's ScaledStdConv2d writes it (BiT, NFNets): each filter
+    normalised over its fan-in by ``F.batch_norm`` in training mode, times a per-filter gain and a
+    constant."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+        self.scale = self.weight[0].numel() ** -0.5
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
+                         eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StandardisedConvs(nn.Module):
+    """Convs with standardised weights: their filters prune exactly (conv1's 16 and conv3's 8,
+    read by a depthwise standardised conv, whose filters each read one channel, and plain layers);
+    conv2's 12 are read by a standardised conv, whose filter statistics span them: prunable, not
+    exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = StdConv(3, 16, 3, padding=1)
+        self.dw = StdConv(16, 16, 3, padding=1, groups=16, bias=False)
+        self.conv2 = nn.Conv2d(16, 12, 1)
+        self.conv3 = StdConv(12, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.dw(torch.relu(self.conv1(x))))
+        y = torch.relu(self.conv3(torch.relu(self.conv2(y))))
+        return self.head(y.mean((2, 3)))

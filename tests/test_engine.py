@@ -1109,6 +1109,48 @@ def test_parametrized_weights_keep_their_channels_with_a_reason():
     assert apib_fx.trace(model, x).groups[0].prunable
 
 
+def test_standardised_weights_prune_their_filters_exactly():
+    """A conv whose weight is standardised per filter (timm's StdConv2d / ScaledStdConv2d: BiT,
+    NFNets) is pruned through its parameter: filters and their gains go exactly; the input channels
+    of a standardised conv are prunable but not exactly (the filter statistics span them), a
+    depthwise one's exactly. The pruned graph views the weight as its new filter count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from apib_fx.testing import zeroed_reference
+
+    torch.manual_seed(0)
+    model = M.StandardisedConvs().eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = apib_fx.trace(model, x)
+    by_out = {next(m.param for m in g.members if m.role == "out"): g for g in graph.groups}
+    first, inner, last = by_out["conv1.weight"], by_out["conv2.weight"], by_out["conv3.weight"]
+    assert all(g.prunable for g in (first, inner, last))
+    assert first.exact and last.exact
+    assert not inner.exact and "weight standardisation of" in inner.note and "'conv3.weight'" in inner.note
+    assert {(m.param, m.role) for m in first.members} >= {("conv1.gain", "pass"), ("dw.weight", "pass"),
+                                                          ("dw.gain", "pass"), ("conv2.weight", "in")}
+    assert ("conv3.gain", "pass") in {(m.param, m.role) for m in last.members}
+
+    # Exact where expected: the filters of conv1 and conv3 (and the depthwise filters with conv1's).
+    keep = {g: k for g, k in random_keep(graph, 0.3).items() if graph.groups[g].exact}
+    pruned = apib_fx.apply(model, graph, keep)
+    with torch.no_grad():
+        want, got = zeroed_reference(model, graph, keep)(x), pruned(x)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    views = [n for n in pruned.graph.nodes if n.op == "call_method" and n.target == "reshape"]
+    assert sorted(n.args[2] for n in views) == sorted([len(keep[first.index])] * 2 + [len(keep[last.index])])
+
+    # Every group: shapes, finite values and FLOPs as the graph predicts and torch's counter counts.
+    report = check_exact(model, x, graph=graph)
+    assert report.shapes_ok and report.finite and not report.exact_expected
+    assert report.flops_model == report.flops_after < report.flops_before
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    assert apib_fx.count_flops(model, x) * 2 == counter.get_total_flops()
+    pruned = apib_fx.prune(model, 0.4, x, method="l1", progress=False)
+    assert pruned(x).shape == (2, 4) and model.conv3.gain.shape == (8, 1, 1, 1)
+
+
 def test_keyword_called_layers_are_scored_by_apib():
     """A consumer called as ``self.b(input=y)`` is read like a positional call: APIB scores its
     input channels from data (they had no input argument to read, and the trace crashed)."""

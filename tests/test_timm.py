@@ -1,5 +1,6 @@
 """timm's models (random weights): its layers (norm-act BatchNorm, "same"-padded convs, blur
-pooling, layer scales, DropPath, functional GroupNorm) prune exactly through their ops' rules."""
+pooling, layer scales, DropPath, functional GroupNorm) prune exactly through their ops' rules;
+weight-standardised convs (NF-ResNets, NFNets, BiT) prune through their parameters, not exactly."""
 import pytest
 import torch
 
@@ -10,7 +11,7 @@ timm = pytest.importorskip("timm")
 
 # Every group of these is prunable except the classifier's outputs.
 FAST = ["efficientnet_b0", "tf_efficientnet_b0", "mobilenetv3_large_100", "resnetblur18",
-        "poolformer_s12", "regnety_008"]
+        "poolformer_s12", "regnety_008", "nf_resnet26"]
 SLOW = ["resnet50d", "efficientnetv2_rw_t", "densenet121", "cspdarknet53", "mixnet_s", "rexnet_100",
         "ghostnet_100", "hrnet_w18_small_v2", "dla34", "res2net50_26w_4s", "resnest14d", "xception41",
         "vovnet39a", "ese_vovnet19b_dw", "dpn68", "selecsls42b", "tresnet_m", "repvgg_a0",
@@ -19,7 +20,7 @@ SLOW = ["resnet50d", "efficientnetv2_rw_t", "densenet121", "cspdarknet53", "mixn
         "cspresnet50", "darknet53", "resnetrs50", "densenetblur121d", "regnetz_b16",
         "inception_next_tiny", "rdnet_tiny", "efficientformer_l1", "convnext_tiny",
         "swin_tiny_patch4_window7_224", "deit_tiny_patch16_224", "pit_ti_224", "botnet26t_256",
-        "levit_128s", "starnet_s050"]
+        "levit_128s", "starnet_s050", "resnetv2_50x1_bit", "nfnet_f0", "nf_regnet_b0"]
 MODELS = [pytest.param(n) for n in FAST] + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW]
 # These also keep some groups whole, with a reason: class and position tokens added to the stream
 # (DeiT, PiT), a softmax over split-attention branches (ResNeSt).
