@@ -1058,6 +1058,10 @@ def standardised_weight(weight: Any) -> Optional[StandardisedWeight]:
     return StandardisedWeight(name, filters, tuple(per_filter))
 
 
+_computed_weight = kept_whole("whose weight is computed in the graph, not read from a parameter (only "
+                              "weight standardisation as timm writes it is understood)")
+
+
 @takes_split
 def conv_fn(ctx: RuleContext, x: Tensor, weight: Any, *args: Any, **kwargs: Any) -> Tensor:
     """``F.conv2d(x, self.weight, ...)`` on a parameter or buffer read by ``get_attr`` (a fixed
@@ -1068,6 +1072,8 @@ def conv_fn(ctx: RuleContext, x: Tensor, weight: Any, *args: Any, **kwargs: Any)
     a = _CONV_SIGNATURE.bind(*ctx.node.args, **ctx.node.kwargs).arguments
     w, b = weight_param(ctx.node), a.get("bias")
     std = standardised_weight(a["weight"]) if w is None else None
+    if is_labels(x) and w is None and std is None and isinstance(a["weight"], fx.Node):
+        return _computed_weight(ctx, x, weight, *args, **kwargs)
     if not is_labels(x) or (w is None and std is None) or (isinstance(b, fx.Node) and b.op != "get_attr"):
         return opaque(ctx, x, weight, *args, **kwargs)
     out = _conv(ctx, x, w or std.param, tuple(weight.shape), int(a.get("groups", 1)),

@@ -1151,6 +1151,25 @@ def test_standardised_weights_prune_their_filters_exactly():
     assert pruned(x).shape == (2, 4) and model.conv3.gain.shape == (8, 1, 1, 1)
 
 
+class _MeanStdConv(nn.Conv2d):
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return torch.nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_other_computed_conv_weights_keep_their_inputs_whole_saying_why():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), _MeanStdConv(8, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 1),
+                          nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    graph = apib_fx.trace(model, x)
+    by_out = {next(m.param for m in g.members if m.role == "out"): g for g in graph.groups}
+    assert not by_out["0.weight"].prunable and "weight is computed in the graph" in by_out["0.weight"].reason
+    assert by_out["4.weight"].prunable  # (after it, plain layers prune as usual)
+    assert graph.flops({}) == apib_fx.count_flops(model, x)
+
+
 def test_keyword_called_layers_are_scored_by_apib():
     """A consumer called as ``self.b(input=y)`` is read like a positional call: APIB scores its
     input channels from data (they had no input argument to read, and the trace crashed)."""
