@@ -99,6 +99,8 @@ class ChannelGroup:
     reason: Optional[str] = None  # why not, when not prunable
     exact: bool = True  # False when a normalisation mixes these channels with the others
     note: Optional[str] = None  # why not exact
+    min_channels: int = 1  # the fewest it can keep (2 where a layer needs two values to normalise)
+    min_reason: Optional[str] = None  # why, when more than 1
 
     @property
     def name(self) -> str:
@@ -227,6 +229,7 @@ class ChannelGraph:
 
         blocked = self._first_reasons(space.blocked, n_groups)
         mixed = self._first_reasons(space.mixed, n_groups)
+        floors = self._floors(space.floors)
 
         # Members: one per (binding, group) pair, positions ascending within it.
         stride = max(1, n_groups)
@@ -270,10 +273,21 @@ class ChannelGraph:
                 reason=blocked.get(gi),
                 exact=gi not in mixed,
                 note=mixed.get(gi),
+                min_channels=min(size, floors[gi][0]) if gi in floors else 1,
+                min_reason=floors[gi][1] if gi in floors and size > 1 else None,
             )
             for gi, size in enumerate(class_lists)
         ]
         return counts_of
+
+    def _floors(self, entries: list[tuple[Tensor, int, str]]) -> dict[int, tuple[int, str]]:
+        """Group -> (the largest count among the entries that touch it, that entry's reason)."""
+        out: dict[int, tuple[int, str]] = {}
+        for ids, count, reason in entries:
+            for g in self.id_group[ids].unique().tolist():
+                if count > out.get(g, (1, ""))[0]:
+                    out[g] = (count, reason)
+        return out
 
     def _first_reasons(self, entries: list[tuple[Tensor, str]], n_groups: int) -> dict[int, str]:
         """Group -> the reason of the first entry (ids, reason) that touches it."""
@@ -375,6 +389,8 @@ class ChannelGraph:
                 continue
             roles = [sum(m.role == r for m in g.members) for r in ("out", "in", "pass")]
             status = "prunable" if g.exact else f"prunable, not exact: {g.note}"
+            if g.min_channels > 1:
+                status += f"; keeps at least {g.min_channels}: {g.min_reason}"
             status = status if g.prunable else f"fixed: {g.reason}"
             rows.append(f"| {g.index} | {g.name} | {g.channels} | {full - self.flops({g.index: g.channels - 1}):,} "
                         f"| {' / '.join(map(str, roles))} | {status} |")

@@ -232,6 +232,8 @@ class LabelSpace:
     parent: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     blocked: list[tuple[Tensor, str]] = field(default_factory=list)
     mixed: list[tuple[Tensor, str]] = field(default_factory=list)
+    # (ids, count, why): groups touching these ids keep at least ``count`` channels.
+    floors: list[tuple[Tensor, int, str]] = field(default_factory=list)
     bindings: dict[tuple[str, int], ParamBinding] = field(default_factory=dict)
     flops_terms: list[FlopsTerm] = field(default_factory=list)
     # Tied tensors (one Parameter under several names): every name -> the first one, as in
@@ -323,6 +325,12 @@ class LabelSpace:
         ids = self._distinct(labels)
         if ids.numel():
             self.mixed.append((ids, reason))
+
+    def require(self, labels: Tensor, count: int, reason: str) -> None:
+        """The groups of these channels must keep at least ``count`` of them, because ``reason``."""
+        ids = self._distinct(labels)
+        if ids.numel():
+            self.floors.append((ids, int(count), reason))
 
     def _distinct(self, labels: Tensor) -> Tensor:
         """The distinct ids among ``labels`` (no ``NONE``), sorted."""

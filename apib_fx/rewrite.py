@@ -25,6 +25,9 @@ def _validated(graph: ChannelGraph, keep: Mapping[int, Any]) -> dict[int, Tensor
             raise ValueError(f"group {g} ({group.name}) is not prunable: {group.reason}")
         if idx.numel() == 0:
             raise ValueError(f"keep[{g}] is empty: every group must keep at least one channel")
+        if idx.numel() < group.min_channels:
+            raise ValueError(f"keep[{g}] keeps {idx.numel()} channel(s) of group {g} ({group.name}), which must keep "
+                             f"at least {group.min_channels}: {group.min_reason}")
         if int(idx.min()) < 0 or int(idx.max()) >= group.channels:
             raise IndexError(f"keep[{g}] has indices outside 0..{group.channels - 1}")
         if idx.unique().numel() != idx.numel():

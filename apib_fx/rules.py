@@ -917,6 +917,8 @@ def _conv(ctx: RuleContext, x: Tensor, w: str, w_shape: tuple[int, ...], groups:
     xin = _channel_ids(ctx, x, axis)
     if fan_in_mixed is not None and ipg > 1:
         space.mark_mixed(xin, fan_in_mixed)
+        if math.prod(w_shape[2:]) == 1:  # a filter of one value per input channel
+            space.require(xin, 2, f"'{w}' standardises each 1x1 filter over its inputs, which takes two")
     if g == 1:
         space.bind(w, 1, xin, "in")
         out = space.param_ids(w, 0, cout)

@@ -34,7 +34,8 @@ from .graph import ChannelGraph
 from .inplace import inplace_arithmetic
 from .labels import NONE, axis_ids, is_labels, varying_axes
 from .rules import rule_for, weight_param
-from .search import SearchResult, UnreachableTarget, channel_floor, reduction_of_removal, search_threshold
+from .search import (SearchResult, UnreachableTarget, channel_floor, least_of, reduction_of_removal,
+                     search_threshold)
 
 if TYPE_CHECKING:
     from .hsic import HSICStats
@@ -374,7 +375,8 @@ def search_apib(
     top = max((float(b.max()) for _, b in problems.values()), default=0.0)
     widths = {g: G.shape[0] for g, (G, _) in problems.items()}
     full = np.array(list(widths.values()), dtype=np.int64)
-    floor = dict(zip(widths, channel_floor(full, min_channels, round_to).tolist()))  # (as the search's)
+    least = least_of(graph, list(widths))
+    floor = dict(zip(widths, channel_floor(full, min_channels, round_to, least).tolist()))  # (as the search's)
     seconds = {"lasso": 0.0, "search": 0.0}
 
     def search(primary: dict[int, Tensor]) -> SearchResult:

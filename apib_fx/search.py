@@ -49,12 +49,20 @@ def _rounded(kept: np.ndarray, full: np.ndarray, floor: np.ndarray, round_to: Op
     return kept
 
 
-def channel_floor(full: np.ndarray, min_channels: int, round_to: Optional[int]) -> np.ndarray:
-    """The fewest channels each group keeps."""
-    floor = np.minimum(full, max(1, int(min_channels)))
+def channel_floor(full: np.ndarray, min_channels: int, round_to: Optional[int],
+                  least: Optional[np.ndarray] = None) -> np.ndarray:
+    """The fewest channels each group keeps: ``min_channels``, or the group's own ``least``
+    (:attr:`ChannelGroup.min_channels`) where that is more."""
+    floor = max(1, int(min_channels))
+    floor = np.minimum(full, floor if least is None else np.maximum(floor, least))
     if round_to:
         floor = np.minimum(full, np.ceil(floor / round_to) * round_to).astype(np.int64)
     return floor
+
+
+def least_of(graph: ChannelGraph, groups: list[int]) -> np.ndarray:
+    """:attr:`ChannelGroup.min_channels` of ``groups``, in that order."""
+    return np.array([graph.groups[g].min_channels for g in groups], dtype=np.int64)
 
 
 def reduction_of_removal(graph: ChannelGraph, removed: dict[int, int], min_channels: int = 1,
@@ -63,7 +71,7 @@ def reduction_of_removal(graph: ChannelGraph, removed: dict[int, int], min_chann
     rounding :func:`search_threshold` applies."""
     groups = sorted(removed)
     full = np.array([graph.groups[g].channels for g in groups], dtype=np.int64)
-    floor = channel_floor(full, min_channels, round_to)
+    floor = channel_floor(full, min_channels, round_to, least_of(graph, groups))
     kept = _rounded(full - np.array([removed[g] for g in groups], dtype=np.int64), full, floor, round_to)
     base = graph.flops()
     return 1.0 - graph.flops(dict(zip(groups, kept.astype(np.int64).tolist()))) / base if base else 0.0
@@ -140,7 +148,7 @@ def search_threshold(
     """Remove the lowest-scored channels until ``flops_target`` (fraction of MACs removed) is met."""
     groups = sorted(primary)
     full = np.array([graph.groups[g].channels for g in groups], dtype=np.int64)
-    floor = channel_floor(full, min_channels, round_to)
+    floor = channel_floor(full, min_channels, round_to, least_of(graph, groups))
 
     # Per group: channels in removal order (lowest first); the top `floor` are never candidates.
     order_in_group: list[np.ndarray] = []

@@ -20,11 +20,12 @@ from .trace import Inputs, as_inputs, trace
 
 
 def random_keep(graph: ChannelGraph, fraction: float = 0.3, seed: int = 0) -> dict[int, Tensor]:
-    """Remove a random ``fraction`` of every prunable group's channels (at least one kept)."""
+    """Remove a random ``fraction`` of every prunable group's channels (keeping at least its
+    ``min_channels``)."""
     gen = torch.Generator().manual_seed(seed)
     keep = {}
     for g in graph.prunable_groups:
-        n_keep = max(1, g.channels - int(round(fraction * g.channels)))
+        n_keep = max(g.min_channels, g.channels - int(round(fraction * g.channels)))
         keep[g.index] = torch.randperm(g.channels, generator=gen)[:n_keep].sort().values
     return keep
 

@@ -1150,6 +1150,17 @@ def test_standardised_weights_prune_their_filters_exactly():
     pruned = apib_fx.prune(model, 0.4, x, method="l1", progress=False)
     assert pruned(x).shape == (2, 4) and model.conv3.gain.shape == (8, 1, 1, 1)
 
+    # conv3's 1x1 filters cannot be standardised over one input (training-mode batch norm of one
+    # value raises; its statistics would zero the weight): conv2's group keeps two at least.
+    assert (first.min_channels, inner.min_channels, last.min_channels) == (1, 2, 1)
+    assert "'conv3.weight' standardises each 1x1 filter" in inner.min_reason and "at least 2" in graph.table()
+    with pytest.raises(ValueError, match="must keep at least 2"):
+        apib_fx.apply(model, graph, {inner.index: torch.tensor([3])})
+    assert apib_fx.apply(model, graph, {inner.index: torch.tensor([3, 5])})(x).isfinite().all()
+    # (APIB here keeps one of conv2's channels without that floor)
+    narrow = apib_fx.prune(model, 0.4, x, progress=False, tolerance=0.15)
+    assert narrow.conv3.weight.shape[1] == 2 and narrow(x).isfinite().all()
+
 
 class _MeanStdConv(nn.Conv2d):
     def forward(self, x):
