@@ -14,7 +14,7 @@ a (1, 2048, 7, 7) activation costs 2048 ids, not 100k.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
@@ -234,6 +234,10 @@ class LabelSpace:
     mixed: list[tuple[Tensor, str]] = field(default_factory=list)
     # (ids, count, why): groups touching these ids keep at least ``count`` channels.
     floors: list[tuple[Tensor, int, str]] = field(default_factory=list)
+    # Statistics over channels (a mean or a norm across the channel axis, kept as an axis of 1):
+    # id of the value -> (the value, the distinct ids it summarises, the op that made it). See
+    # :func:`apib_fx.rules.reduction`: they may only come back onto the same channels.
+    statistics: dict[int, tuple[Tensor, Tensor, str]] = field(default_factory=dict)
     bindings: dict[tuple[str, int], ParamBinding] = field(default_factory=dict)
     flops_terms: list[FlopsTerm] = field(default_factory=list)
     # Tied tensors (one Parameter under several names): every name -> the first one, as in
@@ -316,23 +320,41 @@ class LabelSpace:
             self.block(torch.where(a != NONE, a, b)[one], "aligned with values that carry no prunable channel")
 
     def block(self, labels: Tensor, reason: str) -> None:
-        ids = self._distinct(labels)
+        ids = self.distinct(labels)
         if ids.numel():
             self.blocked.append((ids, reason))
 
     def mark_mixed(self, labels: Tensor, reason: str) -> None:
         """These channels are prunable but removing them changes the values of the others."""
-        ids = self._distinct(labels)
+        ids = self.distinct(labels)
         if ids.numel():
             self.mixed.append((ids, reason))
 
+    def add_statistic(self, value: Tensor, labels: Tensor, op: str) -> Tensor:
+        """``value`` summarises the channels of ``labels`` across their axis (made by ``op``)."""
+        self.statistics[id(value)] = (value, self.distinct(labels), op)
+        return value
+
+    def statistic(self, value: Any) -> Optional[tuple[Tensor, str]]:
+        """(ids, op) if ``value`` is a statistic over channels, else None."""
+        entry = self.statistics.get(id(value)) if self.statistics else None
+        return (entry[1], entry[2]) if entry is not None and entry[0] is value else None
+
+    def block_statistics(self, values: Iterable[Any], where: str) -> None:
+        """Statistics among ``values`` that reach something other than their own channels: the
+        channels they summarise cannot be removed (their count is in the value)."""
+        for v in values:
+            stat = self.statistic(v)
+            if stat is not None:
+                self.block(stat[0], f"reduced over their axis by {stat[1]}, whose result {where}")
+
     def require(self, labels: Tensor, count: int, reason: str) -> None:
         """The groups of these channels must keep at least ``count`` of them, because ``reason``."""
-        ids = self._distinct(labels)
+        ids = self.distinct(labels)
         if ids.numel():
             self.floors.append((ids, int(count), reason))
 
-    def _distinct(self, labels: Tensor) -> Tensor:
+    def distinct(self, labels: Tensor) -> Tensor:
         """The distinct ids among ``labels`` (no ``NONE``), sorted."""
         ids = compress(labels).reshape(-1)
         ids = ids[ids != NONE]

@@ -294,9 +294,13 @@ opaque.__doc__ = "An op with no channel rule: whatever channels it reads cannot 
 
 @takes_split
 def passthrough(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
-    """Elementwise on one tensor: channels stay where they are."""
+    """Elementwise on one tensor: channels stay where they are (and a statistic over channels,
+    ``sqrt(var)``, stays one)."""
     x = _first_labels(args, kwargs)
     return x if x is not None else ctx.unlabeled_output()
+
+
+passthrough.takes_statistics = True  # type: ignore[attr-defined]
 
 
 def clamp(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
@@ -549,11 +553,39 @@ def _mark_channel_values(ctx: RuleContext, args: tuple, kwargs: dict) -> None:
         ctx.node.meta["apib_frozen"] = frozen
 
 
+def _statistics_met(ctx: RuleContext, values: list[Any]) -> Optional[Tensor]:
+    """Statistics over channels among ``values`` (see :func:`_reduce`): with no channels beside
+    them (``var + eps``), the result is a statistic of the same channels, returned; met by the
+    very channels they summarise (``x - mean``, ``x / std``), those channels become prunable but
+    not exact; met by other channels, they cannot be removed. None when there is no statistic."""
+    space = ctx.space
+    stats = [s for s in (space.statistic(v) for v in values) if s is not None]
+    if not stats:
+        return None
+    others = [v for v in values if is_labels(v) and space.statistic(v) is None and has_labels(v)]
+    if not others:
+        out = ctx.unlabeled_output()
+        space.add_statistic(out, torch.cat([ids for ids, _ in stats]), stats[0][1])
+        return out
+    seen = torch.cat([space.distinct(v) for v in others]).unique()
+    for ids, op in stats:
+        if torch.equal(ids, seen):
+            space.mark_mixed(ids, f"{op} across them gives a statistic they are normalised by")
+        else:
+            space.block(ids, f"reduced over their axis by {op}, whose result meets other channels in "
+                             f"{ctx.op_name}")
+    return None
+
+
 def broadcast(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     """Elementwise ops of several tensors (add, mul, where...): channels that meet at the same
     position must be removed together (a residual add, an SE block's ``x * scale``)."""
     if ctx.node.meta.get("tensor_meta") is None:  # arithmetic on sizes (``h // p * w // p``)
         return run_plain(ctx, *args, **kwargs)
+    if ctx.space.statistics:
+        out = _statistics_met(ctx, list(args) + list(kwargs.values()))
+        if out is not None:
+            return out
     _mark_channel_values(ctx, args, kwargs)
     out_shape = ctx.out_shape
     nd = len(out_shape)
@@ -616,6 +648,9 @@ def broadcast(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     return out.expand(out_shape) if tuple(common) != tuple(out_shape) else out
 
 
+broadcast.takes_statistics = True  # type: ignore[attr-defined]
+
+
 # Ops that only give a parameter another view: size-1 axes added or removed, a dtype or device.
 _PARAM_VIEWS = {"view", "reshape", "unsqueeze", "squeeze", "to", "float", "half", "type_as",
                 torch.reshape, torch.unsqueeze, torch.squeeze, operator.getitem}
@@ -676,12 +711,37 @@ def _dims_arg(args: tuple, kwargs: dict, nd: int) -> Optional[list[int]]:
 
 
 def reduction(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-    """mean/sum/amax over some dims: fine over spatial dims, fatal over the channel axis."""
+    """mean/sum/amax over some dims: fine over spatial dims; over the channel axis see :func:`_reduce`."""
     dims = _dims_arg(args, kwargs, x.dim())
-    dims = list(range(x.dim())) if dims is None else dims
     keepdim = kwargs.get("keepdim", args[1] if len(args) > 1 and isinstance(args[1], bool) else False)
-    # Reducing over an axis of tied channels is fine: they are removed together.
-    if set(dims) & set(ctx.space.class_varying_axes(x)):
+    return _reduce(ctx, x, dims, bool(keepdim))
+
+
+def reduction_at(dim_at: int, keepdim_at: int) -> Propagate:
+    """:func:`reduction` of an op whose ``dim`` and ``keepdim`` follow other arguments
+    (``x.norm(p, dim, keepdim)``, ``x.var(dim, unbiased, keepdim)``) or are keywords."""
+
+    def rule(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        dim = kwargs.get("dim", args[dim_at] if len(args) > dim_at else None)
+        keepdim = kwargs.get("keepdim", args[keepdim_at] if len(args) > keepdim_at else False)
+        dims = None if dim is None else [d % x.dim() for d in ([dim] if isinstance(dim, int) else dim)]
+        return _reduce(ctx, x, dims, bool(keepdim))
+
+    return rule
+
+
+def _reduce(ctx: RuleContext, x: Tensor, dims: Optional[list[int]], keepdim: bool) -> Any:
+    """A reduction over ``dims`` (all if None). Over an axis of tied channels it is fine (they are
+    removed together). Over the channel axis, kept as an axis of 1 (``x.mean(1, keepdim=True)``),
+    it is a statistic of the channels: a hand-written LayerNorm's mean and variance, GRN's mean
+    norm. Brought back onto the same channels (``x - mean``, ``x / norm``) it makes them
+    prunable but not exact, as LayerNorm does; reaching anything else (an attention map applied
+    to other channels, a concat) keeps them whole (:func:`broadcast`). Otherwise fatal."""
+    dims = list(range(x.dim())) if dims is None else dims
+    axes = set(ctx.space.class_varying_axes(x))
+    if set(dims) & axes:
+        if keepdim and axes <= set(dims):
+            return ctx.space.add_statistic(ctx.unlabeled_output(), x, ctx.op_name)
         ctx.space.block(x, f"reduced over their axis by {ctx.op_name}")
         return ctx.unlabeled_output()
     return compress(x).amax(dim=dims, keepdim=keepdim).expand(ctx.out_shape)
@@ -2172,6 +2232,10 @@ RULES: dict[Any, Rule] = _RuleTable({
     # reductions, softmax
     torch.mean: REDUCE, "mean": REDUCE, torch.sum: REDUCE, "sum": REDUCE, torch.amax: REDUCE,
     "amax": REDUCE, torch.amin: REDUCE, "amin": REDUCE,
+    "norm": Rule(reduction_at(1, 2)), torch.norm: Rule(reduction_at(1, 2)),
+    torch.linalg.vector_norm: Rule(reduction_at(1, 2)),
+    "var": Rule(reduction_at(0, 2)), torch.var: Rule(reduction_at(0, 2)), "std": Rule(reduction_at(0, 2)),
+    torch.std: Rule(reduction_at(0, 2)),
     torch.max: MAX_MIN, "max": MAX_MIN, torch.min: MAX_MIN, "min": MAX_MIN,
     nn.Softmax: SOFTMAX, nn.LogSoftmax: SOFTMAX, F.softmax: SOFTMAX, torch.softmax: SOFTMAX,
     "softmax": SOFTMAX, F.log_softmax: SOFTMAX, "log_softmax": SOFTMAX,

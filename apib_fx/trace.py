@@ -741,6 +741,8 @@ class ChannelPropagation(_GraphPass):
         propagate = rule.propagate if rule else opaque
         if self.space.pending and not getattr(propagate, "takes_split", False):
             self._tie_pending(flatten_values((args, kwargs)))
+        if self.space.statistics and not getattr(propagate, "takes_statistics", False):
+            self.space.block_statistics(flatten_values((args, kwargs)), f"goes into {ctx.op_name}")
         return propagate(ctx, *args, **kwargs)
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
@@ -756,6 +758,7 @@ class ChannelPropagation(_GraphPass):
         for v in flatten_values(args[0]):
             if is_labels(v):
                 self.space.block(v, "they reach a model output")
+        self.space.block_statistics(flatten_values(args[0]), "is a model output")
         return args[0]
 
 

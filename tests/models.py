@@ -948,3 +948,68 @@ class StandardisedConvs(nn.Module):
         y = torch.relu(self.dw(torch.relu(self.conv1(x))))
         y = torch.relu(self.conv3(torch.relu(self.conv2(y))))
         return self.head(y.mean((2, 3)))
+
+
+class LayerNorm2d(nn.Module):
+    """The official ConvNeXt's channels-first LayerNorm, written out: mean and variance across
+    the channels (kept as an axis of 1), then a per-channel affine."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(channels) + 0.5)
+        self.bias = nn.Parameter(torch.randn(channels))
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + 1e-6)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2's GRN on channels-last features: each channel's L2 norm over the positions,
+    divided by the mean of those norms across the channels."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(channels))
+        self.beta = nn.Parameter(torch.randn(channels))
+
+    def forward(self, x):
+        gx = x.norm(p=2, dim=(1, 2), keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * nx) + self.beta + x
+
+
+class NormalisedByHand(nn.Module):
+    """Normalisations written with reductions across the channels (LayerNorm2d, GRN): their
+    channels are prunable, not exactly, as through nn.LayerNorm; conv2's stay exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3)
+        self.norm = LayerNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, 1)
+        self.fc1 = nn.Linear(6, 10)
+        self.grn = GlobalResponseNorm(10)
+        self.fc2 = nn.Linear(10, 4)
+
+    def forward(self, x):
+        y = self.conv2(self.norm(self.conv1(x))).permute(0, 2, 3, 1)
+        return self.fc2(self.grn(F.gelu(self.fc1(y)))).mean((1, 2))
+
+
+class SpatialAttention(nn.Module):
+    """CBAM's spatial attention: the mean and max across the channels, concatenated, make a map;
+    the counts of channels are in those values, so the channels stay whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.att = nn.Conv2d(2, 1, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        a = torch.cat([y.mean(1, keepdim=True), y.amax(1, keepdim=True)], 1)
+        return self.head(y * torch.sigmoid(self.att(a)))

@@ -1181,6 +1181,60 @@ def test_other_computed_conv_weights_keep_their_inputs_whole_saying_why():
     assert graph.flops({}) == apib_fx.count_flops(model, x)
 
 
+def test_normalisations_written_out_prune_their_channels_not_exactly():
+    """A mean or norm across the channels kept as an axis of 1 that comes back onto the same
+    channels (x - mean, x / std, GRN's x * norm / mean norm) is a normalisation: its channels are
+    prunable but not exact, as through nn.LayerNorm; shapes and the FLOPs model stay right."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = M.NormalisedByHand().eval()
+    x = torch.randn(2, 3, 10, 10)
+    graph = apib_fx.trace(model, x)
+    by_out = {next(m.param for m in g.members if m.role == "out"): g for g in graph.groups}
+    for name, op in (("conv1.weight", "Tensor.mean"), ("fc1.weight", "Tensor.mean")):
+        g = by_out[name]
+        assert g.prunable and not g.exact and f"{op} across them gives a statistic" in g.note, g
+    assert by_out["conv2.weight"].prunable and by_out["conv2.weight"].exact
+    assert {("norm.weight", "pass"), ("norm.bias", "pass")} <= {(m.param, m.role) for m in by_out["conv1.weight"].members}
+    assert {("grn.gamma", "pass"), ("grn.beta", "pass")} <= {(m.param, m.role) for m in by_out["fc1.weight"].members}
+    report = check_exact(model, x, graph=graph)
+    assert report.shapes_ok and report.finite and not report.exact_expected
+    assert report.flops_model == report.flops_after < report.flops_before
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    assert apib_fx.count_flops(model, x) * 2 == counter.get_total_flops()
+    pruned = apib_fx.prune(model, 0.4, x, progress=False, tolerance=0.1)
+    assert pruned(x).shape == (2, 4) and pruned.norm.weight.numel() < 8
+
+
+class _StatisticOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.head(torch.relu(y)), y.mean(1, keepdim=True)
+
+
+@pytest.mark.parametrize("model,why", [
+    (M.ChannelReduction, "meets other channels in mul"),  # an attention map from one conv on another's
+    (M.SpatialAttention, "goes into cat"),  # CBAM: the channel mean and max become a map's inputs
+    (_StatisticOut, "is a model output"),
+])
+def test_statistics_across_channels_used_otherwise_keep_them_whole(model, why):
+    model = _model(model).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = apib_fx.trace(model, x)
+    by_out = {next(m.param for m in g.members if m.role == "out"): g for g in graph.groups}
+    group = by_out["conv.weight"]
+    assert not group.prunable and "reduced over their axis by" in group.reason and why in group.reason, group.reason
+    report = check_exact(model, x, graph=graph)
+    assert report.shapes_ok and report.max_diff <= 1e-5 and report.flops_model == report.flops_after
+
+
 def test_keyword_called_layers_are_scored_by_apib():
     """A consumer called as ``self.b(input=y)`` is read like a positional call: APIB scores its
     input channels from data (they had no input argument to read, and the trace crashed)."""

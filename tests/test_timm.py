@@ -20,7 +20,7 @@ SLOW = ["resnet50d", "efficientnetv2_rw_t", "densenet121", "cspdarknet53", "mixn
         "cspresnet50", "darknet53", "resnetrs50", "densenetblur121d", "regnetz_b16",
         "inception_next_tiny", "rdnet_tiny", "efficientformer_l1", "convnext_tiny",
         "swin_tiny_patch4_window7_224", "deit_tiny_patch16_224", "pit_ti_224", "botnet26t_256",
-        "levit_128s", "starnet_s050", "resnetv2_50x1_bit", "nfnet_f0", "nf_regnet_b0"]
+        "levit_128s", "starnet_s050", "resnetv2_50x1_bit", "nfnet_f0", "nf_regnet_b0", "convnextv2_atto"]
 MODELS = [pytest.param(n) for n in FAST] + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW]
 # These also keep some groups whole, with a reason: class and position tokens added to the stream
 # (DeiT, PiT), a softmax over split-attention branches (ResNeSt).
