@@ -775,6 +775,19 @@ def softmax(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
     return x
 
 
+def lp_normalize(ctx: RuleContext, x: Tensor, p: Any = 2.0, dim: int = 1, *args: Any, **kwargs: Any) -> Any:
+    """``F.normalize``: over an axis without channels (XCA's tokens) each channel is scaled on its
+    own; across the channels it is a normalisation, prunable but not exact (as LayerNorm)."""
+    axes = ctx.space.class_varying_axes(x) if is_labels(x) else []
+    d = dim % x.dim()
+    if d in axes:
+        if len(axes) > 1:
+            ctx.space.block(x, f"normalised over several channel axes by {ctx.op_name}")
+            return ctx.unlabeled_output()
+        ctx.space.mark_mixed(x, f"{ctx.op_name} normalises across them")
+    return x
+
+
 def spatial(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
     """Pooling, upsampling, padding: act on axes 2.. of an (N, C, ...) tensor; channels untouched.
     A max pool that also returns its indices gives them the channels of the values they locate
@@ -2237,6 +2250,7 @@ RULES: dict[Any, Rule] = _RuleTable({
     "var": Rule(reduction_at(0, 2)), torch.var: Rule(reduction_at(0, 2)), "std": Rule(reduction_at(0, 2)),
     torch.std: Rule(reduction_at(0, 2)),
     torch.max: MAX_MIN, "max": MAX_MIN, torch.min: MAX_MIN, "min": MAX_MIN,
+    F.normalize: Rule(lp_normalize),
     nn.Softmax: SOFTMAX, nn.LogSoftmax: SOFTMAX, F.softmax: SOFTMAX, torch.softmax: SOFTMAX,
     "softmax": SOFTMAX, F.log_softmax: SOFTMAX, "log_softmax": SOFTMAX,
     # spatial ops

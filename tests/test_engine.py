@@ -1208,6 +1208,34 @@ def test_normalisations_written_out_prune_their_channels_not_exactly():
     assert pruned(x).shape == (2, 4) and pruned.norm.weight.numel() < 8
 
 
+class _Normalized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 6, 1), nn.Linear(6, 2)
+
+    def forward(self, x):
+        y = self.b(torch.nn.functional.normalize(self.a(x), dim=1))  # across the channels
+        z = torch.nn.functional.normalize(y.flatten(2), p=2.0, dim=-1)  # each channel over its positions
+        return self.head(z.mean(-1))
+
+
+def test_normalize_across_channels_is_inexact_and_over_positions_exact():
+    model = _Normalized().eval()
+    x = torch.randn(2, 3, 6, 6)
+    graph = apib_fx.trace(model, x)
+    by_out = {next(m.param for m in g.members if m.role == "out"): g for g in graph.groups}
+    across, over = by_out["a.weight"], by_out["b.weight"]
+    assert across.prunable and not across.exact and "normalize normalises across them" in across.note
+    assert over.prunable and over.exact
+    keep = {over.index: torch.tensor([0, 2, 5])}
+    with torch.no_grad():
+        want = apib_fx.testing.zeroed_reference(model, graph, keep)(x)
+        got = apib_fx.apply(model, graph, keep)(x)
+    assert torch.allclose(got, want, atol=1e-6)
+    report = check_exact(model, x, graph=graph)
+    assert report.shapes_ok and report.finite and report.flops_model == report.flops_after
+
+
 class _StatisticOut(nn.Module):
     def __init__(self):
         super().__init__()
