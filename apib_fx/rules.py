@@ -1445,14 +1445,21 @@ def _matmul(ctx: RuleContext, a: Tensor, b: Tensor, w: Optional[tuple[str, int]]
     straight from a parameter matrix; ``out_shape``: the product's shape."""
     space = ctx.space
     ka, kb = torch.broadcast_tensors(compress(a).select(-2, 0), compress(b).select(-1, 0))
+    # Only labels that vary along an operand's contracted axis are channels of that axis; labels
+    # constant along it belong to its other axes (a GC block's x (C, HW) @ softmax map (HW, 1),
+    # whose one channel is no channel of x's).
+    if a.dim() - 1 not in space.class_varying_axes(a):
+        ka = torch.full_like(ka, NONE)
+    if b.dim() - 2 not in space.class_varying_axes(b):
+        kb = torch.full_like(kb, NONE)
     space.link(ka, kb)
     # Contracted against values without these channels: a parameter matrix (x @ W, x @ W.t(), a
     # relative-position table) reads them like a Linear layer; anything else of fixed size (a
     # computed table) keeps them.
     for ids, other, t, axis in ((ka, kb, a, a.dim() - 1), (kb, ka, b, b.dim() - 2)):
         lone = (ids != NONE) & (other == NONE)
-        if axis not in space.class_varying_axes(t) or not bool(lone.any()):
-            continue  # (labels constant along the contracted axis belong to another axis)
+        if not bool(lone.any()):
+            continue
         if ids is ka and w is not None and b.dim() == 2 and bool((kb == NONE).all()):
             space.bind(w[0], w[1], axis_ids(a, -1), "in")
         else:

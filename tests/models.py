@@ -1013,3 +1013,24 @@ class SpatialAttention(nn.Module):
         y = torch.relu(self.conv(x))
         a = torch.cat([y.mean(1, keepdim=True), y.amax(1, keepdim=True)], 1)
         return self.head(y * torch.sigmoid(self.att(a)))
+
+
+class GlobalContextBlock(nn.Module):
+    """GCNet's global context: a one-channel map, softmaxed over the positions, pools x by a
+    matrix product ((C, HW) @ (HW, 1)); an MLP of the context is added back to x. The map's one
+    channel is no channel of x's: x's channels stay one group."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv_attn = nn.Conv2d(8, 1, 1)
+        self.fc1 = nn.Conv2d(8, 4, 1)
+        self.fc2 = nn.Conv2d(4, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        B, C, H, W = x.shape
+        attn = torch.softmax(self.conv_attn(x).reshape(B, 1, H * W), dim=-1).unsqueeze(-1)
+        context = (x.reshape(B, C, H * W).unsqueeze(1) @ attn).view(B, C, 1, 1)
+        return self.head(x + self.fc2(torch.relu(self.fc1(context))))

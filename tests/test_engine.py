@@ -57,6 +57,7 @@ CASES = [
     (M.ClassTokenParameter, (2, 3, 8, 8)),
     (M.TiedWeights, (2, 3, 8, 8)),
     (M.KeywordCalls, (2, 3, 8, 8)),
+    (M.GlobalContextBlock, (2, 3, 6, 6)),
 ]
 
 
@@ -1261,6 +1262,19 @@ def test_statistics_across_channels_used_otherwise_keep_them_whole(model, why):
     assert not group.prunable and "reduced over their axis by" in group.reason and why in group.reason, group.reason
     report = check_exact(model, x, graph=graph)
     assert report.shapes_ok and report.max_diff <= 1e-5 and report.flops_model == report.flops_after
+
+
+def test_a_matrix_product_links_only_channels_of_its_contracted_axis():
+    """x (C, HW) @ map (HW, 1) contracts the positions: x's channel 0 (its labels at position 0
+    of the contracted axis) is no channel of the map's, and used to be tied to it, splitting x's
+    channels into a fixed 1 and a prunable C - 1."""
+    model = _model(M.GlobalContextBlock).eval()
+    graph = apib_fx.trace(model, torch.randn(2, 3, 6, 6))
+    stream = next(g for g in graph.groups if any(m.param == "conv.weight" and m.role == "out" for m in g.members))
+    assert stream.prunable and stream.channels == 8
+    assert {"conv_attn.weight", "fc1.weight", "fc2.weight", "head.weight"} <= {m.param for m in stream.members}
+    (attn,) = [g for g in graph.groups if any(m.param == "conv_attn.weight" and m.role == "out" for m in g.members)]
+    assert attn.channels == 1 and all(m.param.startswith("conv_attn.") for m in attn.members)
 
 
 def test_keyword_called_layers_are_scored_by_apib():
