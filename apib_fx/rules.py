@@ -312,6 +312,9 @@ def clamp(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     return passthrough(ctx, *args, **kwargs)
 
 
+clamp.takes_statistics = True  # type: ignore[attr-defined]  (x / x.norm(1, keepdim=True).clamp(min=eps))
+
+
 def _run_on_labels(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     target = ctx.node.target
     if ctx.node.op == "call_method":

@@ -1237,6 +1237,18 @@ def test_normalize_across_channels_is_inexact_and_over_positions_exact():
     assert report.shapes_ok and report.finite and report.flops_model == report.flops_after
 
 
+def test_a_channel_norm_clamped_before_dividing_is_still_a_normalisation():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), _L2ByHand(), nn.Conv2d(8, 2, 1)).eval()
+    graph = apib_fx.trace(model, torch.randn(2, 3, 5, 5))
+    group = graph.groups[0]
+    assert group.channels == 8 and group.prunable and not group.exact and "Tensor.norm across them" in group.note
+
+
+class _L2ByHand(nn.Module):
+    def forward(self, x):
+        return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
 class _StatisticOut(nn.Module):
     def __init__(self):
         super().__init__()
