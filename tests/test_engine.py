@@ -1110,13 +1110,24 @@ def test_parametrized_weights_keep_their_channels_with_a_reason():
     assert apib_fx.trace(model, x).groups[0].prunable
 
 
+def _check_inexact(model, x, graph):
+    """Every group pruned where exactness is not expected: shapes, finite values, and FLOPs as
+    the graph predicts and as torch's own counter counts."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    report = check_exact(model, x, graph=graph)
+    assert report.shapes_ok and report.finite and not report.exact_expected
+    assert report.flops_model == report.flops_after < report.flops_before
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    assert apib_fx.count_flops(model, x) * 2 == counter.get_total_flops()
+
+
 def test_standardised_weights_prune_their_filters_exactly():
     """A conv whose weight is standardised per filter (timm's StdConv2d / ScaledStdConv2d: BiT,
     NFNets) is pruned through its parameter: filters and their gains go exactly; the input channels
     of a standardised conv are prunable but not exactly (the filter statistics span them), a
     depthwise one's exactly. The pruned graph views the weight as its new filter count."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from apib_fx.testing import zeroed_reference
 
     torch.manual_seed(0)
@@ -1141,13 +1152,7 @@ def test_standardised_weights_prune_their_filters_exactly():
     views = [n for n in pruned.graph.nodes if n.op == "call_method" and n.target == "reshape"]
     assert sorted(n.args[2] for n in views) == sorted([len(keep[first.index])] * 2 + [len(keep[last.index])])
 
-    # Every group: shapes, finite values and FLOPs as the graph predicts and torch's counter counts.
-    report = check_exact(model, x, graph=graph)
-    assert report.shapes_ok and report.finite and not report.exact_expected
-    assert report.flops_model == report.flops_after < report.flops_before
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    assert apib_fx.count_flops(model, x) * 2 == counter.get_total_flops()
+    _check_inexact(model, x, graph)
     pruned = apib_fx.prune(model, 0.4, x, method="l1", progress=False)
     assert pruned(x).shape == (2, 4) and model.conv3.gain.shape == (8, 1, 1, 1)
 
@@ -1186,8 +1191,6 @@ def test_normalisations_written_out_prune_their_channels_not_exactly():
     """A mean or norm across the channels kept as an axis of 1 that comes back onto the same
     channels (x - mean, x / std, GRN's x * norm / mean norm) is a normalisation: its channels are
     prunable but not exact, as through nn.LayerNorm; shapes and the FLOPs model stay right."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     torch.manual_seed(0)
     model = M.NormalisedByHand().eval()
     x = torch.randn(2, 3, 10, 10)
@@ -1199,12 +1202,7 @@ def test_normalisations_written_out_prune_their_channels_not_exactly():
     assert by_out["conv2.weight"].prunable and by_out["conv2.weight"].exact
     assert {("norm.weight", "pass"), ("norm.bias", "pass")} <= {(m.param, m.role) for m in by_out["conv1.weight"].members}
     assert {("grn.gamma", "pass"), ("grn.beta", "pass")} <= {(m.param, m.role) for m in by_out["fc1.weight"].members}
-    report = check_exact(model, x, graph=graph)
-    assert report.shapes_ok and report.finite and not report.exact_expected
-    assert report.flops_model == report.flops_after < report.flops_before
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    assert apib_fx.count_flops(model, x) * 2 == counter.get_total_flops()
+    _check_inexact(model, x, graph)
     pruned = apib_fx.prune(model, 0.4, x, progress=False, tolerance=0.1)
     assert pruned(x).shape == (2, 4) and pruned.norm.weight.numel() < 8
 
