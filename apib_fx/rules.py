@@ -562,10 +562,11 @@ def _statistics_met(ctx: RuleContext, values: list[Any]) -> Optional[Tensor]:
     very channels they summarise (``x - mean``, ``x / std``), those channels become prunable but
     not exact; met by other channels, they cannot be removed. None when there is no statistic."""
     space = ctx.space
-    stats = [s for s in (space.statistic(v) for v in values) if s is not None]
+    found = [(v, space.statistic(v)) for v in values]
+    stats = [s for _, s in found if s is not None]
     if not stats:
         return None
-    others = [v for v in values if is_labels(v) and space.statistic(v) is None and has_labels(v)]
+    others = [v for v, s in found if s is None and is_labels(v) and has_labels(v)]
     if not others:
         out = ctx.unlabeled_output()
         space.add_statistic(out, torch.cat([ids for ids, _ in stats]), stats[0][1])
@@ -725,10 +726,8 @@ def reduction_at(dim_at: int, keepdim_at: int) -> Propagate:
     (``x.norm(p, dim, keepdim)``, ``x.var(dim, unbiased, keepdim)``) or are keywords."""
 
     def rule(ctx: RuleContext, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        dim = kwargs.get("dim", args[dim_at] if len(args) > dim_at else None)
         keepdim = kwargs.get("keepdim", args[keepdim_at] if len(args) > keepdim_at else False)
-        dims = None if dim is None else [d % x.dim() for d in ([dim] if isinstance(dim, int) else dim)]
-        return _reduce(ctx, x, dims, bool(keepdim))
+        return _reduce(ctx, x, _dims_arg(args[dim_at:dim_at + 1], kwargs, x.dim()), bool(keepdim))
 
     return rule
 
@@ -1459,7 +1458,7 @@ def _matmul(ctx: RuleContext, a: Tensor, b: Tensor, w: Optional[tuple[str, int]]
     # Contracted against values without these channels: a parameter matrix (x @ W, x @ W.t(), a
     # relative-position table) reads them like a Linear layer; anything else of fixed size (a
     # computed table) keeps them.
-    for ids, other, t, axis in ((ka, kb, a, a.dim() - 1), (kb, ka, b, b.dim() - 2)):
+    for ids, other in ((ka, kb), (kb, ka)):
         lone = (ids != NONE) & (other == NONE)
         if not bool(lone.any()):
             continue

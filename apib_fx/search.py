@@ -50,11 +50,10 @@ def _rounded(kept: np.ndarray, full: np.ndarray, floor: np.ndarray, round_to: Op
 
 
 def channel_floor(full: np.ndarray, min_channels: int, round_to: Optional[int],
-                  least: Optional[np.ndarray] = None) -> np.ndarray:
+                  least: np.ndarray) -> np.ndarray:
     """The fewest channels each group keeps: ``min_channels``, or the group's own ``least``
     (:attr:`ChannelGroup.min_channels`) where that is more."""
-    floor = max(1, int(min_channels))
-    floor = np.minimum(full, floor if least is None else np.maximum(floor, least))
+    floor = np.minimum(full, np.maximum(max(1, int(min_channels)), least))
     if round_to:
         floor = np.minimum(full, np.ceil(floor / round_to) * round_to).astype(np.int64)
     return floor
