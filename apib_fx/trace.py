@@ -100,6 +100,59 @@ class _ModuleStack(collections.OrderedDict):
 # parameters and buffers).
 _PLAIN_ARGS = frozenset({int, float, bool, str, complex, type(None), type(...), torch.dtype, torch.device,
                          torch.memory_format, torch.layout})
+_PYTREE_NODES = torch.utils._pytree.SUPPORTED_NODES  # the containers fx's own argument walk opens
+
+
+def _tracer_of(args: Any) -> Any:
+    """The tracer of the proxies among ``args`` (tuples, lists and keyword dicts of them, as a call
+    passes them); None when there is none, ``...`` when a container fx's pytree walk would open is
+    of another type (a namedtuple, an OrderedDict) or proxies of two tracers meet: fx decides then."""
+    found = None
+    for a in args:
+        t = type(a)
+        if t is _Proxy or t is fx.Proxy:
+            tracer = a.tracer
+        elif t in _PLAIN_ARGS:
+            continue
+        elif t is tuple or t is list:
+            tracer = _tracer_of(a)
+        elif t is dict:
+            tracer = _tracer_of(a.values())
+        elif isinstance(a, (fx.Proxy, tuple, list, dict)) or t in _PYTREE_NODES:
+            return ...
+        else:
+            continue
+        if tracer is ...:
+            return ...
+        if tracer is not None:
+            if found is not None and tracer is not found:
+                return ...
+            found = tracer
+    return found
+
+
+class _Proxy(fx.Proxy):
+    """The proxies of :class:`_Tracer`: a torch function called on one (``F.relu(x)``,
+    ``torch.cat([a, b])``) is recorded as fx records it, but fx finds the tracer through two pytree
+    walks over the arguments, a quarter of tracing GoogLeNet or ResNet-50; here one plain loop."""
+
+    @classmethod
+    def __torch_function__(cls, orig_method: Any, types: tuple, args: Any = None, kwargs: Any = None) -> Any:
+        args = args if args else ()
+        kwargs = kwargs if kwargs else {}
+        tracer = _tracer_of(args)
+        if tracer is not ... and kwargs:
+            more = _tracer_of(kwargs.values())
+            tracer = more if tracer is None else (... if more is not None and more is not tracer else tracer)
+        if (not isinstance(tracer, _Tracer)
+                or isinstance(orig_method, (torch._C.ScriptMethod, torch._ops.HigherOrderOperator))):
+            return super().__torch_function__(orig_method, types, args, kwargs)
+        if torch.overrides.is_tensor_method_or_property(orig_method):
+            return tracer.create_proxy("call_method", orig_method.__name__, args, kwargs)
+        name = tracer._function_names.get(orig_method)
+        if name is None:
+            name = tracer._function_names[orig_method] = tracer.graph._target_to_str(orig_method.__name__)
+        return tracer.create_proxy("call_function", orig_method, args, kwargs, name=name)
 
 
 class _Tracer(fx.Tracer):
@@ -116,6 +169,7 @@ class _Tracer(fx.Tracer):
         self.failed_in: list[tuple[str, str]] = []
         self._is_leaf: dict[type, bool] = {}  # module class -> kept as one node
         self._node_names: dict[Any, str] = {}  # target -> the name fx derives from it
+        self._function_names: dict[Any, str] = {}  # torch function -> the name fx gives its node
         self.num_calls: Optional[dict[str, int]] = getattr(self, "num_calls", None)
 
     def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict, name: Optional[str] = None,
@@ -152,7 +206,7 @@ class _Tracer(fx.Tracer):
         # them. fx first tests each against Parameter, Tensor, Module, namedtuple and opaque types
         # (a fifth of tracing a MobileNet); for these types its answer is the same as here.
         t = type(a)
-        if t is fx.Proxy:
+        if t is _Proxy or t is fx.Proxy:
             return a.node
         if t in _PLAIN_ARGS:
             return a
@@ -170,6 +224,9 @@ class _Tracer(fx.Tracer):
             if name is not None:
                 return self.create_node("get_attr", name, (), {})
         return super().create_arg(a)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
     def _first_name(self, kind: str, t: Tensor) -> Optional[str]:
         """The name fx would find for ``t`` among the root's ``named_{kind}()`` (its first), by

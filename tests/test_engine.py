@@ -1,4 +1,5 @@
 """The trace and rewrite passes on hand-written models: exact, or non-prunable with a reason."""
+import collections
 import gc
 import importlib
 import time
@@ -528,10 +529,11 @@ def test_trace_leaves_garbage_collection_as_the_caller_had_it():
 
 
 class _FxTracer(_trace_module._Tracer):
-    """The engine's tracer with fx's own node creation and module calls."""
+    """The engine's tracer with fx's own node creation, proxies and module calls."""
 
     create_node = torch.fx.Tracer.create_node
     getattr = torch.fx.Tracer.getattr
+    proxy = torch.fx.Tracer.proxy
 
     def call_module(self, m, forward, args, kwargs):
         rule = apib_fx.rules.module_rule(type(m))
@@ -554,12 +556,31 @@ class _FunctionalTiedHead(M.EmbeddingTiedHead):
         super().__init__(functional=True)
 
 
-@pytest.mark.parametrize("model", [M.SharedModule, M.KeywordCalls, M.SplitChunk, M.SelfAttention, M.NormAct,
+_Pair = collections.namedtuple("_Pair", "left right")
+
+
+class _ProxiesInContainers(nn.Module):
+    """Torch functions whose tensors come in lists, keyword dicts and a namedtuple (which fx's own
+    argument walk opens: the engine's tracer leaves that call to fx)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        y = torch.cat([a, torch.mul(input=b, other=a)], dim=1)
+        z = torch.stack(_Pair(a, b), dim=2).flatten(1, 2)
+        return torch.add(y, other=z, alpha=0.5)
+
+
+@pytest.mark.parametrize("model", [M.SharedModule, M.KeywordCalls, _ProxiesInContainers, M.SplitChunk, M.SelfAttention, M.NormAct,
                                    M.ChannelsLast, M.LayerScales, _FunctionalTiedHead,
-                                   "mobilenet_v3_small", "regnet_y_400mf", "shufflenet_v2_x0_5"])
+                                   "mobilenet_v3_small", "regnet_y_400mf", "shufflenet_v2_x0_5", "googlenet"])
 def test_tracer_records_the_graph_fx_records(model):
-    # The tracer creates nodes, enters modules and names the parameters a forward reads more
-    # cheaply than fx: same nodes, names, arguments, users and module stacks as fx's own code,
+    # The tracer creates nodes, enters modules, records torch functions and names the parameters
+    # a forward reads more cheaply than fx: same nodes, names, arguments, users and module stacks as fx's own code,
     # also for a module called twice and a tied parameter read under its second name.
     from apib_fx.testing import zoo_model
 
