@@ -13,6 +13,7 @@ is what remains on a machine where the forward is free.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 import warnings
@@ -30,9 +31,12 @@ MODELS = ["resnet18", "resnet50", "resnext50_32x4d", "vgg16_bn", "densenet121", 
           "shufflenet_v2_x1_0", "convnext_tiny"]
 
 
-def timed(fns: list, repeat: int) -> list[float | Exception]:
+def timed(fns: list, repeat: int, collect: bool = True) -> list[float | Exception]:
     """Median times of ``fns``, run in turn ``repeat`` times after one warm-up each; an exception
-    a function raises in its warm-up is returned in place of its time (and it is not run again)."""
+    a function raises in its warm-up is returned in place of its time (and it is not run again).
+    With ``collect``, garbage is collected before each timed call, untimed: both builders leave
+    graphs full of reference cycles, and otherwise whichever call the collector lands in pays for
+    freeing what the call before it left."""
     results: list[float | Exception] = []
     for fn in fns:
         try:
@@ -45,6 +49,8 @@ def timed(fns: list, repeat: int) -> list[float | Exception]:
         for fn, r, ts in zip(fns, results, times):
             if isinstance(r, Exception):
                 continue
+            if collect:
+                gc.collect()
             t = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t)
@@ -57,6 +63,8 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=32, help="Torch-Pruning's second input size (Inception-v3: at least 75)")
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--no-collect", action="store_true",
+                    help="leave garbage collection where it falls (by default each timed call starts collected)")
     ap.add_argument("--out", default="benchmarks/results/trace_speed.md")
     args = ap.parse_args()
     import torch_pruning as tp
@@ -85,7 +93,7 @@ def main() -> None:
         def trace():
             phases.append(apib_fx.trace(model, x).timings)
 
-        ours, theirs, theirs_small = timed([trace, build, lambda: build(x_small)], args.repeat)
+        ours, theirs, theirs_small = timed([trace, build, lambda: build(x_small)], args.repeat, not args.no_collect)
         split = " / ".join(f"{1e3 * statistics.median(p[k] for p in phases[-args.repeat:]):.1f}" for k in phases[0])
         n_ours = len(apib_fx.trace(model, x).prunable_groups)
         cells = []
