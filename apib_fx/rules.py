@@ -621,7 +621,7 @@ def broadcast(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
         p = p_small.expand(common)
         if not bool((p != NONE).any()):
             continue
-        p_axes = [a for a, n in enumerate(p_small.shape) if n > 1]
+        p_axes = None
         for j, (q_small, q_real, q_arg, q_dim) in enumerate(operands):
             if j == i:
                 continue
@@ -630,8 +630,13 @@ def broadcast(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
             if j > i and bool(both.any()):  # each pair once: linking is symmetric
                 space.link(p[both], q[both])
             missing = (p != NONE) & (q == NONE)
+            if not bool(missing.any()):
+                continue
+            # Where p's channels change: ids tied along an axis (a head's dims, when whole heads
+            # go) are one channel there, so a per-head parameter of size 1 along it lines up.
+            p_axes = space.class_varying_axes(p_small) if p_axes is None else p_axes
             # q broadcasts along p's channel axes (a scalar, a per-sample scale): no conflict.
-            if not bool(missing.any()) or not all(q_real[a] > 1 for a in p_axes):
+            if not all(q_real[a] > 1 for a in p_axes):
                 continue
             param = _parameter_of(q_arg) if len(p_axes) == 1 and not bool((q != NONE).any()) else None
             if param is not None:

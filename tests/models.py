@@ -1034,3 +1034,22 @@ class GlobalContextBlock(nn.Module):
         attn = torch.softmax(self.conv_attn(x).reshape(B, 1, H * W), dim=-1).unsqueeze(-1)
         context = (x.reshape(B, C, H * W).unsqueeze(1) @ attn).view(B, C, 1, 1)
         return self.head(x + self.fc2(torch.relu(self.fc1(context))))
+
+
+class ScaledAttention(nn.Module):
+    """Attention with learned scales broadcast over the heads' axes: queries scaled per head dim
+    (one vector for every head) and logits per head by a (heads, 1, 1) temperature, as XCiT does."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(16, 3 * dim)
+        self.q_scale = nn.Parameter(torch.rand(dim // heads) + 0.5)
+        self.temperature = nn.Parameter(torch.rand(heads, 1, 1) + 0.5)
+        self.proj = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q * self.q_scale) @ k.transpose(-2, -1) * self.temperature).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).flatten(2)).mean(1)

@@ -59,6 +59,7 @@ CASES = [
     (M.TiedWeights, (2, 3, 8, 8)),
     (M.KeywordCalls, (2, 3, 8, 8)),
     (M.GlobalContextBlock, (2, 3, 6, 6)),
+    (M.ScaledAttention, (2, 5, 16)),
 ]
 
 
