@@ -125,7 +125,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         kernel=args.kernel, min_channels=args.min_channels, num_calib=args.num_calib,
         batch_size=args.batch_size, round_to=args.round_to, tolerance=args.tolerance,
         progress=not args.quiet, seed=args.seed,
-        workers=args.workers, device=args.device,
+        workers=args.workers, device=args.device, heads=args.heads,
     )
     report = pruned.apib_report
     out = Path(args.out).expanduser()
@@ -188,7 +188,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .trace import trace
 
     model, shape, label, _ = load_model(args.model, args.num_classes, None, args.input_shape)
-    graph = trace(model, torch.zeros(1, *shape))
+    graph = trace(model, torch.zeros(1, *shape), heads=args.heads)
     fixed = len(graph.groups) - len(graph.prunable_groups)
     print(f"{label} at 1x{'x'.join(map(str, shape))}: {len(graph.groups)} channel groups, "
           f"{len(graph.prunable_groups)} prunable, {fixed} fixed; {graph.flops():,} MACs")
@@ -324,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where calibration runs: cpu, cuda or cuda:N (default: cpu, where the model is loaded)")
     pr.add_argument("--workers", type=int, default=None,
                     help="processes for APIB's Lasso paths (default: the CPU cores, at most 8)")
+    pr.add_argument("--heads", default="dims", choices=["dims", "whole"],
+                    help="attention loses the same head dims in every head (default) or whole heads")
     pr.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.set_defaults(func=cmd_prune)
@@ -334,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--input-shape", default=None, help="C,H,W (default: the model's usual input)")
     ins.add_argument("--num-classes", type=int, default=None, help="classifier outputs of a built-in model")
     ins.add_argument("--only-fixed", action="store_true", help="list only the groups that cannot be pruned")
+    ins.add_argument("--heads", default="dims", choices=["dims", "whole"],
+                     help="group attention's head dims (default) or whole heads")
     ins.set_defaults(func=cmd_inspect)
 
     ex = sub.add_parser("export", help="export a model to ONNX, checked against ONNX Runtime")

@@ -246,6 +246,10 @@ class LabelSpace:
     # Reshape results that spread the channels of one axis over several, whose free axis is not
     # chosen yet (id of the label tensor -> it): see :func:`apib_fx.rules.tie_outer`.
     pending: dict[int, Tensor] = field(default_factory=dict)
+    # Which axis of such a split stays free: the innermost (False: the same position is removed in
+    # every slice, e.g. the same dims in every attention head) or the one before it (True: whole
+    # slices go, e.g. whole heads). See :func:`apib_fx.rules.tie_outer`.
+    whole_heads: bool = False
 
     def fresh(self, n: int) -> Tensor:
         # (``parent`` makes room for them when it is next read, see _parent.)

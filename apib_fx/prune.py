@@ -18,7 +18,7 @@ from .rewrite import apply
 from .scoring import METHODS, calibrate_apib, score_data_free, search_apib
 from .recalibrate import recalibrate_bn
 from .search import UnreachableTarget, search_threshold
-from .trace import InputShapeError, as_inputs, check_model, eval_mode, gc_paused, trace
+from .trace import HEADS, InputShapeError, as_inputs, check_model, eval_mode, gc_paused, trace
 
 KERNELS = ("laplace", "gaussian", "linear")
 
@@ -171,6 +171,7 @@ def prune(
     round_to: Optional[int] = None,
     device: Union[str, torch.device, None] = None,
     leaf_modules: Sequence[type] = (),
+    heads: str = "dims",
     progress: bool = True,
     seed: int = 0,
     recalibrate: bool = True,
@@ -187,6 +188,9 @@ def prune(
     model's device); the returned model is on the input model's device.
     ``recalibrate``: when ``calib_data`` is given, re-estimate the pruned model's BatchNorm
     statistics on it (:func:`apib_fx.recalibrate_bn`); no effect on synthetic data.
+    ``heads``: what attention loses, ``"dims"`` (the same head dims in every head) or ``"whole"``
+    (whole heads: q, k and v of a head and its share of the output projection); any split of
+    channels over two axes follows it (:func:`apib_fx.trace`).
     ``workers``: processes that solve APIB's Lasso paths (default: the CPU cores available, at
     most 8; 1 solves them in this process). Results do not depend on it.
 
@@ -222,6 +226,8 @@ def prune(
         raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
     if not 0 < tolerance < 1:
         raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
+    if heads not in HEADS:
+        raise ValueError(f"heads must be one of {HEADS}, got {heads!r}")
 
     model_device = _model_device(model)
     run_device = _run_device(device, model_device)
@@ -260,7 +266,7 @@ def prune(
         timings: dict[str, float] = {}
         t = time.perf_counter()
         try:
-            graph = trace(model, sample, leaf_modules=leaf_modules)
+            graph = trace(model, sample, leaf_modules=leaf_modules, heads=heads)
         except InputShapeError as e:
             shapes = ", ".join(str(tuple(t.shape[1:])) for t in sample)
             raise CalibrationError(f"calibration samples of shape {shapes} do not fit the model: {e}") from e

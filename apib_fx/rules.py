@@ -247,8 +247,13 @@ def tie_outer(space: LabelSpace, labels: Tensor, defer: bool = False) -> Tensor:
         space.pending[id(labels)] = labels
     elif len(axes) >= 2:
         small = compress(labels)
-        for a in axes[:-1]:
-            space.link(small, small.narrow(a, 0, 1).expand_as(small))
+        # Whole heads: the axis just before the innermost, (B, N, heads, d) or (B, N, 3, heads, d),
+        # when channels change along it; a single head there (k and v shared by every query head:
+        # (B, N, 2, 1, d)) leaves nothing free.
+        free = (axes[-1] - 1 if axes[-1] - 1 in axes else None) if space.whole_heads else axes[-1]
+        for a in axes:
+            if a != free:
+                space.link(small, small.narrow(a, 0, 1).expand_as(small))
     return labels
 
 
@@ -743,10 +748,13 @@ def _reduce(ctx: RuleContext, x: Tensor, dims: Optional[list[int]], keepdim: boo
     it is a statistic of the channels: a hand-written LayerNorm's mean and variance, GRN's mean
     norm. Brought back onto the same channels (``x - mean``, ``x / norm``) it makes them
     prunable but not exact, as LayerNorm does; reaching anything else (an attention map applied
-    to other channels, a concat) keeps them whole (:func:`broadcast`). Otherwise fatal."""
+    to other channels, a concat) keeps them whole (:func:`broadcast`). Otherwise fatal, unless
+    nothing reads the result."""
     dims = list(range(x.dim())) if dims is None else dims
     axes = set(ctx.space.class_varying_axes(x))
     if set(dims) & axes:
+        if not ctx.node.users:  # a result nothing reads (attention weights written out, unused)
+            return ctx.unlabeled_output()
         if keepdim and axes <= set(dims):
             return ctx.space.add_statistic(ctx.unlabeled_output(), x, ctx.op_name)
         ctx.space.block(x, f"reduced over their axis by {ctx.op_name}")
@@ -1362,27 +1370,47 @@ def _channels_along(space: LabelSpace, t: Tensor, axis: int) -> Tensor:
 
 def sdpa(ctx: RuleContext, q: Any, k: Any, v: Any, attn_mask: Any = None, *args: Any, **kwargs: Any) -> Any:
     """``F.scaled_dot_product_attention(q, k, v)``: q and k are contracted over their last axis
-    (their channels go together); the output carries v's. Channels on any other axis, or in the
-    mask, are kept whole. The default scale 1/sqrt(E) is frozen by the rewrite, so removing head
-    dims does not change the softmax temperature."""
+    (their channels there go together); the output carries v's. Channels on batch axes are heads
+    (``heads="whole"``): a head of q, k and v goes together, and where k and v are shared by the
+    heads (multi-query attention) the output's heads are q's. Channels on the sequence axes, or in
+    the mask, are kept whole. The default scale 1/sqrt(E) is frozen by the rewrite, so removing
+    head dims does not change the softmax temperature."""
     if not all(is_labels(t) and t.dim() >= 2 for t in (q, k, v)):
         return opaque(ctx, q, k, v, attn_mask, *args, **kwargs)
     space = ctx.space
-    for t in (q, k, v):
-        if any(a != t.dim() - 1 for a in space.class_varying_axes(t)):
-            space.block(t, f"on an axis of {ctx.op_name} other than the features")
+    out_shape = ctx.out_shape
+    nd = len(out_shape)
+    varying = {}
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        varying[name] = space.class_varying_axes(t)
+        if t.dim() - 2 in varying[name] or (t.dim() - 1 in varying[name] and len(varying[name]) > 1):
+            space.block(t, f"on an axis of {ctx.op_name} other than the features or the heads")
     if is_labels(attn_mask):
         space.block(attn_mask, f"used as the mask of {ctx.op_name}")
-    space.link(*torch.broadcast_tensors(compress(q).narrow(-2, 0, 1), compress(k).narrow(-2, 0, 1)))
-    out_shape = ctx.out_shape
+    if q.dim() - 1 in varying["q"] or k.dim() - 1 in varying["k"]:  # head dims: contracted together
+        space.link(*torch.broadcast_tensors(compress(q).narrow(-2, 0, 1), compress(k).narrow(-2, 0, 1)))
+    _pair_batch_axes(ctx, q, k, nd)
+    _pair_batch_axes(ctx, q, v, nd)
     coef = math.prod(out_shape[:-1]) * k.shape[-2]  # batch x heads x L x S
     name = ctx.node.name
+    dims = []
+    q_heads = compress(q).narrow(-1, 0, 1).narrow(-2, 0, 1).expand(*out_shape[:-2], 1, 1)
+    for i, n in enumerate(out_shape[:-2]):  # heads whose count changes
+        along = _channels_along(space, q_heads, i) if n > 1 else None
+        if along is not None and bool((along != NONE).any()):
+            key = f"{name}#B{i}"
+            space.bind(key, 0, along, "axis")
+            dims.append((key, 0))
+            coef //= n
     for tag, t in (("E", q), ("Ev", v)):
         key = f"{name}#{tag}"
         space.bind(key, 0, _channels_along(space, t, -1), "axis")
-        space.add_flops(coef, [(key, 0)])
+        space.add_flops(coef, dims + [(key, 0)])
     ctx.node.meta["apib_sdpa_scale"] = 1.0 / math.sqrt(q.shape[-1])
-    return tie_outer(space, canonical(compress(v).narrow(-2, 0, 1).expand(out_shape)))
+    out = compress(v).narrow(-2, 0, 1).expand(out_shape)
+    if not varying["v"] and any(a < q.dim() - 2 for a in varying["q"]):
+        out = q_heads.expand(out_shape)  # k and v shared by q's heads
+    return tie_outer(space, canonical(out))
 
 
 def freeze_sdpa_scale(node: fx.Node, module: Any, keep: KeepView) -> None:
@@ -1487,8 +1515,11 @@ def _matmul(ctx: RuleContext, a: Tensor, b: Tensor, w: Optional[tuple[str, int]]
                 cols = unlabeled(cols.shape)
     _pair_batch_axes(ctx, a, b, len(out_shape))
     rows, cols = torch.broadcast_tensors(rows, cols)
-    both = (compress(rows) != NONE) & (compress(cols) != NONE)
-    if bool(both.any()):
+    small_rows, small_cols = torch.broadcast_tensors(compress(rows), compress(cols))
+    both = (small_rows != NONE) & (small_cols != NONE)
+    # Both sides carry channels at the same positions: fine where they are one channel (a head's,
+    # paired along a batch axis), else they would span two axes.
+    if bool(both.any()) and not bool((space.classes(small_rows[both]) == space.classes(small_cols[both])).all()):
         space.block(cols, f"would span two channel axes of the output of {ctx.op_name}")
     out = torch.where(rows != NONE, rows, cols)
     name = ctx.node.name

@@ -32,7 +32,7 @@ from ._malloc import keep_freed_memory
 from .calib import CalibrationError
 from .graph import ChannelGraph
 from .inplace import inplace_arithmetic
-from .labels import NONE, axis_ids, is_labels, varying_axes
+from .labels import NONE, axis_ids, compress, is_labels
 from .rules import rule_for, weight_param
 from .search import (SearchResult, UnreachableTarget, channel_floor, least_of, reduction_of_removal,
                      search_threshold)
@@ -78,6 +78,17 @@ class Consumer:
         return first if torch.equal(p, torch.arange(first, first + p.numel())) else None
 
 
+def _channel_axes(graph: ChannelGraph, labels: Tensor) -> list[int]:
+    """Axes of ``labels`` along which the channels change: ids tied into one channel (a head's
+    dims, when whole heads are the channels) do not count."""
+    small = compress(labels)
+    on = small != NONE
+    channel = torch.full_like(small, NONE)
+    channel[on] = graph.id_group[small[on]] * graph.id_group.numel() + graph.id_class[small[on]]
+    return [a for a in range(small.dim())
+            if small.shape[a] > 1 and not bool((channel == channel.narrow(a, 0, 1)).all())]
+
+
 def find_consumers(graph: ChannelGraph) -> dict[str, list[Consumer]]:
     """Consumers of each prunable group, keyed by fx node name: layers that read the group's
     channels through their weights, and contractions of them (q in q kᵀ), whose output the
@@ -107,8 +118,11 @@ def find_consumers(graph: ChannelGraph) -> dict[str, list[Consumer]]:
             labels = graph.node_labels.get(operand.name)
             if not is_labels(labels):
                 continue
-            if rule.inputs is not None and operand_axis % labels.dim() not in varying_axes(labels):
-                continue  # (an operand's labels along its contracted axis belong to another axis)
+            axis_of = operand_axis % labels.dim()
+            if (rule.inputs is not None or labels.shape[axis_of] > 1) and axis_of not in _channel_axes(graph, labels):
+                # An operand's labels along its contracted axis belong to another axis (a GC
+                # block's attention map; whole heads, whose channels lie on a batch axis).
+                continue
             if bool((axis_ids(labels, operand_axis) != NONE).any()):
                 source, axis = operand, operand_axis
                 break

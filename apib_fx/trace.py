@@ -870,19 +870,29 @@ def check_model(model: Any) -> None:
         )
 
 
-def trace(model: nn.Module, example_inputs: Inputs, *, leaf_modules: Sequence[type] = ()) -> ChannelGraph:
+HEADS = ("dims", "whole")
+
+
+def trace(model: nn.Module, example_inputs: Inputs, *, leaf_modules: Sequence[type] = (),
+          heads: str = "dims") -> ChannelGraph:
     """Build the channel-dependency graph of ``model``.
 
     Traces with torch.fx (in eval mode: branches taken only in training, such as auxiliary
     classifiers, are not part of the graph), propagates shapes on ``example_inputs`` (common
     layers by formula, without running them: :func:`propagate_shapes`) and then channel labels
-    through every op. ``leaf_modules``: module classes to keep opaque. The model is not modified.
-    Python's cyclic garbage collector is paused for the call (:func:`gc_paused`).
+    through every op. ``leaf_modules``: module classes to keep opaque. ``heads``: where channels
+    are split over two axes, as attention splits them into heads of ``head_dim`` each, ``"dims"``
+    prunes the inner axis (the same head dims in every head) and ``"whole"`` the outer one (whole
+    heads: a group's channels are then heads, each spanning its head dims in q, k and v). The
+    model is not modified. Python's cyclic garbage collector is paused for the call
+    (:func:`gc_paused`).
     """
     check_model(model)
+    if heads not in HEADS:
+        raise ValueError(f"heads must be one of {HEADS}, got {heads!r}")
     inputs = as_inputs(example_inputs)
     with gc_paused():
-        return _trace(model, inputs, leaf_modules)
+        return _trace(model, inputs, leaf_modules, heads)
 
 
 # What ChannelGraph.timings times: torch.fx's symbolic trace, the shape pass, the label
@@ -911,7 +921,7 @@ def _graph_failure(node: fx.Node, first: str, kind: str) -> str:
             f"(it branched on a value, or it mutates an argument); {fix}.")
 
 
-def _trace(model: nn.Module, inputs: tuple[Tensor, ...], leaf_modules: Sequence[type]) -> ChannelGraph:
+def _trace(model: nn.Module, inputs: tuple[Tensor, ...], leaf_modules: Sequence[type], heads: str) -> ChannelGraph:
     # The passes interpret the graph on the model itself; the GraphModule that apply() rewrites is
     # built on first use (ChannelGraph.module): a tenth of tracing, not needed to find the groups.
     clock = [time.perf_counter()]
@@ -933,7 +943,7 @@ def _trace(model: nn.Module, inputs: tuple[Tensor, ...], leaf_modules: Sequence[
             ) from e
         clock.append(time.perf_counter())
     tensors = graph_tensors(model, graph)
-    space = LabelSpace(aliases=tensor_aliases(tensors))
+    space = LabelSpace(aliases=tensor_aliases(tensors), whole_heads=heads == "whole")
     prop = ChannelPropagation(model, space, graph)
     prop.run(*(unlabeled(t.shape) for t in inputs))
     block_computed_weights(tensors, space)

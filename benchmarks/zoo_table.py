@@ -3,6 +3,8 @@
     python benchmarks/zoo_table.py [--models resnet18,densenet121] [--out benchmarks/results/zoo.md]
     python benchmarks/zoo_table.py --models vit_b_16,swin_t,maxvit_t --size 224 \
         --out benchmarks/results/transformers.md      # vision transformers (fixed input sizes)
+    python benchmarks/zoo_table.py --models vit_b_16,swin_t,maxvit_t --size 224 --heads whole \
+        --out benchmarks/results/transformers_whole_heads.md   # attention by whole heads
 
 Prints (and writes) a table: groups, prunable groups, exact?, FLOPs (MACs) before/after, and
 whether the FLOPs model (ChannelGraph.flops) equals count_flops of the rebuilt model.
@@ -27,6 +29,7 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(CNN_ZOO))
     ap.add_argument("--out", default="benchmarks/results/zoo.md")
     ap.add_argument("--size", type=int, default=None, help="input size for every model (default: the zoo's small sizes)")
+    ap.add_argument("--heads", default="dims", choices=["dims", "whole"], help="apib_fx.trace's heads")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = ["| model | groups | prunable | exact | max diff | MACs before | MACs after | FLOPs model = count | trace s |",
@@ -37,7 +40,7 @@ def main() -> None:
         size = args.size or zoo_input_size(name)
         x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
         t = time.perf_counter()
-        graph = apib_fx.trace(model, x)
+        graph = apib_fx.trace(model, x, heads=args.heads)
         t = time.perf_counter() - t
         r = check_exact(model, x, graph=graph)
         exact = "yes" if r.exact_expected and r.max_diff <= 1e-5 else (
@@ -50,7 +53,9 @@ def main() -> None:
     out = Path(args.out)
     sizes = f"{args.size}x{args.size}" if args.size else (
         f"{zoo_input_size('resnet18')}x{zoo_input_size('resnet18')} (inception_v3: 75x75)")
-    note = f"Inputs: batch 2 at {sizes}; MACs for the whole batch; 30% of every prunable group removed at random.\n\n"
+    heads = "; attention grouped by whole heads (heads='whole')" if args.heads == "whole" else ""
+    note = (f"Inputs: batch 2 at {sizes}; MACs for the whole batch; 30% of every prunable group removed at "
+            f"random{heads}.\n\n")
     write_results(out, note + "\n".join(rows) + "\n")
 
 

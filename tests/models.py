@@ -1053,3 +1053,30 @@ class ScaledAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         attn = ((q * self.q_scale) @ k.transpose(-2, -1) * self.temperature).softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).flatten(2)).mean(1)
+
+
+class MultiQueryAttention(nn.Module):
+    """Multi-query attention: 4 query heads share one key and one value head (broadcast along the
+    heads axis), through ``F.scaled_dot_product_attention`` or written out."""
+
+    def __init__(self, sdpa=True, dim=32, heads=4):
+        super().__init__()
+        self.sdpa, self.heads, self.d = sdpa, heads, dim // heads
+        self.q = nn.Linear(16, dim)
+        self.kv = nn.Linear(16, 2 * self.d)
+        self.proj = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q = self.q(x).view(B, N, self.heads, self.d).transpose(1, 2)  # (B, heads, N, d)
+        k, v = self.kv(x).view(B, N, 2, 1, self.d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, 1, N, d)
+        if self.sdpa:
+            out = nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            out = (q @ k.transpose(-2, -1) / self.d ** 0.5).softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(B, N, -1)).mean(1)
+
+
+class MultiQueryMatmul(MultiQueryAttention):
+    def __init__(self):
+        super().__init__(sdpa=False)

@@ -270,3 +270,21 @@ def test_image_folders_are_normalised_as_the_model_expects(tmp_path):
     _image_root(tmp_path, {("train", "a"): 51, ("train", "b"): 51})
     x = calibration_tensor(f"imagefolder:{tmp_path}", 2, (3, 32, 32), normalization=model_normalization(vit))
     assert torch.allclose(x, torch.full_like(x, (51 / 255 - 0.5) / 0.5), atol=1e-6)
+
+
+def test_inspect_and_prune_whole_heads(tmp_path):
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=32,
+                            num_classes=10).eval()
+    apibfx = apib_fx.save(vit, tmp_path / "vit.apibfx", meta={"input_shape": [3, 32, 32]})
+    for heads in ("dims", "whole"):
+        graph = apib_fx.trace(vit, torch.zeros(1, 3, 32, 32), heads=heads)
+        assert graph.table() in run("inspect", "--model", str(apibfx), "--heads", heads).stdout
+    run("prune", "--model", str(apibfx), "--heads", "whole", "--method", "l1", "--flops-target", "0.45",
+        "--out", str(tmp_path / "run"), "--no-onnx", "--quiet")
+    rows = [r for r in json.loads((tmp_path / "run" / "report.json").read_text())["groups"]
+            if r["name"].endswith("in_proj_weight[0]")]
+    assert [r["channels_before"] for r in rows] == [4, 4]  # heads, not head dims
+    assert run("prune", "--model", str(apibfx), "--heads", "all", "--out", str(tmp_path / "x"), check=False).returncode != 0

@@ -10,7 +10,7 @@ from torchvision.models import MaxVit, SwinTransformer, VisionTransformer
 
 import apib_fx
 from apib_fx.flops import unfused_attention
-from apib_fx.testing import check_exact, fill_zero_weights
+from apib_fx.testing import check_exact, fill_zero_weights, zeroed_reference
 
 
 def _vit():
@@ -358,3 +358,116 @@ def test_vit_hidden_width_prunes_with_its_class_token(tmp_path):
     assert apib_fx.count_flops(pruned, x) == graph.flops({stream.index: 16})
     path = apib_fx.export_onnx(pruned, tmp_path / "m.onnx", x[:1])
     assert path.parity["max_diff"] <= 1e-4 * path.parity["scale"]
+
+
+# -- whole heads ---------------------------------------------------------------------------------
+
+
+def _hand_attention(kind):
+    from . import models as M
+
+    torch.manual_seed(0)
+    if kind == "mha":
+        return _EmbedAttend(need_weights=False).eval(), torch.randn(2, 7, 10)
+    if kind == "mha_weights":
+        return _EmbedAttend(need_weights=True).eval(), torch.randn(2, 7, 10)
+    cls = {"matmul": M.SelfAttention, "merge_C": M.SelfAttentionMergeC, "sdpa": M.SelfAttentionSDPA}[kind]
+    return cls().eval(), torch.randn(2, 5, 16)
+
+
+def _head_groups(graph):
+    return [g for g in graph.groups if g.name.split("[")[0].endswith(("qkv.weight", "in_proj_weight"))]
+
+
+@pytest.mark.parametrize("kind", ["matmul", "merge_C", "sdpa", "mha", "mha_weights"])
+def test_whole_heads_prune_exactly(kind):
+    # heads="whole" frees the heads axis of the split instead of the head dims: a group's channels
+    # are the heads, each spanning its head dims in q, k and v and its slice of the projection's
+    # inputs; removing one equals zeroing what the projection reads of it.
+    model, x = _hand_attention(kind)
+    graph = apib_fx.trace(model, x, heads="whole")
+    (heads,) = _head_groups(graph)
+    assert heads.prunable and heads.exact and heads.channels == 4  # 4 heads of 8 dims, width 32
+    qkv = next(m for m in heads.members if m.role == "out")
+    assert qkv.index(torch.tensor([1])).tolist() == [*range(8, 16), *range(40, 48), *range(72, 80)]
+    proj = next(m for m in heads.members if m.role == "in")
+    assert proj.index(torch.tensor([1, 3])).tolist() == [*range(8, 16), *range(24, 32)]
+    assert len(_head_groups(apib_fx.trace(model, x))[0].members) and _head_groups(apib_fx.trace(model, x))[0].channels == 8
+
+    keep = {heads.index: torch.tensor([0, 2, 3])}
+    pruned = apib_fx.apply(model, graph, keep)
+    reference = zeroed_reference(model, graph, keep)
+    with torch.no_grad():
+        got, want = pruned(x), reference(x)
+    assert got.shape == want.shape and float((got - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
+    assert graph.flops({heads.index: 3}) == apib_fx.count_flops(pruned, x) == _flop_counter_macs(pruned, x)
+    report = check_exact(model, x, graph=graph)  # with every other group pruned at random too
+    assert report.exact_expected and report.max_diff <= 1e-5, report
+    assert report.flops_model == report.flops_after < report.flops_before
+
+
+def test_whole_heads_of_vit_prune_exactly_and_export(tmp_path):
+    model, x = _model("vit"), _x()
+    graph = apib_fx.trace(model, x, heads="whole")
+    heads = _head_groups(graph)
+    assert [(g.channels, g.prunable, g.exact) for g in heads] == [(2, True, True)] * 2  # 2 layers, 2 heads each
+    assert graph.flops() == apib_fx.count_flops(model, x) == _flop_counter_macs(model, x[:1]) * 2
+    keep = {heads[0].index: torch.tensor([1]), heads[1].index: torch.tensor([0])}
+    pruned = apib_fx.apply(model, graph, keep)
+    with torch.no_grad():
+        got, want = pruned(x), zeroed_reference(model, graph, keep)(x)
+    assert float((got - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
+    assert graph.flops({g: 1 for g in keep}) == apib_fx.count_flops(pruned, x) == _flop_counter_macs(pruned, x)
+    path = apib_fx.export_onnx(pruned, tmp_path / "m.onnx", x[:1])
+    assert path.parity["max_diff"] <= 1e-4 * path.parity["scale"]
+
+
+def test_whole_heads_averaged_into_an_output_stay_whole():
+    # The averaged attention weights are a model output: their value depends on how many heads
+    # there are, so the heads cannot go one by one.
+    torch.manual_seed(0)
+    model, x = _SelfAttend({}, batch_first=True).eval(), torch.randn(2, 7, 32)
+    (heads,) = _head_groups(apib_fx.trace(model, x, heads="whole"))
+    assert not heads.prunable and "reduced over their axis" in heads.reason
+
+
+@pytest.mark.parametrize("method", ["apib", "l1"])
+def test_prune_removes_whole_heads_on_target(method):
+    torch.manual_seed(0)
+    model = fill_zero_weights(VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32,
+                                                mlp_dim=32, num_classes=10).eval())
+    x = _x(16)
+    before = apib_fx.count_flops(model, x[:1])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = apib_fx.prune(model, 0.45, x, method=method, heads="whole", num_calib=16, batch_size=8, progress=False)
+    assert abs(1 - apib_fx.count_flops(pruned, x[:1]) / before - 0.45) <= 0.005
+    rows = [r for r in pruned.apib_report.groups if r.name.endswith("in_proj_weight[0]")]
+    assert [r.channels_before for r in rows] == [4, 4] and all(r.channels_after >= 1 for r in rows)
+    if method == "l1":  # (data-free, so this is fixed: the search takes a head from each layer)
+        assert [r.channels_after for r in rows] == [3, 3]
+    with torch.no_grad():
+        assert pruned(x).shape == (16, 10)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_heads_must_be_dims_or_whole():
+    model, x = _hand_attention("sdpa")
+    for call in (lambda: apib_fx.trace(model, x, heads="all"), lambda: apib_fx.prune(model, 0.3, x, heads="all")):
+        with pytest.raises(ValueError, match="heads must be one of"):
+            call()
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_apib_scores_whole_heads_through_the_output_projection(need_weights):
+    # A head's channels lie on a batch axis of the attention products, not on their contracted
+    # axis: the products are no consumers of it; out_proj reads each head as its 8 dims.
+    from apib_fx.scoring import find_consumers, score_apib
+
+    torch.manual_seed(0)
+    model, x = _EmbedAttend(need_weights).eval(), torch.randn(32, 7, 10)
+    graph = apib_fx.trace(model, x[:1], heads="whole")
+    (heads,) = _head_groups(graph)
+    readers = [(name, c.per_channel) for name, cs in find_consumers(graph).items() for c in cs if c.group == heads.index]
+    assert readers == [("attn_out_proj", 8)]
+    scores = score_apib(graph, graph.module, [x], progress=False)
+    assert scores.primary[heads.index].shape == (4,) and bool(torch.isfinite(scores.primary[heads.index]).all())
