@@ -145,3 +145,27 @@ def test_prune_a_half_precision_channels_last_model_on_the_gpu():
     with torch.no_grad():
         out = pruned.eval()(calib[:4])
     assert out.dtype == torch.float16 and bool(torch.isfinite(out).all())
+
+
+def test_whole_heads_of_a_vit_prune_on_the_gpu():
+    """Whole heads (heads="whole") calibrated on the GPU: the heads are scored through the output
+    projection on the device, the target is met, and the widths are the CPU's."""
+    from torchvision.models import VisionTransformer
+
+    from apib_fx.testing import fill_zero_weights
+
+    torch.manual_seed(0)
+    model = fill_zero_weights(VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                                                hidden_dim=32, mlp_dim=32, num_classes=10).eval())
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(heads="whole", num_calib=16, batch_size=8, progress=False)
+    on_cpu = apib_fx.prune(model, 0.6, x, **kwargs)
+    on_gpu = apib_fx.prune(model.cuda(), 0.6, x.cuda(), **kwargs)
+    assert all(t.device.type == "cuda" for t in on_gpu.parameters())
+    assert abs(on_gpu.apib_report.flops_reduction - 0.6) <= 0.005
+    assert apib_fx.count_flops(on_gpu, x[:1].cuda()) == on_gpu.apib_report.flops_after
+    heads = [r.channels_before for r in on_gpu.apib_report.groups if r.name.endswith("in_proj_weight[0]")]
+    assert heads == [4, 4]
+    a, b = _widths(on_cpu), _widths(on_gpu)
+    agree = sum(min(p, q) for p, q in zip(a, b)) / sum(max(p, q) for p, q in zip(a, b))
+    assert agree >= 0.95, (a, b)
