@@ -436,15 +436,22 @@ def test_prune_removes_whole_heads_on_target(method):
     torch.manual_seed(0)
     model = fill_zero_weights(VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32,
                                                 mlp_dim=32, num_classes=10).eval())
+    with torch.no_grad():  # head 2 of every layer 1000x weaker than the others: L1 takes it first
+        for layer in model.encoder.layers:
+            layer.self_attention.in_proj_weight.view(3, 4, 8, 32)[:, 2] *= 1e-3
     x = _x(16)
+    target = 0.2 if method == "l1" else 0.45
     before = apib_fx.count_flops(model, x[:1])
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    pruned = apib_fx.prune(model, 0.45, x, method=method, heads="whole", num_calib=16, batch_size=8, progress=False)
-    assert abs(1 - apib_fx.count_flops(pruned, x[:1]) / before - 0.45) <= 0.005
+    pruned = apib_fx.prune(model, target, x, method=method, heads="whole", num_calib=16, batch_size=8, progress=False)
+    assert abs(1 - apib_fx.count_flops(pruned, x[:1]) / before - target) <= 0.005
     rows = [r for r in pruned.apib_report.groups if r.name.endswith("in_proj_weight[0]")]
     assert [r.channels_before for r in rows] == [4, 4] and all(r.channels_after >= 1 for r in rows)
-    if method == "l1":  # (data-free, so this is fixed: the search takes a head from each layer)
+    if method == "l1":
         assert [r.channels_after for r in rows] == [3, 3]
+        for layer in pruned.encoder.layers:  # the weak head's q, k and v rows are gone, the others stay
+            weight = layer.self_attention.in_proj_weight
+            assert weight.shape[0] == 72 and float(weight.abs().sum(1).min()) > 0.05
     with torch.no_grad():
         assert pruned(x).shape == (16, 10)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
