@@ -450,7 +450,7 @@ def test_prune_removes_whole_heads_on_target(method):
     if method == "l1":
         assert [r.channels_after for r in rows] == [3, 3]
         for layer in pruned.encoder.layers:  # the weak head's q, k and v rows are gone, the others stay
-            weight = layer.self_attention.in_proj_weight
+            weight = layer.self_attention.in_proj_weight.detach()
             assert weight.shape[0] == 72 and float(weight.abs().sum(1).min()) > 0.05
     with torch.no_grad():
         assert pruned(x).shape == (16, 10)
