@@ -62,6 +62,7 @@ class PruneReport:
     bn_recalibrated: int = 0  # BatchNorm layers whose statistics were re-estimated on calib_data
     groups: list[GroupRow] = field(default_factory=list)
     input_shapes: tuple[tuple[int, ...], ...] = ()  # one sample of every input, in forward's order
+    heads: str = "dims"  # what attention lost: head dims ("dims") or whole heads ("whole")
 
     def table(self, only_pruned: bool = False) -> str:
         """Per-group channels kept, as a Markdown table."""
@@ -319,6 +320,7 @@ def prune(
         num_calib=sum(b[0].shape[0] for b in batches) if method == "apib" else 0,
         input_shape=tuple(sample[0].shape[1:]),
         input_shapes=tuple(tuple(t.shape[1:]) for t in sample),
+        heads=heads,
         timings=timings,
         bn_recalibrated=recalibrated,
         groups=[

@@ -24,7 +24,8 @@ def markdown(report: PruneReport, extra: Optional[dict[str, Any]] = None) -> str
         f"| parameters | {report.params_before:,} | {report.params_after:,} |",
         "",
         f"FLOPs removed: **{report.flops_reduction:.2%}** (target {report.flops_target:.2%}); "
-        f"global threshold α = {report.alpha:.4g}; calibration samples: {report.num_calib}.",
+        f"global threshold α = {report.alpha:.4g}; calibration samples: {report.num_calib}"
+        + ("; attention pruned by whole heads." if report.heads == "whole" else "."),
         "",
         "## Time per phase (s)",
         "",

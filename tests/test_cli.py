@@ -287,4 +287,6 @@ def test_inspect_and_prune_whole_heads(tmp_path):
     rows = [r for r in json.loads((tmp_path / "run" / "report.json").read_text())["groups"]
             if r["name"].endswith("in_proj_weight[0]")]
     assert [r["channels_before"] for r in rows] == [4, 4]  # heads, not head dims
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["heads"] == "whole"
+    assert "pruned by whole heads" in (tmp_path / "run" / "report.md").read_text()
     assert run("prune", "--model", str(apibfx), "--heads", "all", "--out", str(tmp_path / "x"), check=False).returncode != 0

@@ -447,6 +447,7 @@ def test_prune_removes_whole_heads_on_target(method):
     assert abs(1 - apib_fx.count_flops(pruned, x[:1]) / before - target) <= 0.005
     rows = [r for r in pruned.apib_report.groups if r.name.endswith("in_proj_weight[0]")]
     assert [r.channels_before for r in rows] == [4, 4] and all(r.channels_after >= 1 for r in rows)
+    assert pruned.apib_report.heads == "whole"
     if method == "l1":
         assert [r.channels_after for r in rows] == [3, 3]
         for layer in pruned.encoder.layers:  # the weak head's q, k and v rows are gone, the others stay
