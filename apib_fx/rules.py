@@ -658,8 +658,61 @@ def broadcast(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
                     continue
                 space.bind(name, dim, axis_ids(p, p_axes[0]), "pass")
             else:
-                space.block(p[missing], f"meet values without a prunable channel in {ctx.op_name}")
+                table = _gathered_parameter_axis(q_arg, p_axes[0] - (nd - q_dim)) if len(p_axes) == 1 \
+                    and not bool((q != NONE).any()) else None
+                if table is not None:  # a per-head bias gathered from a table (Swin, MaxViT)
+                    space.bind(table[0], table[1], axis_ids(p, p_axes[0]), "pass")
+                else:
+                    space.block(p[missing], f"meet values without a prunable channel in {ctx.op_name}")
     return out.expand(out_shape) if tuple(common) != tuple(out_shape) else out
+
+
+def _gathered_parameter_axis(node: Any, axis: int) -> Optional[tuple[str, int]]:
+    """(name, dim) of the parameter whose ``dim`` becomes ``axis`` of ``node``, through rows
+    gathered by an index tensor (``table[index]``), ``view``/``reshape`` that keep that axis last
+    and sized -1, ``permute``, ``unsqueeze`` and copies: a relative-position bias with one column
+    per head (``table[index].view(N, N, -1).permute(2, 0, 1).unsqueeze(0)``). None otherwise."""
+    while isinstance(node, fx.Node) and node.op in ("call_method", "call_function") and node.args:
+        meta = node.meta.get("tensor_meta")
+        source = node.args[0]
+        rest = list(node.args[1:])
+        if node.kwargs or not isinstance(source, fx.Node) or meta is None or not hasattr(meta, "shape"):
+            return None
+        nd = len(meta.shape)
+        axis %= nd
+        if node.target in ("contiguous", "clone", "to", "float", "half", "type_as"):
+            pass
+        elif node.target in ("unsqueeze", torch.unsqueeze) and len(rest) == 1 and isinstance(rest[0], int):
+            d = rest[0] % nd
+            if axis == d:
+                return None
+            axis -= axis > d
+        elif node.target in ("permute", torch.permute):
+            perm = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+            if len(perm) != nd or not all(isinstance(d, int) for d in perm):
+                return None
+            axis = perm[axis] % nd
+        elif node.target in ("view", "reshape", torch.reshape):
+            sizes = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+            before = source.meta.get("tensor_meta")
+            if axis != nd - 1 or not sizes or sizes[-1] != -1 or before is None or before.shape[-1] != meta.shape[-1]:
+                return None
+            axis = len(before.shape) - 1
+        elif node.target is operator.getitem and len(rest) == 1 and isinstance(rest[0], fx.Node):
+            index = rest[0].meta.get("tensor_meta")
+            if index is None or not hasattr(index, "shape") or index.dtype not in (torch.long, torch.int):
+                return None
+            if axis < len(index.shape):
+                return None
+            axis = axis - len(index.shape) + 1  # rows gathered along dim 0, the rest follow
+        else:
+            return None
+        node = source
+    if isinstance(node, fx.Node) and node.op == "get_attr" and node.target not in graph_constants(node.graph):
+        meta = node.meta.get("tensor_meta")
+        if meta is not None and axis < len(meta.shape):
+            return node.target, axis
+    return None
 
 
 broadcast.takes_statistics = True  # type: ignore[attr-defined]

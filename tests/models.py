@@ -1080,3 +1080,24 @@ class MultiQueryAttention(nn.Module):
 class MultiQueryMatmul(MultiQueryAttention):
     def __init__(self):
         super().__init__(sdpa=False)
+
+
+class RelativePositionBias(nn.Module):
+    """Window attention with a relative-position bias gathered from a table with one column per
+    head and added to the logits, as Swin and MaxViT write it."""
+
+    def __init__(self, dim=32, heads=4, tokens=5):
+        super().__init__()
+        self.heads, self.tokens = heads, tokens
+        self.qkv = nn.Linear(16, 3 * dim)
+        self.table = nn.Parameter(torch.randn(2 * tokens - 1, heads))
+        coords = torch.arange(tokens)
+        self.register_buffer("index", coords[:, None] - coords[None, :] + tokens - 1)
+        self.proj = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.table[self.index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        attn = (q @ k.transpose(-2, -1) * 0.3 + bias).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).flatten(2)).mean(1)

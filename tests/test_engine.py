@@ -62,6 +62,7 @@ CASES = [
     (M.ScaledAttention, (2, 5, 16)),
     (M.MultiQueryAttention, (2, 5, 16)),
     (M.MultiQueryMatmul, (2, 5, 16)),
+    (M.RelativePositionBias, (2, 5, 16)),
 ]
 
 

@@ -479,3 +479,19 @@ def test_apib_scores_whole_heads_through_the_output_projection(need_weights):
     assert readers == [("attn_out_proj", 8)]
     scores = score_apib(graph, graph.module, [x], progress=False)
     assert scores.primary[heads.index].shape == (4,) and bool(torch.isfinite(scores.primary[heads.index]).all())
+
+
+def test_whole_heads_slice_maxvits_relative_position_tables():
+    # MaxViT adds a bias gathered from a table with one column per head to its attention logits:
+    # with whole heads the table loses the removed heads' columns, exactly.
+    model, x = _model("maxvit"), _x()
+    graph = apib_fx.trace(model, x, heads="whole")
+    heads = [g for g in graph.groups if any(m.param.endswith("relative_position_bias_table") for m in g.members)]
+    assert heads and all(g.prunable and g.exact for g in heads)
+    assert all({(m.param.endswith("relative_position_bias_table"), m.dim) for m in g.members} >= {(True, 1)} for g in heads)
+    keep = {g.index: torch.arange(1, g.channels) for g in heads}
+    pruned = apib_fx.apply(model, graph, keep)
+    with torch.no_grad():
+        got, want = pruned(x), zeroed_reference(model, graph, keep)(x)
+    assert float((got - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
+    assert graph.flops({g: len(k) for g, k in keep.items()}) == apib_fx.count_flops(pruned, x) == _flop_counter_macs(pruned, x)
