@@ -10,6 +10,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from .trace import HEADS
+
 EPILOG = """examples:
   apib-fx demo                                    # the whole story on scikit-learn's digits
   apib-fx prune --model torchvision:resnet50 --flops-target 0.48 --calib synthetic --out runs/r50
@@ -324,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where calibration runs: cpu, cuda or cuda:N (default: cpu, where the model is loaded)")
     pr.add_argument("--workers", type=int, default=None,
                     help="processes for APIB's Lasso paths (default: the CPU cores, at most 8)")
-    pr.add_argument("--heads", default="dims", choices=["dims", "whole"],
+    pr.add_argument("--heads", default="dims", choices=HEADS,
                     help="attention loses the same head dims in every head (default) or whole heads")
     pr.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -336,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--input-shape", default=None, help="C,H,W (default: the model's usual input)")
     ins.add_argument("--num-classes", type=int, default=None, help="classifier outputs of a built-in model")
     ins.add_argument("--only-fixed", action="store_true", help="list only the groups that cannot be pruned")
-    ins.add_argument("--heads", default="dims", choices=["dims", "whole"],
+    ins.add_argument("--heads", default="dims", choices=HEADS,
                      help="group attention's head dims (default) or whole heads")
     ins.set_defaults(func=cmd_inspect)
 

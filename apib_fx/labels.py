@@ -150,6 +150,12 @@ def varying_axes(labels: Tensor) -> list[int]:
     return [a for a, (n, st) in enumerate(zip(labels.shape, labels.stride())) if n > 1 and st != 0]
 
 
+def changing_axes(values: Tensor) -> list[int]:
+    """Axes along which ``values`` are not all equal (a label tensor mapped to its channels)."""
+    return [a for a in range(values.dim())
+            if values.shape[a] > 1 and not bool((values == values.narrow(a, 0, 1)).all())]
+
+
 def axis_ids(labels: Tensor, axis: int) -> Tensor:
     """The 1-D labels along ``axis``, assuming they vary along no other axis."""
     axis = axis % labels.dim()
@@ -281,11 +287,7 @@ class LabelSpace:
 
     def class_varying_axes(self, labels: Tensor) -> list[int]:
         """Axes along which the *classes* change: tied ids along an axis do not count."""
-        small = self.classes(compress(labels))
-        return [
-            a for a in range(small.dim())
-            if small.shape[a] > 1 and not bool((small == small.narrow(a, 0, 1)).all())
-        ]
+        return changing_axes(self.classes(compress(labels)))
 
     def link(self, a: Tensor, b: Tensor) -> None:
         """Channels at the same positions of ``a`` and ``b`` go together (where both are channels)."""

@@ -250,7 +250,9 @@ def tie_outer(space: LabelSpace, labels: Tensor, defer: bool = False) -> Tensor:
         # Whole heads: the axis just before the innermost, (B, N, heads, d) or (B, N, 3, heads, d),
         # when channels change along it; a single head there (k and v shared by every query head:
         # (B, N, 2, 1, d)) leaves nothing free.
-        free = (axes[-1] - 1 if axes[-1] - 1 in axes else None) if space.whole_heads else axes[-1]
+        free = axes[-1]
+        if space.whole_heads:
+            free = axes[-1] - 1 if axes[-1] - 1 in axes else None
         for a in axes:
             if a != free:
                 space.link(small, small.narrow(a, 0, 1).expand_as(small))
@@ -688,12 +690,12 @@ def _gathered_parameter_axis(node: Any, axis: int) -> Optional[tuple[str, int]]:
                 return None
             axis -= axis > d
         elif node.target in ("permute", torch.permute):
-            perm = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+            perm = _shape_args(node.args, {})
             if len(perm) != nd or not all(isinstance(d, int) for d in perm):
                 return None
             axis = perm[axis] % nd
         elif node.target in ("view", "reshape", torch.reshape):
-            sizes = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+            sizes = _shape_args(node.args, {})
             before = source.meta.get("tensor_meta")
             if axis != nd - 1 or not sizes or sizes[-1] != -1 or before is None or before.shape[-1] != meta.shape[-1]:
                 return None
@@ -1433,37 +1435,44 @@ def sdpa(ctx: RuleContext, q: Any, k: Any, v: Any, attn_mask: Any = None, *args:
     space = ctx.space
     out_shape = ctx.out_shape
     nd = len(out_shape)
-    varying = {}
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        varying[name] = space.class_varying_axes(t)
-        if t.dim() - 2 in varying[name] or (t.dim() - 1 in varying[name] and len(varying[name]) > 1):
+    varying_q, varying_k, varying_v = (space.class_varying_axes(t) for t in (q, k, v))
+    for t, varying in ((q, varying_q), (k, varying_k), (v, varying_v)):
+        if t.dim() - 2 in varying or (t.dim() - 1 in varying and len(varying) > 1):
             space.block(t, f"on an axis of {ctx.op_name} other than the features or the heads")
     if is_labels(attn_mask):
         space.block(attn_mask, f"used as the mask of {ctx.op_name}")
-    if q.dim() - 1 in varying["q"] or k.dim() - 1 in varying["k"]:  # head dims: contracted together
+    if q.dim() - 1 in varying_q or k.dim() - 1 in varying_k:  # head dims: contracted together
         space.link(*torch.broadcast_tensors(compress(q).narrow(-2, 0, 1), compress(k).narrow(-2, 0, 1)))
     _pair_batch_axes(ctx, q, k, nd)
     _pair_batch_axes(ctx, q, v, nd)
-    coef = math.prod(out_shape[:-1]) * k.shape[-2]  # batch x heads x L x S
     name = ctx.node.name
-    dims = []
     q_heads = compress(q).narrow(-1, 0, 1).narrow(-2, 0, 1).expand(*out_shape[:-2], 1, 1)
-    for i, n in enumerate(out_shape[:-2]):  # heads whose count changes
-        along = _channels_along(space, q_heads, i) if n > 1 else None
-        if along is not None and bool((along != NONE).any()):
-            key = f"{name}#B{i}"
-            space.bind(key, 0, along, "axis")
-            dims.append((key, 0))
-            coef //= n
+    dims, fixed = _batch_axes_flops(space, name, q_heads)  # heads whose count changes
+    coef = fixed * out_shape[-2] * k.shape[-2]  # batch x heads x L x S
     for tag, t in (("E", q), ("Ev", v)):
         key = f"{name}#{tag}"
         space.bind(key, 0, _channels_along(space, t, -1), "axis")
         space.add_flops(coef, dims + [(key, 0)])
     ctx.node.meta["apib_sdpa_scale"] = 1.0 / math.sqrt(q.shape[-1])
     out = compress(v).narrow(-2, 0, 1).expand(out_shape)
-    if not varying["v"] and any(a < q.dim() - 2 for a in varying["q"]):
+    if not varying_v and any(a < q.dim() - 2 for a in varying_q):
         out = q_heads.expand(out_shape)  # k and v shared by q's heads
     return tie_outer(space, canonical(out))
+
+
+def _batch_axes_flops(space: LabelSpace, name: str, full: Tensor) -> tuple[list[tuple[str, int]], int]:
+    """The batch axes (all but the last two) of a product's output ``full``: the FLOPs dims of
+    those along which channels change (heads, bound as ``name#B<i>``), and the product of the
+    others' sizes."""
+    dims, fixed = [], 1
+    for i, n in enumerate(full.shape[:-2]):
+        along = _channels_along(space, full, i) if n > 1 else None
+        if along is not None and bool((along != NONE).any()):
+            space.bind(f"{name}#B{i}", 0, along, "axis")
+            dims.append((f"{name}#B{i}", 0))
+        else:
+            fixed *= n
+    return dims, fixed
 
 
 def freeze_sdpa_scale(node: fx.Node, module: Any, keep: KeepView) -> None:
@@ -1580,22 +1589,13 @@ def _matmul(ctx: RuleContext, a: Tensor, b: Tensor, w: Optional[tuple[str, int]]
     def channels_along(t: Tensor, axis: int) -> Tensor:
         return _channels_along(space, t, axis)
 
-    dims, coef = [], 1
+    dims = []
     for axis, ids in (("M", channels_along(a, -2)), ("K", channels_along(a, -1)), ("N", channels_along(b, -1))):
         key = (f"{name}#{axis}", 0)
         space.bind(key[0], 0, ids, "axis")
         dims.append(key)
-    batch = out_shape[:-2]
-    full = out.expand(out_shape)
-    for i, n in enumerate(batch):
-        axis_labels = channels_along(full, i) if n > 1 else None
-        if axis_labels is not None and bool((axis_labels != NONE).any()):
-            key = (f"{name}#B{i}", 0)
-            space.bind(key[0], 0, axis_labels, "axis")
-            dims.append(key)
-        else:
-            coef *= n
-    space.add_flops(coef, dims)
+    batch_dims, coef = _batch_axes_flops(space, name, out.expand(out_shape))
+    space.add_flops(coef, dims + batch_dims)
     return tie_outer(space, canonical(out.expand(out_shape)))
 
 

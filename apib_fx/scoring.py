@@ -32,7 +32,7 @@ from ._malloc import keep_freed_memory
 from .calib import CalibrationError
 from .graph import ChannelGraph
 from .inplace import inplace_arithmetic
-from .labels import NONE, axis_ids, compress, is_labels
+from .labels import NONE, axis_ids, changing_axes, compress, is_labels
 from .rules import rule_for, weight_param
 from .search import (SearchResult, UnreachableTarget, channel_floor, least_of, reduction_of_removal,
                      search_threshold)
@@ -85,8 +85,7 @@ def _channel_axes(graph: ChannelGraph, labels: Tensor) -> list[int]:
     on = small != NONE
     channel = torch.full_like(small, NONE)
     channel[on] = graph.id_group[small[on]] * graph.id_group.numel() + graph.id_class[small[on]]
-    return [a for a in range(small.dim())
-            if small.shape[a] > 1 and not bool((channel == channel.narrow(a, 0, 1)).all())]
+    return changing_axes(channel)
 
 
 def find_consumers(graph: ChannelGraph) -> dict[str, list[Consumer]]:

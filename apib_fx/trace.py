@@ -140,10 +140,7 @@ class _Proxy(fx.Proxy):
     def __torch_function__(cls, orig_method: Any, types: tuple, args: Any = None, kwargs: Any = None) -> Any:
         args = args if args else ()
         kwargs = kwargs if kwargs else {}
-        tracer = _tracer_of(args)
-        if tracer is not ... and kwargs:
-            more = _tracer_of(kwargs.values())
-            tracer = more if tracer is None else (... if more is not None and more is not tracer else tracer)
+        tracer = _tracer_of((*args, *kwargs.values()))
         if (not isinstance(tracer, _Tracer)
                 or isinstance(orig_method, (torch._C.ScriptMethod, torch._ops.HigherOrderOperator))):
             return super().__torch_function__(orig_method, types, args, kwargs)
