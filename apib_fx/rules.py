@@ -592,7 +592,12 @@ def broadcast(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     """Elementwise ops of several tensors (add, mul, where...): channels that meet at the same
     position must be removed together (a residual add, an SE block's ``x * scale``)."""
     if ctx.node.meta.get("tensor_meta") is None:  # arithmetic on sizes (``h // p * w // p``)
-        return run_plain(ctx, *args, **kwargs)
+        out = run_plain(ctx, *args, **kwargs)
+        if type(out) is bool:
+            # A check of a channel count (``torch._assert(x.shape[1] == 64)``) keeps its traced
+            # outcome: the pruned model passes the checks the model passed.
+            _mark_channel_values(ctx, args, kwargs)
+        return out
     if ctx.space.statistics:
         out = _statistics_met(ctx, list(args) + list(kwargs.values()))
         if out is not None:
@@ -2231,7 +2236,7 @@ _CONVERSIONS = ("float", "half", "double", "bfloat16", "to", "type_as", "cpu", "
 _BINARY = (
     operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
     operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
-    torch.minimum, torch.where, operator.gt, operator.lt, operator.ge, operator.le,
+    torch.minimum, torch.where, operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne,
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum",
     operator.pow, torch.pow, "pow", "masked_fill", "masked_fill_", torch.masked_fill,
     # elementwise ops of several tensors: a + v·b·c, a + v·b/c, a + w·(b − a), and the like

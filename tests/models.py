@@ -1101,3 +1101,25 @@ class RelativePositionBias(nn.Module):
         bias = self.table[self.index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
         attn = (q @ k.transpose(-2, -1) * 0.3 + bias).softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).flatten(2)).mean(1)
+
+
+class ShapeChecks(nn.Module):
+    """Checks of its input's sizes in the forward, as timm's ``_assert`` writes them: of channel
+    counts (which pruning changes; the checks must still pass) and of a spatial size (which it
+    does not; that check must still fail on other inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.conv1(x).relu()
+        B, C, H, W = y.shape
+        torch._assert(C == 16, "conv1 gives 16 channels")
+        torch._assert(y.size(1) >= 4, "at least 4 channels")
+        torch._assert(H == 8, "8 rows")
+        z = self.conv2(y)
+        torch._assert(z.shape[1] % 2 == 0, "an even number of channels")
+        return self.fc(z.mean((2, 3)))

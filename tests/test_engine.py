@@ -63,6 +63,7 @@ CASES = [
     (M.MultiQueryAttention, (2, 5, 16)),
     (M.MultiQueryMatmul, (2, 5, 16)),
     (M.RelativePositionBias, (2, 5, 16)),
+    (M.ShapeChecks, (2, 3, 8, 8)),
 ]
 
 
@@ -154,6 +155,18 @@ def test_lenet_view_is_rewritten():
     pruned = apib_fx.apply(model, g, {conv2.index: torch.arange(10)})
     assert pruned.fc1.in_features == 250 and pruned.fc1.weight.shape == (120, 250)
     assert "250" in pruned.code and pruned(x).shape == (2, 10)
+
+
+def test_checks_of_channel_counts_pass_after_pruning_and_others_stay():
+    model = _model(M.ShapeChecks)
+    x = torch.randn(2, 3, 8, 8)
+    g = apib_fx.trace(model, x)
+    assert len(g.prunable_groups) == 2  # conv1's and conv2's outputs, both checked
+    pruned = apib_fx.apply(model, g, {gr.index: torch.arange(3) for gr in g.prunable_groups})
+    assert pruned.conv1.out_channels == 3 and pruned.conv2.out_channels == 3  # (odd: the check was of 8)
+    assert pruned(x).shape == (2, 4)
+    with pytest.raises(AssertionError, match="8 rows"):  # the spatial check is still the model's
+        pruned(torch.randn(2, 3, 10, 10))
 
 
 def test_residual_stream_is_one_group():
