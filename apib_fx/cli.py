@@ -195,6 +195,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{label} at 1x{'x'.join(map(str, shape))}: {len(graph.groups)} channel groups, "
           f"{len(graph.prunable_groups)} prunable, {fixed} fixed; {graph.flops():,} MACs")
     print(graph.table(only_fixed=args.only_fixed))
+    if graph.specialized:
+        print("\nbranches on the input's shape, followed as this input takes them (a pruned model checks them):")
+        print("\n".join(f"- {s}" for s in graph.specialized))
     return 0
 
 

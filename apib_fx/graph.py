@@ -151,7 +151,9 @@ class ChannelGraph:
     ``module`` is the traced ``GraphModule`` (it shares parameters with the user's model and is
     never modified; built on first use); ``groups`` the channel groups; ``timings`` the seconds
     :func:`apib_fx.trace` spent per phase (``fx``: torch.fx's symbolic trace, ``shapes``,
-    ``labels``: the channel propagation, ``groups``: grouping and the FLOPs model).
+    ``labels``: the channel propagation, ``groups``: grouping and the FLOPs model);
+    ``specialized`` the branches on input shapes the graph follows, as the example inputs took
+    them (``"`if H % 7:` is False (file:line, in module 'path')"``; the graph checks them).
     """
 
     def __init__(
@@ -163,6 +165,7 @@ class ChannelGraph:
     ):
         self._module = module
         self.timings: dict[str, float] = {}
+        self.specialized: list[str] = []
         self.example_inputs = example_inputs
         self.node_labels = node_labels
         self._bindings = {k: b for k, b in space.bindings.items()}

@@ -63,6 +63,9 @@ class PruneReport:
     groups: list[GroupRow] = field(default_factory=list)
     input_shapes: tuple[tuple[int, ...], ...] = ()  # one sample of every input, in forward's order
     heads: str = "dims"  # what attention lost: head dims ("dims") or whole heads ("whole")
+    # Branches on input shapes the model was traced through, as the sample took them (the pruned
+    # model checks them): ChannelGraph.specialized.
+    specialized: list[str] = field(default_factory=list)
 
     def table(self, only_pruned: bool = False) -> str:
         """Per-group channels kept, as a Markdown table."""
@@ -321,6 +324,7 @@ def prune(
         input_shape=tuple(sample[0].shape[1:]),
         input_shapes=tuple(tuple(t.shape[1:]) for t in sample),
         heads=heads,
+        specialized=list(graph.specialized),
         timings=timings,
         bn_recalibrated=recalibrated,
         groups=[

@@ -36,6 +36,12 @@ def markdown(report: PruneReport, extra: Optional[dict[str, Any]] = None) -> str
     ]
     for key, value in (extra or {}).items():
         lines.append(f"- {key}: {value}")
+    if report.specialized:
+        lines += ["", "## Branches on the input's shape", "",
+                  f"The forward branches on its input's shape; the model was traced with one {_sample(report)}, "
+                  "and the pruned model takes the same branches (it raises AssertionError for inputs that "
+                  "would take others):", ""]
+        lines += [f"- {s}" for s in report.specialized]
     lines += ["", "## Channels per layer group", "", report.table(), ""]
     return "\n".join(lines)
 

@@ -5,10 +5,14 @@ import collections
 import functools
 import gc
 import inspect
+import linecache
 import operator
+import os
+import sys
 import time
+import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +140,21 @@ class _Proxy(fx.Proxy):
     ``torch.cat([a, b])``) is recorded as fx records it, but fx finds the tracer through two pytree
     walks over the arguments, a quarter of tracing GoogLeNet or ResNet-50; here one plain loop."""
 
+    def __getattr__(self, k: str) -> "_Attribute":
+        return _Attribute(self, k)  # (fx's Attribute, with this class's conversions: len(x.shape))
+
+    def __len__(self) -> int:
+        tracer = self.tracer
+        if isinstance(tracer, _Tracer) and tracer.example_inputs is not None:
+            return tracer.to_int(self, len)
+        return super().__len__()
+
+    def __int__(self) -> int:
+        tracer = self.tracer
+        if isinstance(tracer, _Tracer) and tracer.example_inputs is not None:
+            return tracer.to_int(self, int)
+        raise TypeError(f"int() of a traced value ({self.node.format_node()}): fx records no conversion")
+
     @classmethod
     def __torch_function__(cls, orig_method: Any, types: tuple, args: Any = None, kwargs: Any = None) -> Any:
         args = args if args else ()
@@ -150,6 +169,10 @@ class _Proxy(fx.Proxy):
         if name is None:
             name = tracer._function_names[orig_method] = tracer.graph._target_to_str(orig_method.__name__)
         return tracer.create_proxy("call_function", orig_method, args, kwargs, name=name)
+
+
+class _Attribute(fx.proxy.Attribute, _Proxy):
+    """``x.shape``, ``x.size``: fx's lazily recorded attribute, as a :class:`_Proxy`."""
 
 
 class _Tracer(fx.Tracer):
@@ -168,6 +191,11 @@ class _Tracer(fx.Tracer):
         self._node_names: dict[Any, str] = {}  # target -> the name fx derives from it
         self._function_names: dict[Any, str] = {}  # torch function -> the name fx gives its node
         self.num_calls: Optional[dict[str, int]] = getattr(self, "num_calls", None)
+        # With example inputs, a branch on their shape follows them (see to_bool).
+        self.example_inputs: Optional[tuple[Tensor, ...]] = None
+        self.specialized: list[str] = []
+        self._example_run: Optional[_ExampleRun] = None
+        self._running_example = False  # (fx's patches of nn.Module then call through, untraced)
 
     def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict, name: Optional[str] = None,
                     type_expr: Any = None) -> fx.Node:
@@ -262,6 +290,8 @@ class _Tracer(fx.Tracer):
         # fx finds the name of a parameter that a forward reads (ConvNeXt's layer scales) by
         # walking root.named_parameters() on every read, the module tree each time: a tenth of
         # tracing ConvNeXt. Here by identity, from one walk; the same first name and proxy.
+        if self._running_example:
+            return attr_val
         if not isinstance(attr_val, nn.Parameter):
             if self.proxy_buffer_attributes and isinstance(attr_val, Tensor):
                 return super().getattr(attr, attr_val, parameter_proxy_cache)
@@ -274,6 +304,59 @@ class _Tracer(fx.Tracer):
             parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {}, proxy_factory_fn=factory)
         return parameter_proxy_cache[name]
 
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """A branch on a traced value (``if H % p != 0:``, ``assert C == self.dim``): fx cannot
+        follow it. With example inputs, a condition computed from tensor shapes, ranks, dtypes or
+        devices alone takes the value it has for them, and the graph records a check
+        (``torch._assert``) that inputs take the same branch; one read from tensor values does
+        not (it would change from batch to batch)."""
+        if self.example_inputs is None:
+            return super().to_bool(obj)
+        value, text, where = self._metadata_value(obj, "branches on")
+        if not isinstance(value, (bool, int, float)):
+            return super().to_bool(obj)
+        taken = bool(value)
+        check = obj if type(value) is bool else obj != 0
+        self._record(check if taken else check == False, text, where, f"is {taken}")  # noqa: E712
+        return taken
+
+    def to_int(self, obj: fx.Proxy, convert: Callable[[Any], int]) -> int:
+        """``len(x.shape)``, ``int(H * 0.5)`` (``convert``: len or int) of a value computed from
+        tensor metadata: its value on the example inputs, checked as :meth:`to_bool` checks."""
+        value, text, where = self._metadata_value(obj, "converts")
+        n = convert(value)
+        self._record(self.create_proxy("call_function", convert, (obj,), {}) == n, text, where,
+                     f"gives {convert.__name__} {n}")
+        return n
+
+    def _metadata_value(self, obj: fx.Proxy, verb: str) -> tuple[Any, str, str]:
+        """``obj``'s value on the example inputs, and the model's line asking for it and where
+        that is; a TraceError if the value is read from tensor values."""
+        line, text = _model_line()
+        where = f"{line}" + (f", in module '{next(reversed(self.module_stack.values()))[0]}'" if self.module_stack else "")
+        if not _reads_metadata_only(obj.node):
+            raise fx.proxy.TraceError(
+                f"symbolically traced variables cannot be used as inputs to control flow: `{text}` "
+                f"({where}) {verb} tensor values, which differ from input to input (one computed from "
+                "sizes alone follows the example inputs)")
+        return self._example_value(obj.node), text, where
+
+    def _record(self, check: fx.Proxy, text: str, where: str, outcome: str) -> None:
+        """A check in the graph that inputs give ``text`` the outcome the example inputs gave it."""
+        self.create_proxy("call_function", torch._assert, (check, (
+            f"apib_fx traced this model for inputs on which `{text}` ({where}) {outcome}; these "
+            "inputs take another branch: trace and prune it with inputs shaped like them")), {})
+        self.specialized.append(f"`{text}` {outcome} ({where})")
+
+    def _example_value(self, node: fx.Node) -> Any:
+        if self._example_run is None:
+            self._example_run = _ExampleRun(self.root, self.graph, self.example_inputs)
+        self._running_example = True
+        try:
+            return self._example_run.value(node)
+        finally:
+            self._running_example = False
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # A module with a channel rule stays one node, also when its class lives outside torch.nn
         # (fx would otherwise trace into a torchvision subclass of nn.Conv3d and see F.conv3d).
@@ -281,6 +364,8 @@ class _Tracer(fx.Tracer):
                 or super().is_leaf_module(m, qualname))
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if self._running_example:
+            return forward(*args, **kwargs)
         rule = module_rule(type(m))
         if rule is not None and rule.expand is not None and not isinstance(m, self.leaf_types):
             out = rule.expand(m, args, kwargs)  # the ops it computes, so its inner widths get rules
@@ -310,9 +395,65 @@ class _Tracer(fx.Tracer):
             self.module_stack.popitem()
 
 
-def symbolic_trace(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
-    """torch.fx symbolic trace with a clear error naming the module that failed."""
-    return graph_module(model, trace_graph(model, leaf_modules))
+class _ExampleRun(fx.Interpreter):
+    """The graph traced so far, run on the example inputs node by node as far as a value is
+    asked for (only a model that branches on a shape pays for it)."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, inputs: tuple[Tensor, ...]):
+        super().__init__(root, garbage_collect_values=False, graph=graph)
+        self.args_iter = iter([t.clone() for t in inputs])  # (an in-place op must not write into the caller's)
+
+    def value(self, node: fx.Node) -> Any:
+        env = self.env
+        if node not in env:
+            for n in self.graph.nodes:
+                if n not in env:
+                    env[n] = self.run_node(n)
+                    if n is node:
+                        break
+        return env[node]
+
+
+# What a condition may read off a tensor and still hold for every input of the traced shapes.
+_METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement"})
+_METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
+_PLAIN_FUNCTION_MODULES = frozenset({"_operator", "operator", "math", "builtins"})
+
+
+def _reads_metadata_only(node: fx.Node) -> bool:
+    """Whether ``node``'s value is computed from tensor metadata (sizes, rank, dtype, device) and
+    constants alone, through Python arithmetic and comparisons."""
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    if node.op != "call_function":
+        return False  # an input, a parameter, a layer's output: tensor values
+    if node.target is getattr and len(node.args) > 1 and node.args[1] in _METADATA_ATTRIBUTES:
+        return True
+    if getattr(node.target, "__module__", None) not in _PLAIN_FUNCTION_MODULES:
+        return False
+    return all(_reads_metadata_only(a) for a in node.all_input_nodes)
+
+
+_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__name__.rpartition(".")[0]]))
+
+
+def _model_line() -> tuple[str, str]:
+    """("file:line", source text) of the model code being traced: the innermost frame outside
+    torch and apib_fx."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame = frame.f_back
+    if frame is None:
+        return "?", "?"
+    path, line = frame.f_code.co_filename, frame.f_lineno
+    return f"{os.path.basename(path)}:{line}", linecache.getline(path, line).strip() or "?"
+
+
+def symbolic_trace(model: nn.Module, leaf_modules: Sequence[type] = (),
+                   example_inputs: Optional[tuple[Tensor, ...]] = None) -> fx.GraphModule:
+    """torch.fx symbolic trace with a clear error naming the module that failed; with
+    ``example_inputs``, through the branches on their shapes (:func:`trace_graph`)."""
+    return graph_module(model, trace_graph(model, leaf_modules, example_inputs))
 
 
 def graph_module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
@@ -375,10 +516,14 @@ def _with_containers(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
     return gm
 
 
-def trace_graph(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.Graph:
+def trace_graph(model: nn.Module, leaf_modules: Sequence[type] = (),
+                example_inputs: Optional[tuple[Tensor, ...]] = None) -> fx.Graph:
     """:func:`symbolic_trace`'s graph, whose targets name ``model``'s own submodules and tensors
-    (no GraphModule is built: the trace's passes interpret it on ``model``)."""
+    (no GraphModule is built: the trace's passes interpret it on ``model``). With
+    ``example_inputs``, branches on their shapes follow them, checked in the graph
+    (``graph._apib_specialized`` lists them; see ``_Tracer.to_bool``)."""
     tracer = _Tracer(tuple(DEFAULT_LEAF_MODULES) + tuple(leaf_modules))
+    tracer.example_inputs = example_inputs
     try:
         graph = tracer.trace(model)
     except Exception as e:
@@ -399,6 +544,8 @@ def trace_graph(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.Graph
             f"model.<part> = apib_fx.prune(model.<part>, ...); modules inside a part that fail "
             f"can be kept opaque with leaf_modules=(...)."
         ) from e
+    tracer._example_run = None  # (its values)
+    graph._apib_specialized = tracer.specialized
     return positional_inputs(module_batch_norms(graph, tracer.root), tracer.root)
 
 
@@ -923,11 +1070,12 @@ def _trace(model: nn.Module, inputs: tuple[Tensor, ...], leaf_modules: Sequence[
     # built on first use (ChannelGraph.module): a tenth of tracing, not needed to find the groups.
     clock = [time.perf_counter()]
     with eval_mode(model), torch.no_grad():
-        graph = trace_graph(model, leaf_modules)
+        graph = trace_graph(model, leaf_modules, inputs)
         clock.append(time.perf_counter())
         try:
             with unfused_attention():  # so the opaque attention layers' MACs are counted
-                propagate_shapes(model, inputs, graph)
+                # (on copies: a forward that writes into its input, x.mul_(2), must not write into the caller's)
+                propagate_shapes(model, [t.clone() for t in inputs], graph)
         except Exception as e:
             cause = e.__cause__ or e
             first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
@@ -948,5 +1096,13 @@ def _trace(model: nn.Module, inputs: tuple[Tensor, ...], leaf_modules: Sequence[
     result = ChannelGraph(lambda: graph_module(model, graph), space, prop.node_labels, inputs)
     clock.append(time.perf_counter())
     result.timings = {phase: end - start for phase, start, end in zip(_PHASES, clock, clock[1:])}
+    result.specialized = graph._apib_specialized
+    if result.specialized:
+        shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
+        warnings.warn(
+            f"the forward branches on its inputs' shapes ({len(result.specialized)}x, first: "
+            f"{result.specialized[0]}): the graph follows the branches inputs of shape {shapes} take, "
+            "and the pruned model checks that its inputs take them too (ChannelGraph.specialized lists them)",
+            UserWarning, stacklevel=3)
     return result
 

@@ -1123,3 +1123,32 @@ class ShapeChecks(nn.Module):
         z = self.conv2(y)
         torch._assert(z.shape[1] % 2 == 0, "an even number of channels")
         return self.fc(z.mean((2, 3)))
+
+
+class ShapeBranches(nn.Module):
+    """A forward that branches on its input's shape, as windowed attention and patch embeddings
+    write it: pads to a multiple of the window if needed, checks rank, dtype and a channel count
+    (``assert``, ``if``). The graph follows the branches the example inputs take."""
+
+    def __init__(self, window=4):
+        super().__init__()
+        self.window = window
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        y = self.conv1(x).relu()
+        B, C, H, W = y.shape
+        pad_h, pad_w = (self.window - H % self.window) % self.window, (self.window - W % self.window) % self.window
+        if pad_h > 0 or pad_w > 0:
+            y = F.pad(y, (0, pad_w, 0, pad_h))
+        assert C == 16, "conv1 gives 16 channels"
+        if y.dtype == torch.float16:
+            y = y.float()
+        z = self.conv2(y)
+        if z.shape[1] != 8:
+            z = z[:, :8]
+        return self.fc(F.adaptive_avg_pool2d(z, 1).flatten(1))

@@ -207,6 +207,13 @@ def test_inspect_lists_the_groups():
     assert "fixed: they reach a model output" in fixed and "| prunable |" not in fixed
 
 
+def test_inspect_lists_the_branches_on_the_input_shape():
+    pytest.importorskip("timm")
+    out = run("inspect", "--model", "timm:mobilevit_xxs", "--input-shape", "3,64,64")
+    assert "branches on the input's shape, followed as this input takes them" in out.stdout
+    assert "- `if new_h != H or new_w != W:` is False (mobilevit.py:" in out.stdout
+
+
 def _image_root(root, shades):
     """root/{split}/{class}/*.png, every image one flat grey level: (split, class) -> level."""
     from PIL import Image

@@ -2,6 +2,7 @@
 import collections
 import gc
 import importlib
+import pickle
 import time
 
 import numpy as np
@@ -64,6 +65,7 @@ CASES = [
     (M.MultiQueryMatmul, (2, 5, 16)),
     (M.RelativePositionBias, (2, 5, 16)),
     (M.ShapeChecks, (2, 3, 8, 8)),
+    (M.ShapeBranches, (2, 3, 6, 6)),
 ]
 
 
@@ -167,6 +169,74 @@ def test_checks_of_channel_counts_pass_after_pruning_and_others_stay():
     assert pruned(x).shape == (2, 4)
     with pytest.raises(AssertionError, match="8 rows"):  # the spatial check is still the model's
         pruned(torch.randn(2, 3, 10, 10))
+
+
+def test_branches_on_input_shapes_follow_the_example_inputs():
+    model = _model(M.ShapeBranches)
+    x = torch.randn(2, 3, 6, 6)
+    before = x.clone()
+    with pytest.warns(UserWarning, match=r"branches on its inputs' shapes \(5x, first: `if x.dim\(\) == 3:` is False"):
+        g = apib_fx.trace(model, x)
+    assert torch.equal(x, before)
+    assert [s.split("` is ")[1].split(" (")[0] for s in g.specialized] == ["False", "True", "True", "False", "False"]
+    assert "`if pad_h > 0 or pad_w > 0:` is True (models.py:" in g.specialized[1]
+    keep = {gr.index: torch.arange(5) for gr in g.prunable_groups}
+    pruned = apib_fx.apply(model, g, keep)
+    assert pruned.conv1.out_channels == 5 and pruned(x).shape == (2, 4)
+    # Inputs that take another branch (8 x 8 needs no padding) fail the recorded check.
+    with pytest.raises(AssertionError, match=r"`if pad_h > 0 or pad_w > 0:` \(models.py:\d+\) is True"):
+        pruned(torch.randn(2, 3, 8, 8))
+    assert pruned(torch.randn(1, 3, 7, 5)).shape == (1, 4)  # (padded too: the same branches)
+    again = pickle.loads(pickle.dumps(pruned))  # (unpickling re-traces the generated code)
+    assert torch.equal(again(x), pruned(x))
+
+
+def test_len_and_int_of_sizes_follow_the_example_inputs():
+    class Halves(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            if len(y.shape) == 4:
+                y = y[..., : int(y.shape[-1] * 0.5)]
+            return self.fc(y.mean((2, 3)))
+
+    model, x = Halves().eval(), torch.randn(2, 3, 6, 6)
+    with pytest.warns(UserWarning):
+        g = apib_fx.trace(model, x)
+    assert [s.split(" (")[0] for s in g.specialized] == ["`if len(y.shape) == 4:` gives len 4",
+                                                          "`y = y[..., : int(y.shape[-1] * 0.5)]` gives int 3"]
+    pruned = apib_fx.apply(model, g, {g.prunable_groups[0].index: torch.arange(4)})
+    assert pruned(x).shape == (2, 2)
+    with pytest.raises(AssertionError, match=r"gives int 3"):
+        pruned(torch.randn(2, 3, 8, 8))
+
+
+def test_branch_on_tensor_values_is_named_with_its_line():
+    with pytest.raises(apib_fx.TraceError, match=r"(?s)`if x.sum\(\) > 0:` \(models.py:\d+, in module 'gate'\) "
+                                                 r"branches on tensor values.*leaf_modules=\(Gate,\)"):
+        apib_fx.trace(_model(M.Untraceable), torch.randn(1, 3, 8, 8))
+
+
+def test_trace_does_not_write_into_the_example_inputs():
+    class Scales(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            x.mul_(2)  # (the user's own forward writes into its input)
+            if x.shape[-1] > 6:  # (and branches on it: the example inputs run up to here)
+                x = x[..., :6]
+            return self.conv(x)
+
+    x = torch.ones(1, 3, 8, 8)
+    with pytest.warns(UserWarning):
+        g = apib_fx.trace(Scales(), x)
+    assert torch.equal(x, torch.ones(1, 3, 8, 8)) and len(g.specialized) == 1
 
 
 def test_residual_stream_is_one_group():

@@ -799,3 +799,22 @@ def test_no_channel_kept_on_relevance_alone_when_the_cut_is_above_zero():
     report = pruned.apib_report
     assert report.alpha > 0 and report.unselected == 0
     assert "relevance alone" not in report.table() and "no Lasso path" not in report.summary()
+
+
+def test_model_branching_on_its_input_shape_prunes_and_reports_the_branches():
+    from apib_fx.report import markdown
+
+    torch.manual_seed(0)
+    model = M.ShapeBranches().eval()
+    data = torch.randn(32, 3, 6, 6)
+    with pytest.warns(UserWarning, match="branches on its inputs' shapes"):
+        pruned = apib_fx.prune(model, 0.3, data, tolerance=0.02, progress=False)  # (a small model: coarse steps)
+    report = pruned.apib_report
+    assert abs(report.flops_reduction - 0.3) <= 0.02
+    assert report.flops_after == apib_fx.count_flops(pruned, data[:1])
+    assert len(report.specialized) == 5 and "`if pad_h > 0 or pad_w > 0:` is True" in report.specialized[1]
+    text = markdown(report)
+    assert "## Branches on the input's shape" in text and "`if pad_h > 0 or pad_w > 0:` is True" in text
+    assert pruned(data).shape == (32, 4)
+    with pytest.raises(AssertionError, match="pad_h > 0 or pad_w > 0"):
+        pruned(torch.randn(2, 3, 8, 8))

@@ -188,7 +188,7 @@ def _node_meta(model, inputs, by_formula):
         return meta
 
     with eval_mode(model), torch.no_grad():
-        gm = symbolic_trace(model)
+        gm = symbolic_trace(model, example_inputs=inputs)
         prop = ShapeAndMacsProp(gm, by_formula=by_formula)
         prop.propagate(*inputs)
     meta = {n.name: (summary(n.meta.get("tensor_meta")), n.meta.get("macs"), n.meta.get("type")) for n in gm.graph.nodes}

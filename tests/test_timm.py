@@ -51,6 +51,23 @@ def test_timm_exact(name):
     assert report.flops_model == report.flops_after < report.flops_before
 
 
+@pytest.mark.parametrize("name", [pytest.param("mobilevit_xxs"),
+                                  pytest.param("crossvit_tiny_240", marks=pytest.mark.slow),
+                                  pytest.param("twins_svt_small", marks=pytest.mark.slow)])
+def test_timm_models_branching_on_the_input_shape(name):
+    """They pad or resize only when the input needs it (MobileViT's patches, Twins' windows,
+    CrossViT's second branch): traced through the branch the example input takes."""
+    model, x = timm_model(name)
+    with pytest.warns(UserWarning, match="branches on its inputs' shapes"):
+        graph = apib_fx.trace(model, x)
+    assert graph.specialized and len(graph.prunable_groups) >= 5
+    report = check_exact(model, x, graph=graph)
+    assert report.shapes_ok and report.finite
+    if report.exact_expected:  # (MobileViT and Twins pass through LayerNorm over the channels)
+        assert report.max_diff <= 1e-5, report
+    assert report.flops_model == report.flops_after < report.flops_before
+
+
 def test_drop_path_stays_a_module_in_the_pruned_model():
     """Traced in eval mode, timm's DropPath would vanish from the graph and fine-tuning the pruned
     model would run without stochastic depth: it is kept as a module."""
