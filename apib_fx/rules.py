@@ -1722,9 +1722,40 @@ def rewrite_shape_args(node: fx.Node, module: Any, keep: KeepView) -> None:
     for i, (s, new, was) in enumerate(zip(shape, sizes, old)):
         # A size computed in the graph from sizes that are not channel counts (``C // heads`` with
         # ``C`` read off the unlabeled model input) was as fixed as a literal: it goes the same way.
+        # One that the pruned model computes right by itself stays computed: ``B * C * rows`` with
+        # C read off the pruned tensor (a literal would fix the batch size it was traced with).
         if i in channel_sized or ((isinstance(s, fx.Node) or (isinstance(s, int) and s != -1)) and new != was):
-            shape[i] = new
+            if not (isinstance(s, fx.Node) and i not in channel_sized and _size_after(s, keep) == new):
+                shape[i] = new
     node.args = (args[0], type(args[1])(shape)) if packed else (args[0], *shape)
+
+
+def _size_after(node: Any, keep: KeepView, depth: int = 0) -> Any:
+    """The value a size expression of the graph (``B * C * rows``, read off tensors' shapes through
+    Python arithmetic) takes in the pruned model, at the traced batch and spatial sizes; None
+    where it reads anything else."""
+    if not isinstance(node, fx.Node):
+        return node if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+    if depth > 32:
+        return None
+    if node.op == "call_method" and node.target == "size" or (
+            node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)):
+        labels = keep.labels(node.args[0])
+        if not is_labels(labels):
+            return None
+        dim = node.args[1] if node.op == "call_method" and len(node.args) > 1 else node.kwargs.get("dim")
+        if dim is not None:
+            return keep.size_along(labels, dim) if isinstance(dim, int) else None
+        return tuple(keep.size_along(labels, a) for a in range(labels.dim()))
+    if node.op != "call_function" or node.kwargs or getattr(node.target, "__module__", None) not in ("_operator", "math"):
+        return None
+    args = [_size_after(a, keep, depth + 1) if isinstance(a, fx.Node) else a for a in node.args]
+    if any(a is None for a in args):
+        return None
+    try:
+        return node.target(*args)
+    except Exception:
+        return None
 
 
 def rewrite_split(node: fx.Node, module: Any, keep: KeepView) -> None:

@@ -1152,3 +1152,28 @@ class ShapeBranches(nn.Module):
         if z.shape[1] != 8:
             z = z[:, :8]
         return self.fc(F.adaptive_avg_pool2d(z, 1).flatten(1))
+
+
+class PatchUnfold(nn.Module):
+    """Patches unfolded and folded back as MobileViT writes it: reshapes to sizes computed from
+    the batch size and the channel count together (``B * C * rows``), a per-channel scale over the
+    unfolded tokens in between."""
+
+    def __init__(self, patch=2):
+        super().__init__()
+        self.patch = patch
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.rand(8) + 0.5)
+        self.conv2 = nn.Conv2d(8, 6, 1)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        B, C, H, W = y.shape
+        p = self.patch
+        nh, nw = H // p, W // p
+        t = y.reshape(B * C * nh, p, nw, p).transpose(1, 2)  # (B·C·nh, nw, p, p)
+        t = t.reshape(B, C, nh * nw, p * p).transpose(1, 3)  # (B, p·p, patches, C)
+        t = t.reshape(B * p * p, nh * nw, -1) * self.scale  # tokens with C channels last
+        t = t.contiguous().view(B, p * p, nh * nw, -1).transpose(1, 3)
+        t = t.reshape(B * C * nh, nw, p, p).transpose(1, 2).reshape(B, C, nh * p, nw * p)
+        return self.conv2(t)

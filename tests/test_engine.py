@@ -66,6 +66,7 @@ CASES = [
     (M.RelativePositionBias, (2, 5, 16)),
     (M.ShapeChecks, (2, 3, 8, 8)),
     (M.ShapeBranches, (2, 3, 6, 6)),
+    (M.PatchUnfold, (2, 3, 8, 6)),
 ]
 
 
@@ -95,6 +96,17 @@ def test_exact(cls, shape, seed, heads):
     # concat of two convs, leaves groups of one channel: nothing to remove there)
     assert report.flops_after < report.flops_before or heads == "whole"
     assert report.flops_model == report.flops_after
+
+
+@pytest.mark.parametrize("cls,shape", CASES, ids=[c[0].__name__ for c in CASES])
+def test_exact_at_another_batch_size(cls, shape):
+    # Traced on one sample (as prune traces), the pruned model runs any batch: sizes the graph
+    # computes from the batch size stay computed.
+    model = _model(cls)
+    graph = apib_fx.trace(model, torch.randn(1, *shape[1:]))
+    report = check_exact(model, torch.randn(3, *shape[1:]), graph=graph)
+    assert report.shapes_ok and report.finite
+    assert report.max_diff <= 1e-5, report
 
 
 @pytest.mark.parametrize("cls,shape", CASES, ids=[c[0].__name__ for c in CASES])
