@@ -58,7 +58,7 @@ def zeroed_reference(model: nn.Module, graph: ChannelGraph, keep: dict[int, Tens
             ref.register_buffer(f"_zeroed_mask{i}", mask.to(device))
             with ref.graph.inserting_before(node):
                 m = ref.graph.get_attr(f"_zeroed_mask{i}")
-                masked = ref.graph.call_function(torch.mul, (_operand(node, where), m))
+                masked = ref.graph.call_function(_masked, (_operand(node, where), m))
             node.args = _with_operand(node.args, where, masked)
         ref.recompile()
     return ref
@@ -111,8 +111,28 @@ def _contraction_masks(graph: ChannelGraph, keep_ids: Tensor) -> dict[str, tuple
         mask = torch.ones(small.shape)
         mask[on] = keep_ids[small[on]].float()
         if not bool((mask == 1).all()):
-            out[node.name] = (mask, where)
+            out[node.name] = (_one_period(mask), where)
     return out
+
+
+def _one_period(mask: Tensor) -> Tensor:
+    """``mask`` cut to its shortest period along each axis, a divisor of its size there: an
+    operand whose batch axis is merged with heads (``B * heads``, as BoTNet's attention) repeats
+    the heads' pattern once per sample, and the reference must take other batch sizes too."""
+    for axis in range(mask.dim()):
+        n = mask.shape[axis]
+        for p in range(1, n):
+            if n % p == 0 and torch.equal(mask, mask.narrow(axis, 0, p).tile(
+                    [n // p if a == axis else 1 for a in range(mask.dim())])):
+                mask = mask.narrow(axis, 0, p).clone()
+                break
+    return mask
+
+
+def _masked(x: Tensor, mask: Tensor) -> Tensor:
+    """``x * mask`` with the mask repeated along axes where ``x`` holds several of its periods."""
+    reps = [x.shape[a - mask.dim() + x.dim()] // n if n > 1 else 1 for a, n in enumerate(mask.shape)]
+    return x * (mask.tile(reps) if any(r > 1 for r in reps) else mask)
 
 
 def _tensors(out: Any) -> list[Tensor]:

@@ -51,21 +51,25 @@ def test_timm_exact(name):
     assert report.flops_model == report.flops_after < report.flops_before
 
 
-@pytest.mark.parametrize("name", [pytest.param("mobilevit_xxs"),
-                                  pytest.param("crossvit_tiny_240", marks=pytest.mark.slow),
-                                  pytest.param("twins_svt_small", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", [pytest.param("mobilevit_xxs")] + [
+    pytest.param(n, marks=pytest.mark.slow) for n in ("crossvit_tiny_240", "twins_svt_small", "mobilevitv2_050",
+                                                      "efficientvit_m0", "tiny_vit_5m_224", "nest_tiny")])
 def test_timm_models_branching_on_the_input_shape(name):
-    """They pad or resize only when the input needs it (MobileViT's patches, Twins' windows,
-    CrossViT's second branch): traced through the branch the example input takes."""
+    """They pad, resize or pick a kernel only when the input asks for it (MobileViT's patches,
+    Twins' and TinyViT's windows, CrossViT's second branch): traced through the branches the
+    example input takes. MobileViT unfolds patches to sizes computed from the batch size and the
+    channel count together: the pruned model runs other batch sizes too."""
     model, x = timm_model(name)
     with pytest.warns(UserWarning, match="branches on its inputs' shapes"):
         graph = apib_fx.trace(model, x)
     assert graph.specialized and len(graph.prunable_groups) >= 5
-    report = check_exact(model, x, graph=graph)
-    assert report.shapes_ok and report.finite
-    if report.exact_expected:  # (MobileViT and Twins pass through LayerNorm over the channels)
-        assert report.max_diff <= 1e-5, report
-    assert report.flops_model == report.flops_after < report.flops_before
+    reports = [check_exact(model, batch, graph=graph)
+               for batch in (x, torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(2)))]
+    for report in reports:
+        assert report.shapes_ok and report.finite
+        if report.exact_expected:  # (MobileViT, Twins, TinyViT, NesT pass through LayerNorm over the channels)
+            assert report.max_diff <= 1e-5, report
+    assert reports[0].flops_model == reports[0].flops_after < reports[0].flops_before
 
 
 def test_drop_path_stays_a_module_in_the_pruned_model():
