@@ -1313,6 +1313,14 @@ def batch_norm_of(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
     return nn.modules.batchnorm._BatchNorm.forward(module, x)
 
 
+def branch_check(condition: bool, taken: bool, message: str) -> None:
+    """The check a graph traced through a branch on its input's shape makes (see
+    ``apib_fx.trace._Tracer.to_bool``): ``condition`` is ``taken``, as it was for the example inputs.
+    One call, not a comparison in the graph: exporters evaluate it on their own traced sizes."""
+    if bool(condition) != taken:
+        raise AssertionError(message)
+
+
 @takes_split
 def module_batch_norm(ctx: RuleContext, module: nn.Module, x: Tensor) -> Tensor:
     path = ctx.arg_node(0).target

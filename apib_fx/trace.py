@@ -27,8 +27,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .flops import MAC_TARGETS, _MacCounter, unfused_attention
 from .graph import ChannelGraph, graph_tensors
 from .labels import LabelSpace, flatten_values, is_labels, unlabeled
-from .rules import (DEFAULT_LEAF_MODULES, RuleContext, batch_norm_of, graph_constants, module_rule, opaque, rule_for,
-                    tie_outer)
+from .rules import (DEFAULT_LEAF_MODULES, RuleContext, batch_norm_of, branch_check, graph_constants, module_rule,
+                    opaque, rule_for, tie_outer)
 
 Inputs = Union[Tensor, Sequence[Tensor]]
 
@@ -183,7 +183,7 @@ class _Tracer(fx.Tracer):
     def __init__(self, leaf_types: tuple[type, ...] = tuple(DEFAULT_LEAF_MODULES)):
         # batch_norm_of stays one call when a pruned GraphModule is unpickled (which re-traces
         # its code with this class): traced into, it would branch on the input's rank.
-        super().__init__(autowrap_functions=(batch_norm_of,))
+        super().__init__(autowrap_functions=(batch_norm_of, branch_check))
         self.module_stack = _ModuleStack()
         self.leaf_types = leaf_types
         self.failed_in: list[tuple[str, str]] = []
@@ -308,16 +308,15 @@ class _Tracer(fx.Tracer):
         """A branch on a traced value (``if H % p != 0:``, ``assert C == self.dim``): fx cannot
         follow it. With example inputs, a condition computed from tensor shapes, ranks, dtypes or
         devices alone takes the value it has for them, and the graph records a check
-        (``torch._assert``) that inputs take the same branch; one read from tensor values does
-        not (it would change from batch to batch)."""
+        (:func:`~apib_fx.rules.branch_check`) that inputs take the same branch; one read from
+        tensor values does not (it would change from batch to batch)."""
         if self.example_inputs is None:
             return super().to_bool(obj)
         value, text, where = self._metadata_value(obj, "branches on")
         if not isinstance(value, (bool, int, float)):
             return super().to_bool(obj)
         taken = bool(value)
-        check = obj if type(value) is bool else obj != 0
-        self._record(check if taken else check == False, text, where, f"is {taken}")  # noqa: E712
+        self._record(obj if type(value) is bool else obj != 0, taken, text, where, f"is {taken}")
         return taken
 
     def to_int(self, obj: fx.Proxy, convert: Callable[[Any], int]) -> int:
@@ -325,7 +324,7 @@ class _Tracer(fx.Tracer):
         tensor metadata: its value on the example inputs, checked as :meth:`to_bool` checks."""
         value, text, where = self._metadata_value(obj, "converts")
         n = convert(value)
-        self._record(self.create_proxy("call_function", convert, (obj,), {}) == n, text, where,
+        self._record(self.create_proxy("call_function", convert, (obj,), {}) == n, True, text, where,
                      f"gives {convert.__name__} {n}")
         return n
 
@@ -341,9 +340,10 @@ class _Tracer(fx.Tracer):
                 "sizes alone follows the example inputs)")
         return self._example_value(obj.node), text, where
 
-    def _record(self, check: fx.Proxy, text: str, where: str, outcome: str) -> None:
-        """A check in the graph that inputs give ``text`` the outcome the example inputs gave it."""
-        self.create_proxy("call_function", torch._assert, (check, (
+    def _record(self, condition: fx.Proxy, taken: bool, text: str, where: str, outcome: str) -> None:
+        """A check in the graph that inputs give ``text`` the outcome the example inputs gave it
+        (``condition`` is ``taken``)."""
+        self.create_proxy("call_function", branch_check, (condition, taken, (
             f"apib_fx traced this model for inputs on which `{text}` ({where}) {outcome}; these "
             "inputs take another branch: trace and prune it with inputs shaped like them")), {})
         self.specialized.append(f"`{text}` {outcome} ({where})")

@@ -72,6 +72,20 @@ def test_timm_models_branching_on_the_input_shape(name):
     assert reports[0].flops_model == reports[0].flops_after < reports[0].flops_before
 
 
+@pytest.mark.slow
+def test_pruned_twins_exports_with_parity(tmp_path):
+    """Its checks of the branches it was traced through export (each one call the exporters
+    evaluate, not a comparison of a traced size with a bool, which TorchScript's has no op for)."""
+    from apib_fx.export import export_onnx
+
+    model, x = timm_model("twins_svt_small")
+    data = torch.randn(4, *x.shape[1:], generator=torch.Generator().manual_seed(2))
+    with pytest.warns(UserWarning, match="branches on its inputs' shapes"):
+        pruned = apib_fx.prune(model, 0.3, data, method="l1", progress=False)
+    path = export_onnx(pruned, tmp_path / "twins.onnx", data[:1])
+    assert path.parity["max_diff"] <= 1e-4 * path.parity["scale"] and path.parity["batch_sizes"] == [1, 3]
+
+
 def test_drop_path_stays_a_module_in_the_pruned_model():
     """Traced in eval mode, timm's DropPath would vanish from the graph and fine-tuning the pruned
     model would run without stochastic depth: it is kept as a module."""
