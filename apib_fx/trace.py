@@ -1027,9 +1027,10 @@ def trace(model: nn.Module, example_inputs: Inputs, *, leaf_modules: Sequence[ty
     through every op. ``leaf_modules``: module classes to keep opaque. ``heads``: where channels
     are split over two axes, as attention splits them into heads of ``head_dim`` each, ``"dims"``
     prunes the inner axis (the same head dims in every head) and ``"whole"`` the outer one (whole
-    heads: a group's channels are then heads, each spanning its head dims in q, k and v). The
-    model is not modified. Python's cyclic garbage collector is paused for the call
-    (:func:`gc_paused`).
+    heads: a group's channels are then heads, each spanning its head dims in q, k and v). A
+    branch on the inputs' shapes follows ``example_inputs`` and is checked in the graph
+    (``ChannelGraph.specialized``; a warning says so). The model and the example inputs are not
+    modified. Python's cyclic garbage collector is paused for the call (:func:`gc_paused`).
     """
     check_model(model)
     if heads not in HEADS:
