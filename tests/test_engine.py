@@ -177,7 +177,7 @@ def test_checks_of_channel_counts_pass_after_pruning_and_others_stay():
     g = apib_fx.trace(model, x)
     assert len(g.prunable_groups) == 2  # conv1's and conv2's outputs, both checked
     pruned = apib_fx.apply(model, g, {gr.index: torch.arange(3) for gr in g.prunable_groups})
-    assert pruned.conv1.out_channels == 3 and pruned.conv2.out_channels == 3  # (odd: the check was of 8)
+    assert pruned.conv1.out_channels == 3 and pruned.conv2.out_channels == 3  # (3: odd, the model checks for even)
     assert pruned(x).shape == (2, 4)
     with pytest.raises(AssertionError, match="8 rows"):  # the spatial check is still the model's
         pruned(torch.randn(2, 3, 10, 10))
