@@ -345,7 +345,7 @@ class _Tracer(fx.Tracer):
         (``condition`` is ``taken``)."""
         self.create_proxy("call_function", branch_check, (condition, taken, (
             f"apib_fx traced this model for inputs on which `{text}` ({where}) {outcome}; these "
-            "inputs take another branch: trace and prune it with inputs shaped like them")), {})
+            "inputs take another branch: trace and prune it with inputs like them")), {})
         self.specialized.append(f"`{text}` {outcome} ({where})")
 
     def _example_value(self, node: fx.Node) -> Any:
@@ -421,10 +421,15 @@ _PLAIN_FUNCTION_MODULES = frozenset({"_operator", "operator", "math", "builtins"
 
 
 def _reads_metadata_only(node: fx.Node) -> bool:
-    """Whether ``node``'s value is computed from tensor metadata (sizes, rank, dtype, device) and
-    constants alone, through Python arithmetic and comparisons."""
+    """Whether ``node``'s value is computed from tensor metadata (sizes, rank, dtype, device),
+    forward arguments left at plain defaults and constants alone, through Python arithmetic and
+    comparisons."""
     if node.op == "call_method":
         return node.target in _METADATA_METHODS
+    if node.op == "placeholder":
+        # A forward argument left at a plain default (``is_causal=False``): the example inputs
+        # leave it so; the check then says so for calls that set it.
+        return bool(node.args) and type(node.args[0]) in (bool, int, float, str)
     if node.op != "call_function":
         return False  # an input, a parameter, a layer's output: tensor values
     if node.target is getattr and len(node.args) > 1 and node.args[1] in _METADATA_ATTRIBUTES:
@@ -525,7 +530,13 @@ def trace_graph(model: nn.Module, leaf_modules: Sequence[type] = (),
     tracer = _Tracer(tuple(DEFAULT_LEAF_MODULES) + tuple(leaf_modules))
     tracer.example_inputs = example_inputs
     try:
-        graph = tracer.trace(model)
+        absent = _absent_optional_arguments(model, len(example_inputs)) if example_inputs is not None else {}
+        graph = tracer.trace(model, concrete_args=absent or None)
+        for node in graph.find_nodes(op="placeholder") if absent else ():
+            # fx renames an argument it binds (mask -> mask_1): the forward keeps the model's name
+            name = node.target.rpartition("_")[0]
+            if name in absent and node.target == f"{name}_1":
+                node.target = name
     except Exception as e:
         if tracer.failed_in:
             path, cls = tracer.failed_in[0]
@@ -547,6 +558,21 @@ def trace_graph(model: nn.Module, leaf_modules: Sequence[type] = (),
     tracer._example_run = None  # (its values)
     graph._apib_specialized = tracer.specialized
     return positional_inputs(module_batch_norms(graph, tracer.root), tracer.root)
+
+
+def _absent_optional_arguments(model: nn.Module, given: int) -> dict[str, None]:
+    """``forward``'s parameters after the ``given`` example inputs whose default is None
+    (``forward(self, x, mask=None)``): bound to None, as ``model(x)`` calls leave them. fx would
+    otherwise make each an input of unknown value, so ``if mask is not None:`` took the mask's
+    path; the graph then checks that they are None."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is p.VAR_POSITIONAL for p in params[:given]):
+        return {}
+    return {p.name: None for p in params[given:]
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is None}
 
 
 def positional_inputs(graph: fx.Graph, root: nn.Module) -> fx.Graph:
@@ -1101,9 +1127,10 @@ def _trace(model: nn.Module, inputs: tuple[Tensor, ...], leaf_modules: Sequence[
     if result.specialized:
         shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
         warnings.warn(
-            f"the forward branches on its inputs' shapes ({len(result.specialized)}x, first: "
-            f"{result.specialized[0]}): the graph follows the branches inputs of shape {shapes} take, "
-            "and the pruned model checks that its inputs take them too (ChannelGraph.specialized lists them)",
+            f"the forward branches on its inputs' shapes or on arguments left at their defaults "
+            f"({len(result.specialized)}x, first: {result.specialized[0]}): the graph follows the branches "
+            f"inputs of shape {shapes} take, and the pruned model checks that its inputs take them too "
+            "(ChannelGraph.specialized lists them)",
             UserWarning, stacklevel=3)
     return result
 

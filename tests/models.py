@@ -1177,3 +1177,20 @@ class PatchUnfold(nn.Module):
         t = t.contiguous().view(B, p * p, nh * nw, -1).transpose(1, 3)
         t = t.reshape(B * C * nh, nw, p, p).transpose(1, 2).reshape(B, C, nh * p, nw * p)
         return self.conv2(t)
+
+
+class OptionalArguments(nn.Module):
+    """A forward with arguments callers leave out (a mask, a flag), as timm's ViT and Hiera write
+    it: traced as ``model(x)`` calls it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, mask=None, pool_max: bool = False):
+        y = self.conv(x).relu()
+        if mask is not None:
+            y = y * mask.view(mask.shape[0], 1, *y.shape[2:])
+        y = y.amax((2, 3)) if pool_max else y.mean((2, 3))
+        return self.fc(y)

@@ -2,6 +2,7 @@
 import collections
 import gc
 import importlib
+import inspect
 import pickle
 import time
 
@@ -67,6 +68,7 @@ CASES = [
     (M.ShapeChecks, (2, 3, 8, 8)),
     (M.ShapeBranches, (2, 3, 6, 6)),
     (M.PatchUnfold, (2, 3, 8, 6)),
+    (M.OptionalArguments, (2, 3, 6, 6)),
 ]
 
 
@@ -187,7 +189,7 @@ def test_branches_on_input_shapes_follow_the_example_inputs():
     model = _model(M.ShapeBranches)
     x = torch.randn(2, 3, 6, 6)
     before = x.clone()
-    with pytest.warns(UserWarning, match=r"branches on its inputs' shapes \(5x, first: `if x.dim\(\) == 3:` is False"):
+    with pytest.warns(UserWarning, match=r"branches on its inputs' shapes or on arguments left at their defaults \(5x, first: `if x.dim\(\) == 3:` is False"):
         g = apib_fx.trace(model, x)
     assert torch.equal(x, before)
     assert [s.split("` is ")[1].split(" (")[0] for s in g.specialized] == ["False", "True", "True", "False", "False"]
@@ -225,6 +227,24 @@ def test_len_and_int_of_sizes_follow_the_example_inputs():
     assert pruned(x).shape == (2, 2)
     with pytest.raises(AssertionError, match=r"gives int 3"):
         pruned(torch.randn(2, 3, 8, 8))
+
+
+def test_optional_arguments_are_traced_as_left_out():
+    # ``mask is not None`` on an argument fx made an input was always true: the mask's path was
+    # traced, and failed on calls without one. Left-out arguments are bound to their defaults,
+    # and the pruned model checks that calls leave them so.
+    model = _model(M.OptionalArguments)
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.warns(UserWarning, match="arguments left at their defaults"):
+        g = apib_fx.trace(model, x)
+    assert [s.split(" (")[0] for s in g.specialized] == ["`y = y.amax((2, 3)) if pool_max else y.mean((2, 3))` is False"]
+    pruned = apib_fx.apply(model, g, {g.prunable_groups[0].index: torch.arange(5)})
+    assert list(inspect.signature(pruned.forward).parameters) == ["x", "mask", "pool_max"]
+    assert pruned(x, mask=None).shape == (2, 4)
+    with pytest.raises(AssertionError, match="mask has been specialized to have value None"):
+        pruned(x, mask=torch.ones(2, 36))
+    with pytest.raises(AssertionError, match=r"`y = y.amax\(\(2, 3\)\) if pool_max else .*` \(models.py:\d+\) is False"):
+        pruned(x, pool_max=True)
 
 
 def test_branch_on_tensor_values_is_named_with_its_line():
