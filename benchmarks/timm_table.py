@@ -37,7 +37,7 @@ MODELS = [
     "mixer_b16_224", "resmlp_12_224", "botnet26t_256", "lambda_resnet26t", "gcresnet33ts",
     "nf_resnet50", "eca_nfnet_l0", "resnetv2_50x1_bit", "mobilevit_xxs", "efficientvit_b0",
     "twins_svt_small", "crossvit_tiny_240", "mobilevitv2_050", "efficientvit_m0", "tiny_vit_5m_224",
-    "nest_tiny",
+    "nest_tiny", "hiera_tiny_224",
 ]
 
 
