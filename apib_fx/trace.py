@@ -555,7 +555,8 @@ def trace_graph(model: nn.Module, leaf_modules: Sequence[type] = (),
             f"model.<part> = apib_fx.prune(model.<part>, ...); modules inside a part that fail "
             f"can be kept opaque with leaf_modules=(...)."
         ) from e
-    tracer._example_run = None  # (its values)
+    # The example run's tensors go now: the collector is paused, and tracer and proxies form cycles.
+    tracer._example_run = None
     graph._apib_specialized = tracer.specialized
     return positional_inputs(module_batch_norms(graph, tracer.root), tracer.root)
 
