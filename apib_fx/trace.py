@@ -24,6 +24,7 @@ from torch.fx.proxy import ParameterProxy
 from torch.fx.passes.shape_prop import TensorMetadata
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._symbolic import trace_module
 from .flops import MAC_TARGETS, _MacCounter, unfused_attention
 from .graph import ChannelGraph, graph_tensors
 from .labels import LabelSpace, flatten_values, is_labels, unlabeled
@@ -179,6 +180,10 @@ class _Tracer(fx.Tracer):
     """fx.Tracer that keeps ``leaf_types`` opaque and remembers which module was being traced
     when tracing fails, to name it in the error."""
 
+    # Module calls and attribute reads are intercepted on the traced model's classes, not on
+    # nn.Module (see apib_fx._symbolic); False: fx's own way.
+    patch_model_classes = True
+
     # GraphModule unpickling re-creates its tracer with no arguments: default to the engine's leaves.
     def __init__(self, leaf_types: tuple[type, ...] = tuple(DEFAULT_LEAF_MODULES)):
         # batch_norm_of stays one call when a pruned GraphModule is unpickled (which re-traces
@@ -271,7 +276,9 @@ class _Tracer(fx.Tracer):
         # model comes back as it was.
         self._constant_names: list[str] = []
         try:
-            graph = super().trace(root, concrete_args)
+            graph = trace_module(self, root, concrete_args) if self.patch_model_classes else None
+            if graph is None:
+                graph = super().trace(root, concrete_args)
         finally:
             constants = {}
             for name in self._constant_names:

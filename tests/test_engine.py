@@ -651,7 +651,9 @@ def test_trace_leaves_garbage_collection_as_the_caller_had_it():
 
 
 class _FxTracer(_trace_module._Tracer):
-    """The engine's tracer with fx's own node creation, proxies and module calls."""
+    """The engine's tracer with fx's own node creation, proxies, module calls and patches."""
+
+    patch_model_classes = False
 
     create_node = torch.fx.Tracer.create_node
     getattr = torch.fx.Tracer.getattr
@@ -712,6 +714,55 @@ def test_tracer_records_the_graph_fx_records(model):
     reference = _FxTracer(leaves).trace(model)
     assert _node_records(ours) == _node_records(reference)
     assert any(n.meta.get("nn_module_stack") for n in ours.nodes)
+
+
+class _ReadsItsClass(nn.Module):
+    """Records, while traced, where module calls and attribute reads are intercepted."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append((torch.nn.Module.__dict__["__call__"], "__call__" in nn.Conv2d.__dict__,
+                          "__getattr__" in type(self).__dict__))
+        return self.conv(x)
+
+
+class _OwnGetattr(M.LeNet):
+    """A model class with its own attribute lookup (as some wrappers have)."""
+
+    def __getattr__(self, name):
+        return super().__getattr__(name)
+
+
+def test_trace_intercepts_on_the_models_classes_and_puts_them_back():
+    # nn.Module itself stays as it is (assigning its special methods costs every subclass);
+    # the model's classes carry fx's wrappers while traced and nothing after, also after an error.
+    original_call = torch.nn.Module.__dict__["__call__"]
+    model = _ReadsItsClass()
+    _trace_module._Tracer().trace(model)
+    assert model.seen == [(original_call, True, True)]
+    with pytest.raises(apib_fx.TraceError):
+        apib_fx.trace(_model(M.Untraceable), torch.randn(1, 3, 8, 8))
+    for cls in (nn.Conv2d, nn.Linear, nn.ReLU, M.Untraceable, _ReadsItsClass, nn.Module):
+        owned = {"__call__", "__getattr__"} & set(cls.__dict__)
+        assert owned == ({"__call__", "__getattr__"} if cls is nn.Module else set()), cls
+    assert torch.nn.Module.__dict__["__call__"] is original_call
+
+
+@pytest.mark.parametrize("make", [lambda: _OwnGetattr(),
+                                  lambda: nn.Sequential(M.LeNet(), nn.Module())])  # a plain container
+def test_models_fx_must_patch_itself_trace_as_fx_traces_them(make):
+    # A class overriding __getattr__ would bypass a wrapper set below it, and patching a plain
+    # nn.Module is patching all: both are left to fx, with the same graph.
+    from apib_fx._symbolic import trace_module
+
+    model = make().eval()
+    assert trace_module(_trace_module._Tracer(), model, None) is None
+    assert trace_module(_trace_module._Tracer(), M.LeNet(), None) is not None
+    assert _node_records(_trace_module._Tracer().trace(model)) == _node_records(_FxTracer().trace(model))
 
 
 class _ScaleByShape(nn.Module):
