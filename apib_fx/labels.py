@@ -138,9 +138,12 @@ def canonical(labels: Tensor) -> Tensor:
     """Re-detect axes along which labels are constant (after a copying reshape) and make them
     broadcast views again, so later rules see where channels actually vary."""
     small = compress(labels)
+    values = small.numpy()  # (the tests in numpy: torch's per-op overhead dominated on small labels)
     for axis in range(small.dim()):
-        if small.shape[axis] > 1 and bool((small == small.narrow(axis, 0, 1)).all()):
-            small = small.narrow(axis, 0, 1)
+        if values.shape[axis] > 1:
+            first = values[(slice(None),) * axis + (slice(0, 1),)]
+            if (values == first).all():
+                values, small = first, small.narrow(axis, 0, 1)
     return small.expand(labels.shape)
 
 
@@ -280,14 +283,21 @@ class LabelSpace:
 
     def classes(self, labels: Tensor) -> Tensor:
         """Labels mapped to their equivalence class (the smallest id tied to them)."""
-        out = labels.clone()
-        on = labels != NONE
-        out[on] = torch.from_numpy(find(self._parent(), labels[on].numpy()))
+        return torch.from_numpy(self._classes(labels))
+
+    def _classes(self, labels: Tensor) -> np.ndarray:
+        # In numpy: label tensors are small, and torch's per-op overhead was most of the work.
+        out = np.array(labels.numpy())
+        on = out != NONE
+        if on.any():
+            out[on] = find(self._parent(), out[on])
         return out
 
     def class_varying_axes(self, labels: Tensor) -> list[int]:
         """Axes along which the *classes* change: tied ids along an axis do not count."""
-        return changing_axes(self.classes(compress(labels)))
+        values = self._classes(compress(labels))
+        return [a for a in range(values.ndim)
+                if values.shape[a] > 1 and not (values == values.take([0], axis=a)).all()]
 
     def link(self, a: Tensor, b: Tensor) -> None:
         """Channels at the same positions of ``a`` and ``b`` go together (where both are channels)."""

@@ -1,7 +1,9 @@
 """The trace pass: model -> torch.fx graph -> shapes -> channel labels -> :class:`ChannelGraph`."""
 from __future__ import annotations
 
+import bisect
 import collections
+import dis
 import functools
 import gc
 import inspect
@@ -136,6 +138,16 @@ def _tracer_of(args: Any) -> Any:
     return found
 
 
+@functools.lru_cache(maxsize=1024)
+def _unpacked_count(code: Any, offset: int) -> Optional[int]:
+    """The number of names the instruction at ``offset`` of ``code`` unpacks a value into, or None
+    if it is not an unpacking (as fx's Proxy.__iter__ reads it)."""
+    instructions = list(dis.get_instructions(code))
+    at = bisect.bisect_left(instructions, offset, key=lambda i: i.offset) if sys.version_info >= (3, 11) else offset // 2
+    instruction = instructions[at]
+    return instruction.argval if instruction.opname == "UNPACK_SEQUENCE" else None
+
+
 class _Proxy(fx.Proxy):
     """The proxies of :class:`_Tracer`: a torch function called on one (``F.relu(x)``,
     ``torch.cat([a, b])``) is recorded as fx records it, but fx finds the tracer through two pytree
@@ -143,6 +155,16 @@ class _Proxy(fx.Proxy):
 
     def __getattr__(self, k: str) -> "_Attribute":
         return _Attribute(self, k)  # (fx's Attribute, with this class's conversions: len(x.shape))
+
+    def __iter__(self) -> Iterator[fx.Proxy]:
+        # fx's test: ``a, b = x.chunk(2)`` unpacks into getitems, other iteration fails. fx
+        # disassembles the calling function for every unpacking (a millisecond of tracing
+        # ShuffleNetV2); the answer depends only on the code and the instruction, so it is cached.
+        frame = inspect.currentframe().f_back
+        count = _unpacked_count(frame.f_code, frame.f_lasti)
+        if count is not None:
+            return (self[i] for i in range(count))
+        return self.tracer.iter(self)
 
     def __len__(self) -> int:
         tracer = self.tracer
