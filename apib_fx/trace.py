@@ -375,7 +375,9 @@ class _Tracer(fx.Tracer):
         self.create_proxy("call_function", branch_check, (condition, taken, (
             f"apib_fx traced this model for inputs on which `{text}` ({where}) {outcome}; these "
             "inputs take another branch: trace and prune it with inputs like them")), {})
-        self.specialized.append(f"`{text}` {outcome} ({where})")
+        entry = f"`{text}` {outcome} ({where})"
+        if entry not in self.specialized:  # (``if a or b:``: two checks, one line to list)
+            self.specialized.append(entry)
 
     def _example_value(self, node: fx.Node) -> Any:
         if self._example_run is None:

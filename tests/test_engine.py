@@ -203,6 +203,14 @@ def test_branches_on_input_shapes_follow_the_example_inputs():
     assert pruned(torch.randn(1, 3, 7, 5)).shape == (1, 4)  # (padded too: the same branches)
     again = pickle.loads(pickle.dumps(pruned))  # (unpickling re-traces the generated code)
     assert torch.equal(again(x), pruned(x))
+    # Traced where both operands of the `or` are False: two checks, the line listed once.
+    with pytest.warns(UserWarning, match=r"\(5x, first"):
+        g = apib_fx.trace(model, torch.randn(2, 3, 8, 8))
+    assert sum("`if pad_h > 0 or pad_w > 0:` is False" in s for s in g.specialized) == 1
+    pruned = apib_fx.apply(model, g, {gr.index: torch.arange(5) for gr in g.prunable_groups})
+    assert pruned(torch.randn(1, 3, 8, 8)).shape == (1, 4)
+    with pytest.raises(AssertionError, match=r"`if pad_h > 0 or pad_w > 0:` \(models.py:\d+\) is False"):
+        pruned(torch.randn(1, 3, 8, 6))  # (the second operand's check)
 
 
 def test_len_and_int_of_sizes_follow_the_example_inputs():
