@@ -371,10 +371,20 @@ def _cat_parameter(node: Any, axis: int, rank: int, channels: int) -> Optional[t
     return (node.target, dim) if 0 <= dim and shape[dim] == channels else None
 
 
+def _may_be_parameter(node: Any) -> bool:
+    """Whether :func:`_cat_parameter` could find a parameter in ``node`` (read, or expanded)."""
+    if isinstance(node, fx.Node) and node.op == "call_method" and node.target == "expand" and node.args:
+        node = node.args[0]
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
 def _parameters_joined(ctx: RuleContext, small: list[Tensor], d: int) -> list[Tensor]:
     """A parameter concatenated with channels along another axis (a ViT's class token before
     its patch tokens) holds the same channels along that axis: it is per-channel state of them
     ("pass", sliced with them), so the stream stays prunable. Compressed labels in, out."""
+    nodes = ctx.node.args[0]
+    if not isinstance(nodes, (tuple, list)) or not any(_may_be_parameter(node) for node in nodes):
+        return small  # (DenseNet's concats of up to 32 feature maps: no label tests)
     has = [bool((s != NONE).any()) for s in small]
     if all(has) or not any(has):
         return small
@@ -387,7 +397,7 @@ def _parameters_joined(ctx: RuleContext, small: list[Tensor], d: int) -> list[Te
     if bool((ids == NONE).any()) or any(not torch.equal(axis_ids(s, a), ids) for s in labeled[1:]):
         return small
     out = list(small)
-    for i, node in enumerate(ctx.node.args[0]):
+    for i, node in enumerate(nodes):
         param = None if has[i] else _cat_parameter(node, a, small[i].dim(), ids.numel())
         if param is not None:
             ctx.space.bind(param[0], param[1], ids, "pass")
