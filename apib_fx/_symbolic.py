@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 from types import FunctionType
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from torch import fx, nn
 
@@ -64,25 +64,67 @@ def _classes(paths: dict[nn.Module, str]) -> Optional[list[type]]:
     return classes
 
 
-def _paths_and_tensor_attrs(root: nn.Module) -> tuple[dict[nn.Module, str], dict[Any, str]]:
-    """fx's two walks of the module tree in one: each module's first qualified name, and the
-    qualified name of each tensor stored as a plain attribute (the last, as fx's walk leaves it).
-    Whether a value is such a tensor is answered once per type: fx's isinstance test of every
-    attribute of every module was most of the walk."""
-    paths: dict[nn.Module, str] = {}
-    tensor_attrs: dict[Any, str] = {}
-    constant_types = _fx._constant_attribute_types
-    is_constant: dict[type, bool] = {}
-    for name, module in root.named_modules(remove_duplicate=False):
-        paths.setdefault(module, name)
-        for key, value in module.__dict__.items():
-            t = type(value)
-            hit = is_constant.get(t)
-            if hit is None:
-                hit = is_constant[t] = issubclass(t, constant_types)
-            if hit:
-                tensor_attrs[value] = f"{name}.{key}" if name else key
-    return paths, tensor_attrs
+class _TensorAttributes(dict):
+    """fx's table of the tensors stored as plain module attributes (tensor -> qualified name; the
+    last name, as fx's walk leaves it), filled on first use. fx fills it before every trace by
+    testing every attribute of every module (a millisecond on a MobileNet); it is read only when
+    a tensor that is neither a parameter nor a buffer is passed to an op, which most models never
+    do. (Filled then, it also lists tensors the forward has stored on modules so far.)"""
+
+    def __init__(self, root: nn.Module):
+        super().__init__()
+        self._root: Optional[nn.Module] = root
+
+    def _fill(self) -> None:
+        root, self._root = self._root, None
+        if root is None:
+            return
+        constant_types = _fx._constant_attribute_types
+        is_constant: dict[type, bool] = {}  # (answered once per type)
+        for name, module in root.named_modules(remove_duplicate=False):
+            for key, value in module.__dict__.items():
+                t = type(value)
+                hit = is_constant.get(t)
+                if hit is None:
+                    hit = is_constant[t] = issubclass(t, constant_types)
+                if hit:
+                    dict.__setitem__(self, value, f"{name}.{key}" if name else key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self._fill()
+        return super().get(key, default)
+
+    def __getitem__(self, key: Any) -> str:
+        self._fill()
+        return super().__getitem__(key)
+
+    def __contains__(self, key: Any) -> bool:
+        self._fill()
+        return super().__contains__(key)
+
+    def __setitem__(self, key: Any, value: str) -> None:
+        self._fill()
+        super().__setitem__(key, value)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._fill()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._fill()
+        return super().__len__()
+
+    def items(self) -> Any:
+        self._fill()
+        return super().items()
+
+    def keys(self) -> Any:
+        self._fill()
+        return super().keys()
+
+    def values(self) -> Any:
+        self._fill()
+        return super().values()
 
 
 def trace_module(tracer: fx.Tracer, root: nn.Module, concrete_args: Optional[dict[str, Any]]) -> Optional[fx.Graph]:
@@ -90,7 +132,7 @@ def trace_module(tracer: fx.Tracer, root: nn.Module, concrete_args: Optional[dic
     should trace it itself (see the module's docstring)."""
     if _fx is None or not isinstance(root, nn.Module):
         return None
-    paths, tensor_attrs = _paths_and_tensor_attrs(root)
+    paths = {module: name for name, module in root.named_modules()}  # (each module's first name)
     classes = _classes(paths)
     fn = getattr(type(root), tracer.traced_func_name, None)
     if classes is None or not isinstance(fn, FunctionType):
@@ -102,7 +144,7 @@ def trace_module(tracer: fx.Tracer, root: nn.Module, concrete_args: Optional[dic
         tracer.root = root
         tracer.root_module_name = root._get_name()
         tracer.submodule_paths = paths
-        tracer.tensor_attrs = tensor_attrs
+        tracer.tensor_attrs = _TensorAttributes(root)
         tracer.graph = fx.Graph(tracer_cls=type(tracer))
         code = fn.__code__
         tracer.graph._co_fields = {"co_name": code.co_name, "co_filename": code.co_filename,

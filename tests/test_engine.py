@@ -707,7 +707,20 @@ class _ProxiesInContainers(nn.Module):
         return torch.add(y, other=z, alpha=0.5)
 
 
-@pytest.mark.parametrize("model", [M.SharedModule, M.KeywordCalls, _ProxiesInContainers, M.SplitChunk, M.SelfAttention, M.NormAct,
+class _PlainTensorAttribute(nn.Module):
+    """A tensor kept as a plain attribute (neither parameter nor buffer), and one the forward makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.conv.scale = torch.linspace(0.5, 1.5, 4).view(1, 4, 1, 1)
+
+    def forward(self, x):
+        return self.conv(x) * self.conv.scale + torch.ones(1, 4, 1, 1)
+
+
+@pytest.mark.parametrize("model", [M.SharedModule, M.KeywordCalls, _ProxiesInContainers, _PlainTensorAttribute,
+                                   M.SplitChunk, M.SelfAttention, M.NormAct,
                                    M.ChannelsLast, M.LayerScales, _FunctionalTiedHead,
                                    "mobilenet_v3_small", "regnet_y_400mf", "shufflenet_v2_x0_5", "googlenet"])
 def test_tracer_records_the_graph_fx_records(model):
