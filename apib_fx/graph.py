@@ -193,13 +193,20 @@ class ChannelGraph:
         # conv's weight and bias) are grouped once: they appear together in every signature.
         all_keys = list(self._bindings)
         shared: dict[tuple[int, int], int] = {}
-        same_as = [shared.setdefault(_storage_key(b.labels), k) for k, b in enumerate(self._bindings.values())]
+        by_object: dict[int, int] = {}  # (a BatchNorm's four bindings share one label tensor: keyed once)
+        same_as = []
+        for k, b in enumerate(self._bindings.values()):
+            first = by_object.get(id(b.labels))
+            if first is None:
+                first = by_object[id(b.labels)] = shared.setdefault(_storage_key(b.labels), k)
+            same_as.append(first)
         distinct = sorted(set(same_as))
         bindings = [self._bindings[all_keys[k]] for k in distinct]
         ids, which, lengths = _concat_tagged([b.labels for b in bindings])
         pos = torch.arange(ids.numel()) - (torch.cumsum(lengths, 0) - lengths)[which]
         on = ids != NONE
-        ids, which, pos = ids[on], which[on], pos[on]
+        on = torch.nonzero(on).squeeze(1)  # (one nonzero for the three selections)
+        ids, which, pos = ids.index_select(0, on), which.index_select(0, on), pos.index_select(0, on)
 
         # Signature of a class: which bound dims it appears in, and how many times. Classes with
         # equal signatures form one group. Hashed as Σ_k count_k · salt_k (mod 2^64) with random
