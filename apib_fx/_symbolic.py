@@ -127,12 +127,15 @@ class _TensorAttributes(dict):
         return super().values()
 
 
-def trace_module(tracer: fx.Tracer, root: nn.Module, concrete_args: Optional[dict[str, Any]]) -> Optional[fx.Graph]:
+def trace_module(tracer: fx.Tracer, root: nn.Module, concrete_args: Optional[dict[str, Any]],
+                 paths: Optional[dict[nn.Module, str]] = None) -> Optional[fx.Graph]:
     """``tracer``'s graph of ``root`` as :meth:`fx.Tracer.trace` builds it, or None where fx
-    should trace it itself (see the module's docstring)."""
+    should trace it itself (see the module's docstring). ``paths``: each module of ``root`` -> its
+    first name (``named_modules()``), where the caller has them."""
     if _fx is None or not isinstance(root, nn.Module):
         return None
-    paths = {module: name for name, module in root.named_modules()}  # (each module's first name)
+    if paths is None:
+        paths = {module: name for name, module in root.named_modules()}
     classes = _classes(paths)
     fn = getattr(type(root), tracer.traced_func_name, None)
     if classes is None or not isinstance(fn, FunctionType):

@@ -19,13 +19,14 @@ from torch import Tensor, fx, nn
 from .labels import NONE, LabelSpace
 
 
-def stored_tensors(module: nn.Module) -> dict[str, Tensor]:
+def stored_tensors(module: nn.Module, tree: Optional[Mapping[str, nn.Module]] = None) -> dict[str, Tensor]:
     """Every parameter and buffer of ``module`` under every name it has (a tied tensor appears
-    once per name; parameters first): the tensors a member's ``param`` can name."""
+    once per name; parameters first): the tensors a member's ``param`` can name. ``tree``:
+    ``dict(module.named_modules(remove_duplicate=False))``, where the caller has it."""
     # One walk of the module tree for both (named_parameters and named_buffers walk it each).
     params: dict[str, Tensor] = {}
     buffers: dict[str, Tensor] = {}
-    for prefix, m in module.named_modules(remove_duplicate=False):
+    for prefix, m in (module.named_modules(remove_duplicate=False) if tree is None else tree.items()):
         dot = prefix + "." if prefix else ""
         for name, t in m._parameters.items():
             if t is not None:
@@ -37,13 +38,14 @@ def stored_tensors(module: nn.Module) -> dict[str, Tensor]:
     return params
 
 
-def graph_tensors(model: nn.Module, graph: fx.Graph) -> dict[str, Tensor]:
+def graph_tensors(model: nn.Module, graph: fx.Graph,
+                  tree: Optional[Mapping[str, nn.Module]] = None) -> dict[str, Tensor]:
     """:func:`stored_tensors` of the GraphModule that ``graph`` makes of ``model`` (the tensors of
     the submodules its nodes call, and the attributes they read), without building it; in
     ``model``'s order, so a tied tensor's first name is the one ``named_parameters()`` reports."""
     reached = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
     out = {}
-    for name, t in stored_tensors(model).items():
+    for name, t in stored_tensors(model, tree).items():
         path = name
         while path:  # the tensor itself, or a module above it, is read by the graph
             if path in reached:

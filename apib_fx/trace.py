@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -78,10 +78,11 @@ def gc_paused() -> Iterator[None]:
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+def eval_mode(model: nn.Module, modules: Optional[Iterable[nn.Module]] = None) -> Iterator[nn.Module]:
     """Run ``model`` in eval mode (no BatchNorm statistics updates) and restore every module's own
-    ``training`` flag afterwards, so the user's model comes back exactly as it was."""
-    flags = [(m, m.training) for m in model.modules()]
+    ``training`` flag afterwards, so the user's model comes back exactly as it was. ``modules``:
+    ``model.modules()``, where the caller has them already."""
+    flags = [(m, m.training) for m in (model.modules() if modules is None else modules)]
     # Only flags that change are written (nn.Module.__setattr__ is slow: a model already in eval
     # mode, as for tracing, spent a few percent of a trace here).
     if any(flag for _, flag in flags):
@@ -223,6 +224,7 @@ class _Tracer(fx.Tracer):
         self.specialized: list[str] = []
         self._example_run: Optional[_ExampleRun] = None
         self._running_example = False  # (fx's patches of nn.Module then call through, untraced)
+        self.module_paths: Optional[dict[nn.Module, str]] = None  # root's modules -> first names, if known
 
     def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict, name: Optional[str] = None,
                     type_expr: Any = None) -> fx.Node:
@@ -298,7 +300,7 @@ class _Tracer(fx.Tracer):
         # model comes back as it was.
         self._constant_names: list[str] = []
         try:
-            graph = trace_module(self, root, concrete_args) if self.patch_model_classes else None
+            graph = trace_module(self, root, concrete_args, self.module_paths) if self.patch_model_classes else None
             if graph is None:
                 graph = super().trace(root, concrete_args)
         finally:
@@ -553,13 +555,16 @@ def _with_containers(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
 
 
 def trace_graph(model: nn.Module, leaf_modules: Sequence[type] = (),
-                example_inputs: Optional[tuple[Tensor, ...]] = None) -> fx.Graph:
+                example_inputs: Optional[tuple[Tensor, ...]] = None,
+                module_paths: Optional[dict[nn.Module, str]] = None) -> fx.Graph:
     """:func:`symbolic_trace`'s graph, whose targets name ``model``'s own submodules and tensors
     (no GraphModule is built: the trace's passes interpret it on ``model``). With
     ``example_inputs``, branches on their shapes follow them, checked in the graph
-    (``graph._apib_specialized`` lists them; see ``_Tracer.to_bool``)."""
+    (``graph._apib_specialized`` lists them; see ``_Tracer.to_bool``). ``module_paths``: each
+    module of ``model`` -> its first name, where the caller has them."""
     tracer = _Tracer(tuple(DEFAULT_LEAF_MODULES) + tuple(leaf_modules))
     tracer.example_inputs = example_inputs
+    tracer.module_paths = module_paths
     try:
         absent = _absent_optional_arguments(model, len(example_inputs)) if example_inputs is not None else {}
         graph = tracer.trace(model, concrete_args=absent or None)
@@ -727,15 +732,25 @@ class _NeedsValues(Exception):
     """A node's output depends on values the formula pass did not compute."""
 
 
+_NO_SUBMODULES = nn.Module()  # (what _GraphPass hands Interpreter when it has the submodules)
+
+
 class _GraphPass(fx.Interpreter):
     """fx.Interpreter for the trace's passes, with the per-node overheads they do not need taken
     out: a module or attribute is looked up once (rules ask for it several times per node), and a
     node runs without Interpreter's current-node context (metadata for re-tracing the ops, which
     these passes never do). Together a tenth of tracing MobileNetV3."""
 
-    def __init__(self, module: nn.Module, garbage_collect_values: bool = True, graph: Optional[fx.Graph] = None):
+    def __init__(self, module: nn.Module, garbage_collect_values: bool = True, graph: Optional[fx.Graph] = None,
+                 submodules: Optional[dict[str, nn.Module]] = None):
         # ``graph``: run that graph on ``module`` (the traced model itself) instead of module.graph.
-        super().__init__(module, garbage_collect_values=garbage_collect_values, graph=graph)
+        # ``submodules``: module.named_modules() as a dict, where the caller has walked the tree
+        # already (Interpreter walks it again otherwise: 0.2 ms on a RegNet, per pass).
+        given = submodules is not None and graph is not None
+        super().__init__(_NO_SUBMODULES if given else module, garbage_collect_values=garbage_collect_values,
+                         graph=graph)
+        if given:
+            self.module, self.submodules = module, submodules
         # Interpreter walked the module tree already: resolving dotted names attribute by
         # attribute through nn.Module.__getattr__ costs more (parameters are resolved on first use).
         self._attrs: dict[str, Any] = dict(self.submodules)
@@ -812,8 +827,9 @@ class ShapeAndMacsProp(_GraphPass):
     from their inputs' shapes (ops with a rule); any other op (an opaque layer, ``nonzero``, a
     boolean mask) raises ``_NeedsValues``, and :func:`propagate_shapes` runs everything for real."""
 
-    def __init__(self, module: nn.Module, by_formula: bool = False, graph: Optional[fx.Graph] = None):
-        super().__init__(module, graph=graph)
+    def __init__(self, module: nn.Module, by_formula: bool = False, graph: Optional[fx.Graph] = None,
+                 submodules: Optional[dict[str, nn.Module]] = None):
+        super().__init__(module, graph=graph, submodules=submodules)
         self.by_formula = by_formula
         self._placeholders: set[fx.Node] = set()  # nodes holding zeros for values not computed
         self._views: set[fx.Node] = set()  # placeholders still a broadcast view of one zero
@@ -936,18 +952,19 @@ class ShapeAndMacsProp(_GraphPass):
             return True
 
 
-def propagate_shapes(module: nn.Module, inputs: Sequence[Tensor], graph: Optional[fx.Graph] = None) -> None:
+def propagate_shapes(module: nn.Module, inputs: Sequence[Tensor], graph: Optional[fx.Graph] = None,
+                     submodules: Optional[dict[str, nn.Module]] = None) -> None:
     """:class:`ShapeAndMacsProp` over a GraphModule (or ``graph`` on ``module``): by formula where
     layers allow it (a batch-1 forward of MobileNetV3 spends most of its time in convolutions the
     shapes do not need), by running every op where a value the formulas skipped is needed."""
     if not (torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu")):  # (autocast changes dtypes)
         try:
-            ShapeAndMacsProp(module, by_formula=True, graph=graph).propagate(*inputs)
+            ShapeAndMacsProp(module, by_formula=True, graph=graph, submodules=submodules).propagate(*inputs)
             return
         except Exception:  # a value was needed, or an op failed on the zeros: a real run decides
             for n in (graph if graph is not None else module.graph).nodes:
                 n.meta.pop("macs", None)
-    prop = ShapeAndMacsProp(module, graph=graph)
+    prop = ShapeAndMacsProp(module, graph=graph, submodules=submodules)
     try:
         prop.propagate(*inputs)
     except Exception as e:
@@ -959,10 +976,11 @@ class ChannelPropagation(_GraphPass):
     """Runs the graph on label tensors: every op's rule from :data:`apib_fx.rules.RULES` says
     where channels go; the findings accumulate in a :class:`LabelSpace`."""
 
-    def __init__(self, module: nn.Module, space: LabelSpace, graph: Optional[fx.Graph] = None):
+    def __init__(self, module: nn.Module, space: LabelSpace, graph: Optional[fx.Graph] = None,
+                 submodules: Optional[dict[str, nn.Module]] = None):
         # Every node's labels are kept (node_labels): freeing them from the environment after
         # their last use would free nothing, and finding the last uses costs a pass over the graph.
-        super().__init__(module, garbage_collect_values=False, graph=graph)
+        super().__init__(module, garbage_collect_values=False, graph=graph, submodules=submodules)
         self.space = space
         self.node_labels: dict[str, Any] = {}
         self._node: fx.Node | None = None
@@ -1128,13 +1146,17 @@ def _trace(model: nn.Module, inputs: tuple[Tensor, ...], leaf_modules: Sequence[
     # The passes interpret the graph on the model itself; the GraphModule that apply() rewrites is
     # built on first use (ChannelGraph.module): a tenth of tracing, not needed to find the groups.
     clock = [time.perf_counter()]
-    with eval_mode(model), torch.no_grad():
-        graph = trace_graph(model, leaf_modules, inputs)
+    # The module tree is walked once before tracing and once after (a forward may add modules):
+    # eval_mode, the tracer, both passes and the tensors' names share the walks.
+    paths = {module: name for name, module in model.named_modules()}
+    with eval_mode(model, paths), torch.no_grad():
+        graph = trace_graph(model, leaf_modules, inputs, paths)
+        tree = dict(model.named_modules(remove_duplicate=False))
         clock.append(time.perf_counter())
         try:
             with unfused_attention():  # so the opaque attention layers' MACs are counted
                 # (on copies: a forward that writes into its input, x.mul_(2), must not write into the caller's)
-                propagate_shapes(model, [t.clone() for t in inputs], graph)
+                propagate_shapes(model, [t.clone() for t in inputs], graph, tree)
         except Exception as e:
             cause = e.__cause__ or e
             first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
@@ -1146,9 +1168,9 @@ def _trace(model: nn.Module, inputs: tuple[Tensor, ...], leaf_modules: Sequence[
                 f"the model does not run on example inputs of shape {shapes}: {first}"
             ) from e
         clock.append(time.perf_counter())
-    tensors = graph_tensors(model, graph)
+    tensors = graph_tensors(model, graph, tree)
     space = LabelSpace(aliases=tensor_aliases(tensors), whole_heads=heads == "whole")
-    prop = ChannelPropagation(model, space, graph)
+    prop = ChannelPropagation(model, space, graph, tree)
     prop.run(*(unlabeled(t.shape) for t in inputs))
     block_computed_weights(tensors, space)
     clock.append(time.perf_counter())
