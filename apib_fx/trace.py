@@ -1121,13 +1121,22 @@ def trace(model: nn.Module, example_inputs: Inputs, *, leaf_modules: Sequence[ty
 _PHASES = ("fx", "shapes", "labels", "groups")
 
 
-def _runs(model: nn.Module, inputs: tuple[Tensor, ...]) -> bool:
-    """Whether the model itself runs on ``inputs`` (asked only once its traced graph has failed)."""
+def _model_error(model: nn.Module, inputs: tuple[Tensor, ...]) -> Optional[Exception]:
+    """What the model itself raises on ``inputs`` (on copies), None if it runs: asked only once
+    tracing or the traced graph has failed, to tell a bad input from a graph that differs."""
     try:
-        model(*inputs)
-        return True
-    except Exception:
-        return False
+        model(*(t.clone() for t in inputs))
+        return None
+    except Exception as e:
+        return e
+
+
+def _input_failure(inputs: tuple[Tensor, ...], error: BaseException) -> InputShapeError:
+    """The error for example inputs the model does not run on, with the first line of its own."""
+    cause = error.__cause__ or error
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+    return InputShapeError(f"the model does not run on example inputs of shape {shapes}: {first}")
 
 
 def _graph_failure(node: fx.Node, first: str, kind: str) -> str:
@@ -1150,7 +1159,16 @@ def _trace(model: nn.Module, inputs: tuple[Tensor, ...], leaf_modules: Sequence[
     # eval_mode, the tracer, both passes and the tensors' names share the walks.
     paths = {module: name for name, module in model.named_modules()}
     with eval_mode(model, paths), torch.no_grad():
-        graph = trace_graph(model, leaf_modules, inputs, paths)
+        try:
+            graph = trace_graph(model, leaf_modules, inputs, paths)
+        except TraceError as e:
+            # A forward that rejects the inputs (``assert H == self.img_size``) fails to trace too,
+            # with the proxies in its message: where the model fails on them as well, the
+            # inputs are the problem, said in the model's own words.
+            error = _model_error(model, inputs)
+            if error is None:
+                raise
+            raise _input_failure(inputs, error) from e
         tree = dict(model.named_modules(remove_duplicate=False))
         clock.append(time.perf_counter())
         try:
@@ -1161,12 +1179,11 @@ def _trace(model: nn.Module, inputs: tuple[Tensor, ...], leaf_modules: Sequence[
             cause = e.__cause__ or e
             first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
             node = getattr(e, "apib_node", None)
-            if node is not None and _runs(model, inputs):
+            error = _model_error(model, inputs) if node is not None else e
+            if error is None:
                 raise TraceError(_graph_failure(node, first, type(cause).__name__)) from e
-            shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-            raise InputShapeError(
-                f"the model does not run on example inputs of shape {shapes}: {first}"
-            ) from e
+            # (the model's own message: the graph's was formatted at trace time, ``Proxy(getitem_2)``)
+            raise _input_failure(inputs, error) from e
         clock.append(time.perf_counter())
     tensors = graph_tensors(model, graph, tree)
     space = LabelSpace(aliases=tensor_aliases(tensors), whole_heads=heads == "whole")

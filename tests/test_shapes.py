@@ -289,6 +289,35 @@ def test_an_input_that_does_not_fit_still_names_the_layers_error():
         apib_fx.trace(M.LeNet(), torch.randn(1, 4, 32, 32))
 
 
+class _FixedSizeStem(nn.Module):
+    """A stem that accepts one input size, as ViT-style patch embeddings do: with a Python
+    ``assert`` (tracing stops at it) or ``torch._assert`` (traced as a node, its message formatted
+    with the proxies at trace time)."""
+
+    def __init__(self, size: int, traced_assert: bool):
+        super().__init__()
+        self.size, self.traced_assert = size, traced_assert
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        H = x.shape[2]
+        if self.traced_assert:
+            torch._assert(H == self.size, f"Input height ({H}) doesn't match model ({self.size}).")
+        else:
+            assert H == self.size, f"Input height ({H}) doesn't match model ({self.size})."
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("traced_assert", [False, True])
+def test_an_input_size_the_model_rejects_is_reported_in_the_models_own_words(traced_assert):
+    model = nn.Sequential(_FixedSizeStem(16, traced_assert), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InputShapeError, match=r"shape \(1, 3, 8, 8\): Input height \(8\) doesn't match model \(16\)"):
+        apib_fx.trace(model, torch.randn(1, 3, 8, 8))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert apib_fx.trace(model, torch.randn(1, 3, 16, 16)).prunable_groups  # the size it takes traces
+
+
 class _CumsumBlock(nn.Module):
     def __init__(self):
         super().__init__()
