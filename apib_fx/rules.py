@@ -456,6 +456,12 @@ def size_of(ctx: RuleContext, x: Any, *args: Any, **kwargs: Any) -> Any:
     return torch.Size([_axis_size(ctx.space, x, a) for a in range(x.dim())])
 
 
+def length(ctx: RuleContext, x: Any) -> Any:
+    """``len(pieces)``: how many tensors a split gave (the trace checks it where a forward loops
+    over them); of a tensor, its first axis's size."""
+    return _axis_size(ctx.space, x, 0) if is_labels(x) else len(x)
+
+
 def _shape_args(args: tuple, kwargs: dict) -> list:
     """The target sizes of a ``view``/``reshape`` call (listed, or packed in one tuple)."""
     rest = list(args[1:])
@@ -2386,7 +2392,7 @@ RULES: dict[Any, Rule] = _RuleTable({
     torch.t: SHAPE, "t": SHAPE, torch.squeeze: SHAPE, "squeeze": SHAPE,
     torch.unsqueeze: SHAPE, "unsqueeze": SHAPE, torch.narrow: NARROW, "narrow": NARROW,
     operator.getitem: Rule(getitem, rewrite_getitem),
-    "size": Rule(size_of), "dim": Rule(run_plain), getattr: Rule(size_of),
+    "size": Rule(size_of), "dim": Rule(run_plain), getattr: Rule(size_of), len: Rule(length),
     # (fx records math functions of sizes as calls: ``1 / math.sqrt(C)``)
     math.sqrt: Rule(run_plain), math.pow: Rule(run_plain), math.log: Rule(run_plain),
     math.floor: Rule(run_plain), math.ceil: Rule(run_plain),

@@ -163,6 +163,10 @@ class _Proxy(fx.Proxy):
         # ShuffleNetV2); the answer depends only on the code and the instruction, so it is cached.
         frame = inspect.currentframe().f_back
         count = _unpacked_count(frame.f_code, frame.f_lasti)
+        if count is None:  # a loop, ``a, *rest = ...``, ``sum(...)``: the pieces of a split, if it is one
+            tracer = self.tracer
+            if isinstance(tracer, _Tracer) and tracer.example_inputs is not None:
+                count = tracer.pieces(self)
         if count is not None:
             return (self[i] for i in range(count))
         return self.tracer.iter(self)
@@ -170,7 +174,8 @@ class _Proxy(fx.Proxy):
     def __len__(self) -> int:
         tracer = self.tracer
         if isinstance(tracer, _Tracer) and tracer.example_inputs is not None:
-            return tracer.to_int(self, len)
+            count = tracer.pieces(self)
+            return count if count is not None else tracer.to_int(self, len)
         return super().__len__()
 
     def __int__(self) -> int:
@@ -359,11 +364,29 @@ class _Tracer(fx.Tracer):
                      f"gives {convert.__name__} {n}")
         return n
 
+    def pieces(self, obj: fx.Proxy) -> Optional[int]:
+        """How many tensors a split of a traced tensor gives (``x.chunk(4, 1)``, ``x.split(8, 1)``,
+        ``x.unbind(2)``; None for any other value): a number set by shapes alone, so a loop over
+        the pieces follows the example inputs, checked in the graph as :meth:`to_int` checks."""
+        node = obj.node
+        if not _splits_by_shape(node):
+            return None
+        value = self._example_value(node)
+        if not isinstance(value, (tuple, list)):
+            return None
+        line, text = _model_line()
+        self._record(self.create_proxy("call_function", len, (obj,), {}) == len(value), True, text,
+                     self._where(line), f"gives {len(value)} pieces")
+        return len(value)
+
+    def _where(self, line: str) -> str:
+        return f"{line}" + (f", in module '{next(reversed(self.module_stack.values()))[0]}'" if self.module_stack else "")
+
     def _metadata_value(self, obj: fx.Proxy, verb: str) -> tuple[Any, str, str]:
         """``obj``'s value on the example inputs, and the model's line asking for it and where
         that is; a TraceError if the value is read from tensor values."""
         line, text = _model_line()
-        where = f"{line}" + (f", in module '{next(reversed(self.module_stack.values()))[0]}'" if self.module_stack else "")
+        where = self._where(line)
         if not _reads_metadata_only(obj.node):
             raise fx.proxy.TraceError(
                 f"symbolically traced variables cannot be used as inputs to control flow: `{text}` "
@@ -470,6 +493,24 @@ def _reads_metadata_only(node: fx.Node) -> bool:
     if getattr(node.target, "__module__", None) not in _PLAIN_FUNCTION_MODULES:
         return False
     return all(_reads_metadata_only(a) for a in node.all_input_nodes)
+
+
+# Ops that split a tensor into a tuple of tensors whose length follows from shapes and the
+# split's arguments.
+_SPLITS = frozenset({"split", "chunk", "unbind", "tensor_split", "split_with_sizes", "hsplit", "vsplit", "dsplit"})
+
+
+def _splits_by_shape(node: fx.Node) -> bool:
+    """Whether ``node`` splits a tensor by sizes read from metadata and constants alone."""
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", None)
+        if getattr(node.target, "__module__", None) not in ("torch", "torch.functional", None):
+            return False
+    else:
+        return False
+    return name in _SPLITS and all(_reads_metadata_only(a) for a in node.all_input_nodes[1:])
 
 
 _LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__name__.rpartition(".")[0]]))

@@ -695,6 +695,31 @@ class SplitAttention(nn.Module):
         return self.head((x * attn.reshape(B, self.radix, RC // self.radix, 1, 1)).sum(dim=1))
 
 
+class IteratedSplits(nn.Module):
+    """Loops over the pieces of a split, as Res2Net-style blocks and hand-written multi-branch
+    code do (fx cannot iterate a traced value): a conv per chunk, a running sum over
+    ``first, *rest``, ``sum()`` of a split's pieces, and a loop over rows (``unbind`` along the
+    height: as many pieces as the input has rows)."""
+
+    def __init__(self, width=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4 * width, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(4))
+        self.mix = nn.Conv2d(4 * width, 2 * width, 1)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        outs = [conv(t) for t, conv in zip(x.chunk(4, 1), self.convs)]
+        first, *rest = outs
+        for r in rest:
+            first = first + r
+        y = self.mix(torch.cat(outs, 1)) + torch.cat([first, first], 1)
+        y = sum(y.split(y.shape[1] // 2, 1))
+        rows = [row.mean(-1) for row in y.unbind(2)]
+        return self.head(torch.stack(rows, -1).mean(-1))
+
+
 class TensorOps(nn.Module):
     """Ops whose channel handling is easy to get wrong: floor division and remainder of tensors
     (elementwise, not size arithmetic), masked_fill, zeros_like, pow, scales computed from the

@@ -49,6 +49,7 @@ CASES = [
     (M.WholeGroupNorms, (2, 3, 8, 8)),
     (M.StackedFeatures, (2, 3, 8, 8)),
     (M.SplitAttention, (2, 3, 8, 8)),
+    (M.IteratedSplits, (2, 3, 6, 6)),
     (M.TensorOps, (2, 3, 6, 10)),
     (M.TransposedParameterMatmul, (2, 3, 12)),
     (M.LayerScales, (2, 3, 8, 8)),
@@ -234,6 +235,25 @@ def test_len_and_int_of_sizes_follow_the_example_inputs():
     pruned = apib_fx.apply(model, g, {g.prunable_groups[0].index: torch.arange(4)})
     assert pruned(x).shape == (2, 2)
     with pytest.raises(AssertionError, match=r"gives int 3"):
+        pruned(torch.randn(2, 3, 8, 8))
+
+
+def test_loops_over_the_pieces_of_a_split_follow_the_example_inputs():
+    # fx cannot iterate a traced value; the pieces of a split are as many as the shapes say.
+    model, x = _model(M.IteratedSplits), torch.randn(2, 3, 6, 6)
+    with pytest.warns(UserWarning):
+        g = apib_fx.trace(model, x)
+    assert [s.split(" (")[0] for s in g.specialized] == [
+        "`outs = [conv(t) for t, conv in zip(x.chunk(4, 1), self.convs)]` gives 4 pieces",
+        "`y = sum(y.split(y.shape[1] // 2, 1))` gives 2 pieces",
+        "`rows = [row.mean(-1) for row in y.unbind(2)]` gives 6 pieces"]
+    # (the length checks read no channels: every group but the classifier's outputs is prunable)
+    assert [gr.reason for gr in g.groups if not gr.prunable] == ["they reach a model output"]
+    keep = {gr.index: torch.arange(gr.channels // 2) for gr in g.prunable_groups}
+    pruned = apib_fx.apply(model, g, keep)
+    assert pruned.stem.out_channels == 8 and pruned(x).shape == (2, 3)
+    assert pruned(torch.randn(1, 3, 6, 9)).shape == (1, 3)  # (the width sets no count)
+    with pytest.raises(AssertionError, match=r"`rows = .*unbind\(2\)\]` \(models.py:\d+.*gives 6 pieces"):
         pruned(torch.randn(2, 3, 8, 8))
 
 
