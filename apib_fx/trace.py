@@ -149,6 +149,12 @@ def _unpacked_count(code: Any, offset: int) -> Optional[int]:
     return instruction.argval if instruction.opname == "UNPACK_SEQUENCE" else None
 
 
+# The names fx derives from node targets given by name (a module's path, a method), kept across
+# traces: each module's path is a new target once per trace.
+_NODE_NAMES: dict[str, str] = {}
+_FUNCTION_NAMES: dict[Any, str] = {}  # torch function -> the name fx gives its node
+
+
 class _Proxy(fx.Proxy):
     """The proxies of :class:`_Tracer`: a torch function called on one (``F.relu(x)``,
     ``torch.cat([a, b])``) is recorded as fx records it, but fx finds the tracer through two pytree
@@ -194,9 +200,9 @@ class _Proxy(fx.Proxy):
             return super().__torch_function__(orig_method, types, args, kwargs)
         if torch.overrides.is_tensor_method_or_property(orig_method):
             return tracer.create_proxy("call_method", orig_method.__name__, args, kwargs)
-        name = tracer._function_names.get(orig_method)
+        name = _FUNCTION_NAMES.get(orig_method)
         if name is None:
-            name = tracer._function_names[orig_method] = tracer.graph._target_to_str(orig_method.__name__)
+            name = _FUNCTION_NAMES[orig_method] = tracer.graph._target_to_str(orig_method.__name__)
         return tracer.create_proxy("call_function", orig_method, args, kwargs, name=name)
 
 
@@ -221,14 +227,13 @@ class _Tracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.failed_in: list[tuple[str, str]] = []
         self._is_leaf: dict[type, bool] = {}  # module class -> kept as one node
-        self._node_names: dict[Any, str] = {}  # target -> the name fx derives from it
-        self._function_names: dict[Any, str] = {}  # torch function -> the name fx gives its node
         self.num_calls: Optional[dict[str, int]] = getattr(self, "num_calls", None)
         # With example inputs, a branch on their shape follows them (see to_bool).
         self.example_inputs: Optional[tuple[Tensor, ...]] = None
         self.specialized: list[str] = []
         self._example_run: Optional[_ExampleRun] = None
         self._running_example = False  # (fx's patches of nn.Module then call through, untraced)
+        self._node_names: dict[Any, str] = {}  # other targets (functions) -> the names fx derives
         self.module_paths: Optional[dict[nn.Module, str]] = None  # root's modules -> first names, if known
 
     def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict, name: Optional[str] = None,
@@ -243,9 +248,12 @@ class _Tracer(fx.Tracer):
         graph = self.graph
         if name is None:  # the name fx derives from the target (snake case), worked out once per target
             try:
-                name = self._node_names.get(target)
+                names = _NODE_NAMES if type(target) is str else self._node_names
+                name = names.get(target)
                 if name is None:
-                    name = self._node_names[target] = graph._target_to_str(target)
+                    if len(names) > 100_000:  # (the paths of many models traced in one process)
+                        names.clear()
+                    name = names[target] = graph._target_to_str(target)
             except (TypeError, AttributeError):  # an unhashable target; a torch without the helper
                 name = None
         if args or kwargs:
