@@ -20,7 +20,8 @@ SLOW = ["resnet50d", "efficientnetv2_rw_t", "densenet121", "cspdarknet53", "mixn
         "cspresnet50", "darknet53", "resnetrs50", "densenetblur121d", "regnetz_b16",
         "inception_next_tiny", "rdnet_tiny", "efficientformer_l1", "convnext_tiny",
         "swin_tiny_patch4_window7_224", "deit_tiny_patch16_224", "pit_ti_224", "botnet26t_256",
-        "levit_128s", "starnet_s050", "resnetv2_50x1_bit", "nfnet_f0", "nf_regnet_b0", "convnextv2_atto"]
+        "levit_128s", "starnet_s050", "resnetv2_50x1_bit", "nfnet_f0", "nf_regnet_b0", "convnextv2_atto",
+        "hardcorenas_a", "fbnetv3_b", "visformer_tiny"]
 MODELS = [pytest.param(n) for n in FAST] + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW]
 # These also keep some groups whole, with a reason: class and position tokens added to the stream
 # (DeiT, PiT), a softmax over split-attention branches (ResNeSt).
@@ -53,10 +54,11 @@ def test_timm_exact(name):
 
 @pytest.mark.parametrize("name", [pytest.param("mobilevit_xxs")] + [
     pytest.param(n, marks=pytest.mark.slow) for n in ("crossvit_tiny_240", "twins_svt_small", "mobilevitv2_050",
-                                                      "efficientvit_m0", "tiny_vit_5m_224", "nest_tiny")])
+                                                      "efficientvit_m0", "tiny_vit_5m_224", "nest_tiny",
+                                                      "pnasnet5large")])
 def test_timm_models_branching_on_the_input_shape(name):
     """They pad, resize or pick a kernel only when the input asks for it (MobileViT's patches,
-    Twins' and TinyViT's windows, CrossViT's second branch): traced through the branches the
+    Twins' and TinyViT's windows, CrossViT's second branch, PNASNet's padding): traced through the branches the
     example input takes. MobileViT unfolds patches to sizes computed from the batch size and the
     channel count together: the pruned model runs other batch sizes too."""
     model, x = timm_model(name)
