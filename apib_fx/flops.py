@@ -1,7 +1,7 @@
 """count_flops: multiply-accumulates of a model on given inputs, counted by running it.
 
 This counter is independent of the trace pass: it intercepts the torch functions that do the
-arithmetic (convolutions, transposed ones too, linear layers, matrix products) with a
+arithmetic (convolutions, transposed ones too, linear layers, matrix products, recurrent layers) with a
 ``TorchFunctionMode`` and reads their actual tensor shapes. "FLOPs" in the pruning literature
 (and in the APIB paper's tables) are these MACs: ResNet-50 at 1x3x224x224 is about 4.1e9.
 """
@@ -23,12 +23,15 @@ _CONV_TRANSPOSE = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, t
 _MATMUL = {torch.matmul, Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__, torch.mm, Tensor.mm,
            torch.bmm, Tensor.bmm}
 _ADDMM = {torch.addmm, Tensor.addmm, torch.baddbmm, Tensor.baddbmm}
+# nn.LSTM / GRU / RNN run as one call each (torch's FlopCounterMode counts none of an LSTM and
+# part of a GRU or RNN on the CPU; here every step of every layer and direction).
+_RECURRENT = {torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu}
 
 
 # Everything the counter below charges MACs for, as fx call_function / call_method targets.
 MAC_TARGETS: frozenset = frozenset(
     _CONV | _CONV_TRANSPOSE | _MATMUL | _ADDMM
-    | {F.linear, torch.einsum, F.scaled_dot_product_attention, F.multi_head_attention_forward}
+    | _RECURRENT | {F.linear, torch.einsum, F.scaled_dot_product_attention, F.multi_head_attention_forward}
     | {"matmul", "mm", "bmm", "addmm", "baddbmm", "__matmul__", "__rmatmul__"}
 )
 
@@ -40,6 +43,16 @@ def _matmul_macs(a: Tensor, b: Tensor) -> int:
     b2 = b if b.dim() > 1 else b.unsqueeze(-1)
     batch = torch.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
     return math.prod(batch) * a2.shape[-2] * a2.shape[-1] * b2.shape[-1]
+
+
+def recurrent_macs(args: tuple) -> int:
+    """MACs of a ``torch.lstm`` / ``gru`` / ``rnn_*`` call: every input position (time step x
+    sample; a packed sequence's valid steps) meets every weight matrix of every layer and
+    direction once (input and hidden weights, an LSTM's projection)."""
+    packed = isinstance(args[1], Tensor) and isinstance(args[3], (list, tuple))  # (data, batch_sizes, hx, params, ...)
+    x, params = (args[0], args[3]) if packed else (args[0], args[2])
+    positions = x.shape[0] if packed else x.numel() // max(1, x.shape[-1])
+    return positions * sum(p.shape[0] * p.shape[1] for p in params if p.dim() == 2)
 
 
 def _einsum_macs(equation: str, operands: Sequence[Tensor]) -> int:
@@ -134,6 +147,8 @@ class _MacCounter(TorchFunctionMode):
         elif func is torch.einsum:
             operands = args[1:] if len(args) > 2 or not isinstance(args[1], (list, tuple)) else args[1]
             self.macs += _einsum_macs(args[0], operands)
+        elif func in _RECURRENT:
+            self.macs += recurrent_macs(args)
         elif func is F.multi_head_attention_forward:
             self.macs += _mha_macs(*args, **kwargs)
         elif func is F.scaled_dot_product_attention:

@@ -1032,6 +1032,44 @@ def linear_fn(ctx: RuleContext, x: Tensor, weight: Any, bias: Any = None) -> Ten
     return _linear(ctx, x, w, weight.shape[0], b.target if isinstance(b, fx.Node) else None)
 
 
+def recurrent(ctx: RuleContext, x: Any, hx: Any = None) -> Any:
+    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``: the first layer's input weights (``weight_ih_l0``,
+    and ``weight_ih_l0_reverse`` when bidirectional) read the input's features, its last axis
+    whatever ``batch_first`` says: those channels prune exactly. The hidden units stay whole (they
+    recur through ``weight_hh`` and come in gate blocks): the outputs carry no channels, and
+    channels in a given initial state are kept."""
+    m: nn.RNNBase = ctx.module
+    if not is_labels(x):  # (a PackedSequence: its MACs, measured by the shape pass, are a constant)
+        return opaque(ctx, x, hx)
+    ids = _channel_ids(ctx, x, -1)
+    first = [ctx.param(f"weight_ih_l0{s}") for s in (("", "_reverse") if m.bidirectional else ("",))]
+    for w in first:
+        ctx.space.bind(w, 1, ids, "in")
+        rows = getattr(m, w.rpartition(".")[2]).shape[0]
+        ctx.space.bind(w, 0, torch.full((rows,), NONE, dtype=torch.long), "out")  # (gate rows of the hidden units: whole)
+    # MACs (as count_flops counts them): every input position meets every weight matrix; only
+    # the first layer's input weights change with these channels.
+    positions = math.prod(x.shape[:-1])
+    for name, p in m.named_parameters():
+        if p.dim() == 2:
+            w = ctx.param(name)
+            if w in first:
+                ctx.space.add_flops(positions, [(w, 0), (w, 1)])
+            else:
+                ctx.space.add_flops(positions * p.shape[0] * p.shape[1], [])
+    for v in flatten_values(hx):
+        if is_labels(v) and has_labels(v):
+            ctx.space.block(v, f"consumed by {ctx.op_name} as its initial state, whose hidden units stay whole")
+    return ctx.unlabeled_output()
+
+
+recurrent.measured = True  # type: ignore[attr-defined]  # (the shape pass measures its MACs, for a packed input)
+
+
+def resize_recurrent(node: fx.Node, m: nn.Module, keep: KeepView) -> None:
+    m.input_size = m.weight_ih_l0.shape[1]
+
+
 def _embedding(ctx: RuleContext, w: str, dim: int, max_norm: Any) -> Tensor:
     # Each output vector is a row of the table: its last axis is the table's columns, channels
     # that start here (a tied output layer reading them unifies with them through the weight).
@@ -2346,6 +2384,9 @@ RULES: dict[Any, Rule] = _RuleTable({
     nn.ConvTranspose2d: Rule(conv_transpose, resize_conv_transpose, input_axis=1, shape=conv_transpose_shape),
     nn.ConvTranspose3d: Rule(conv_transpose, resize_conv_transpose, input_axis=1, shape=conv_transpose_shape),
     nn.Linear: Rule(linear, resize_linear, input_axis=-1, shape=linear_shape),
+    # (scored against the output sequence: the first item of what they return)
+    nn.LSTM: Rule(recurrent, resize_recurrent, input_axis=-1), nn.GRU: Rule(recurrent, resize_recurrent, input_axis=-1),
+    nn.RNN: Rule(recurrent, resize_recurrent, input_axis=-1),
     F.linear: Rule(linear_fn, input_axis=-1),
     nn.Embedding: Rule(embedding, resize_embedding),
     F.embedding: Rule(embedding_fn),

@@ -95,13 +95,14 @@ def find_consumers(graph: ChannelGraph) -> dict[str, list[Consumer]]:
     in_params = {
         (m.param, g.index) for g in graph.prunable_groups for m in g.members if m.role == "in"
     }
+    in_params |= {(p.rpartition(".")[0], g) for p, g in in_params}  # (and the modules that own them)
     prunable = {g.index for g in graph.prunable_groups}
     by_node: dict[str, list[Consumer]] = {}
     slots: dict[int, int] = {}
     for node in graph.module.graph.nodes:
         if node.op == "call_module":
             rule = rule_for(node, graph.module.get_submodule(node.target))
-            weight = f"{node.target}.weight"
+            weight = node.target  # (any of its own weights: a recurrent layer's weight_ih_l0)
         elif node.op in ("call_function", "call_method"):
             rule = rule_for(node)
             weight = weight_param(node)  # None: a contraction of two activations
@@ -191,7 +192,7 @@ class ConsumerCapture(fx.Interpreter):
             start = time.perf_counter()
             x = self.env[self._nodes[todo[0].source]]  # (one input per node: its first, or an einsum's operand)
             b = x.shape[0]
-            y = out.reshape(b, -1).float()
+            y = (out[0] if isinstance(out, tuple) else out).reshape(b, -1).float()  # (a recurrent layer: its sequence)
             # A layer reading several groups (a conv after a concat) regresses each on the same
             # output: its kernel is computed once.
             output = self.stats[todo[0].group].output_terms(y) if len(todo) > 1 else None

@@ -992,7 +992,8 @@ class ShapeAndMacsProp(_GraphPass):
     def _measured(self, n: fx.Node) -> bool:
         if n.op == "call_module":
             rule = rule_for(n, self.fetch_attr(n.target))
-            return rule is None or getattr(rule.propagate, "keeps_whole", False)
+            return (rule is None or getattr(rule.propagate, "keeps_whole", False)
+                    or getattr(rule.propagate, "measured", False))
         if n.op not in ("call_function", "call_method"):
             return False
         try:

@@ -720,6 +720,40 @@ class IteratedSplits(nn.Module):
         return self.head(torch.stack(rows, -1).mean(-1))
 
 
+class ConvRecurrent(nn.Module):
+    """A CRNN (text recognition): conv features, each column's channels x rows flattened into a
+    recurrent layer's input features (its last axis, sequence first or batch first), a
+    classifier per step. ``initial_state``: the first hidden state computed from the features by
+    a Linear (its outputs are hidden units, which stay whole)."""
+
+    def __init__(self, cell="LSTM", bidirectional=True, batch_first=True, initial_state=False):
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=(1, 1), stride=(2, 1))
+        self.batch_first, self.directions = batch_first, 2 if bidirectional else 1
+        self.rnn = getattr(nn, cell)(6 * 3, 10, num_layers=2, bidirectional=bidirectional, batch_first=batch_first)
+        self.init = nn.Linear(6, 10) if initial_state else None
+        self.fc = nn.Linear(10 * self.directions, 5)
+
+    def forward(self, x):
+        f = self.conv2(torch.relu(self.bn(self.conv1(x))))  # (B, C, 3, W)
+        b, c, h, w = f.shape
+        seq = f.permute(0, 3, 1, 2).reshape(b, w, c * h)
+        if not self.batch_first:
+            seq = seq.transpose(0, 1)
+        if self.init is not None:
+            h0 = torch.tanh(self.init(f.mean((2, 3))))
+            out, _ = self.rnn(seq, h0.unsqueeze(0).expand(2 * self.directions, b, 10).contiguous())
+        else:
+            out, _ = self.rnn(seq)
+        return self.fc(out)
+
+
+class ConvGRUSequenceFirst(ConvRecurrent):
+    def __init__(self):
+        super().__init__("GRU", bidirectional=False, batch_first=False, initial_state=True)
+
+
 class TensorOps(nn.Module):
     """Ops whose channel handling is easy to get wrong: floor division and remainder of tensors
     (elementwise, not size arithmetic), masked_fill, zeros_like, pow, scales computed from the

@@ -188,6 +188,15 @@ def test_apib_end_to_end_drops_dead_channels():
     assert torch.allclose(no_dead(x), model(x), atol=1e-5)
 
 
+def test_apib_scores_channels_a_recurrent_layer_reads_against_its_output_sequence():
+    # (an LSTM returns (sequence, (h, c)): the sequence is the output the channels are scored against)
+    model, data = M.ConvRecurrent().eval(), torch.randn(32, 3, 6, 7, generator=torch.Generator().manual_seed(0))
+    pruned = apib_fx.prune(model, 0.3, data, num_calib=32, batch_size=16, progress=False, tolerance=0.05)
+    row = next(r for r in pruned.apib_report.groups if r.name == "conv2.weight[0]")
+    assert row.note is None and row.channels_after < row.channels_before
+    assert pruned.rnn.input_size == 3 * row.channels_after and pruned(data[:2]).shape == (2, 7, 5)
+
+
 # ---- bad input ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("target", [0, 1, 1.5, -0.1])
