@@ -48,13 +48,15 @@ def _shuffles():
 
 @pytest.mark.parametrize("name,shape", [("Unpooling", (2, 3, 16, 12)), ("TransposedConvs", (2, 3, 10, 12)),
                                         ("shuffles", (2, 3, 10, 10)), ("SuperResolution", (2, 3, 8, 10)),
-                                        ("StandardisedConvs", (2, 3, 8, 8)), ("ShapeBranches", (2, 3, 6, 6))])
+                                        ("StandardisedConvs", (2, 3, 8, 8)), ("ShapeBranches", (2, 3, 6, 6)),
+                                        ("ConvRecurrent", (2, 3, 6, 7)), ("IteratedSplits", (2, 3, 6, 6))])
 def test_pruned_decoders_export_with_parity(name, shape, tmp_path):
     # Max unpooling (ONNX counts its indices over the whole tensor, torch per channel plane: the
     # exporter converts them), transposed convs, pixel and channel shuffles, circular padding and
     # RMSNorm (the last three through torch's dynamo exporter, from a batch-1 example),
-    # weight-standardised convs (a training-mode batch norm of the weights), and the checks of a
-    # graph traced through branches on the input's shape, with pruned widths.
+    # weight-standardised convs (a training-mode batch norm of the weights), the checks of a
+    # graph traced through branches on the input's shape and of the pieces a loop runs over, and
+    # an LSTM fed by pruned conv features, with pruned widths.
     from . import models as M
 
     torch.manual_seed(0)
