@@ -458,8 +458,9 @@ def size_of(ctx: RuleContext, x: Any, *args: Any, **kwargs: Any) -> Any:
 
 def length(ctx: RuleContext, x: Any) -> Any:
     """``len(pieces)``: how many tensors a split gave (the trace checks it where a forward loops
-    over them); of a tensor, its first axis's size."""
-    return _axis_size(ctx.space, x, 0) if is_labels(x) else len(x)
+    over them), or ``len(x.shape)``. (A tensor's own length is never traced: it reads no
+    metadata alone, see ``apib_fx.trace._Tracer.to_int``.)"""
+    return len(x)
 
 
 def _shape_args(args: tuple, kwargs: dict) -> list:
@@ -1045,8 +1046,8 @@ def recurrent(ctx: RuleContext, x: Any, hx: Any = None) -> Any:
     first = [ctx.param(f"weight_ih_l0{s}") for s in (("", "_reverse") if m.bidirectional else ("",))]
     for w in first:
         ctx.space.bind(w, 1, ids, "in")
-        rows = getattr(m, w.rpartition(".")[2]).shape[0]
-        ctx.space.bind(w, 0, torch.full((rows,), NONE, dtype=torch.long), "out")  # (gate rows of the hidden units: whole)
+        rows = getattr(m, w.rpartition(".")[2]).shape[0]  # (gate rows of the hidden units: whole)
+        ctx.space.bind(w, 0, torch.full((rows,), NONE, dtype=torch.long), "out")
     # MACs (as count_flops counts them): every input position meets every weight matrix; only
     # the first layer's input weights change with these channels.
     positions = math.prod(x.shape[:-1])

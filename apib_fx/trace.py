@@ -388,7 +388,10 @@ class _Tracer(fx.Tracer):
         return len(value)
 
     def _where(self, line: str) -> str:
-        return f"{line}" + (f", in module '{next(reversed(self.module_stack.values()))[0]}'" if self.module_stack else "")
+        """``line``, and the module being traced there."""
+        if not self.module_stack:
+            return line
+        return f"{line}, in module '{next(reversed(self.module_stack.values()))[0]}'"
 
     def _metadata_value(self, obj: fx.Proxy, verb: str) -> tuple[Any, str, str]:
         """``obj``'s value on the example inputs, and the model's line asking for it and where
